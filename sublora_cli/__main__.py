@@ -1,0 +1,3 @@
+from sublora_cli.cli import main
+
+main()
