@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` (prune the shipped sample) and `make test` (the test suite).
+# Both create .venv and install what they need; torch is pinned so no CUDA wheels are pulled.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUBLORA := $(VENV)/bin/sublora
+SAMPLE ?= sample_checkpoints/elliptic
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test test-slow lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,plots]'
+	touch $@
+
+demo: install
+	$(SUBLORA) inspect $(SAMPLE)/adapter_k2
+	$(SUBLORA) prune $(SAMPLE)/adapter_k2 --calib $(SAMPLE)/calib_k2.py --budget 50 --out $(DEMO_OUT) --overwrite
+	@echo "report: $(DEMO_OUT)/sublora_report.md"
+
+test: install
+	$(VENV)/bin/ruff check sublora_cli tests bench sample_checkpoints
+	$(VENV)/bin/pytest -q
+
+test-slow: install
+	$(VENV)/bin/pytest -q -m slow
+
+bench: install
+	$(PY) bench/svd_convert.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

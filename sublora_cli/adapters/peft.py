@@ -1,0 +1,287 @@
+"""Hugging Face PEFT LoRA directories (adapter_config.json + adapter_model.safetensors), as peft 0.21 writes them.
+
+Every PEFT format detail lives here: key names, how rank_pattern/alpha_pattern are matched, the scale
+rule (alpha/r or alpha/sqrt(r) with rsLoRA), the layouts of embedding and convolution factors, and
+how a pruned adapter is written back so that `PeftModel.from_pretrained` loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
+from sublora_cli.errors import SubloraError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# (suffix of the A key, suffix of the B key, layer kind); conv is told apart from linear by the A rank.
+FACTOR_KEYS = (
+    (".lora_A.weight", ".lora_B.weight", "linear"),
+    (".lora_embedding_A", ".lora_embedding_B", "embedding"),
+)
+# Config flags of LoRA variants whose saved factors are not a plain s·B·A update.
+UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (its magnitude vector rescales W + ΔW column-wise, so pruning σ of B·A alone is not faithful)",
+    "use_qalora": "QA-LoRA (its A acts on pooled input groups)",
+    "lora_bias": "lora_bias (the bias inside lora_B would be lost when a module is pruned to rank 0)",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "layer_replication": "layer replication",
+}
+CONVERT_HINT = (
+    "Convert it once with: python -c \"import torch, safetensors.torch as st; "
+    "st.save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\" "
+    "(run inside the adapter directory, on a file you trust)."
+)
+
+
+def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
+    """The first rank_pattern/alpha_pattern key that matches the module, exactly as peft 0.21 matches them."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise SubloraError(
+            f"{path} is not a PEFT adapter directory: it has no {CONFIG_FILE}. "
+            "Point sublora at the folder that `save_pretrained` wrote."
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SubloraError(f"{config_path} is not valid JSON: {e}.") from e
+    if not isinstance(config, dict):
+        raise SubloraError(f"{config_path} must hold a JSON object.")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise SubloraError(
+            f"{path} holds a {peft_type} adapter; sublora prunes LoRA adapters only "
+            f"({peft_type} has no low-rank factors whose singular values could be pruned)."
+        )
+    for flag, what in UNSUPPORTED_FLAGS.items():
+        if config.get(flag):
+            raise SubloraError(f"{path} uses {what}, which sublora cannot prune faithfully; refusing.")
+    return config
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        if (path / PICKLE_FILE).is_file():
+            raise SubloraError(
+                f"{path} stores its weights as a pickle ({PICKLE_FILE}); sublora reads only safetensors, "
+                f"because unpickling can run arbitrary code. {CONVERT_HINT}"
+            )
+        raise SubloraError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}.")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise SubloraError(f"{weights} could not be read as safetensors: {e}.") from e
+
+
+def _module_factors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+    """Split the state dict into {module name: (A key, B key, kind)} and the tensors carried through."""
+    factors: dict[str, tuple] = {}
+    consumed: set[str] = set()
+    for key in tensors:
+        if "lora_magnitude_vector" in key:
+            raise SubloraError(
+                f"The adapter holds DoRA magnitude vectors ({key}); DoRA rescales W + ΔW column-wise, "
+                "so pruning the singular values of B·A alone would not be faithful. Refusing."
+            )
+        for a_suffix, b_suffix, kind in FACTOR_KEYS:
+            if key.endswith(a_suffix):
+                name = key[: -len(a_suffix)]
+                b_key = name + b_suffix
+                if b_key not in tensors:
+                    raise SubloraError(f"The adapter has {key} but no matching {b_key}.")
+                factors[name.removeprefix(PREFIX)] = (key, b_key, kind)
+                consumed.update((key, b_key))
+    orphans = [k for k in tensors if (".lora_B." in k or k.endswith(".lora_embedding_B")) and k not in consumed]
+    orphans = [k for k in orphans if not k.endswith(".bias")]
+    if orphans:
+        raise SubloraError(f"The adapter has B factors without A factors: {', '.join(orphans[:3])}.")
+    extra = {k: v for k, v in tensors.items() if k not in consumed}
+    return factors, extra
+
+
+def _as_matrices(name: str, kind: str, A: torch.Tensor, B: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Stored factors → (kind, A: r×in, B: out×r), checking that the shapes agree."""
+    if kind == "linear" and A.dim() > 2:
+        kind = "conv"
+        if B.dim() != A.dim() or any(s != 1 for s in B.shape[2:]):
+            raise SubloraError(
+                f"Module {name}: conv LoRA expects lora_B to be a 1×1 convolution, got shape {tuple(B.shape)}."
+            )
+        A = A.reshape(A.shape[0], -1)
+        B = B.reshape(B.shape[0], B.shape[1])
+    if A.dim() != 2 or B.dim() != 2:
+        raise SubloraError(f"Module {name}: factors must be matrices, got A {tuple(A.shape)} and B {tuple(B.shape)}.")
+    if A.shape[0] != B.shape[1]:
+        raise SubloraError(
+            f"Module {name}: A and B disagree on the rank: A is {tuple(A.shape)} (rank {A.shape[0]}) but "
+            f"B is {tuple(B.shape)} (rank {B.shape[1]})."
+        )
+    return kind, A, B
+
+
+def read_peft(path: Path) -> Adapter:
+    if not path.exists():
+        raise SubloraError(f"{path} does not exist.")
+    if not path.is_dir():
+        raise SubloraError(f"{path} is a file; a PEFT adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    config = _load_config(path)
+    tensors = _load_tensors(path)
+    factors, extra = _module_factors(tensors)
+    if not factors:
+        raise SubloraError(
+            f"{path / WEIGHTS_FILE} holds no LoRA factors (no keys ending in .lora_A.weight or "
+            f".lora_embedding_A); is this a LoRA adapter?"
+        )
+    default_r = int(config.get("r", 8))
+    default_alpha = float(config.get("lora_alpha", 8))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+
+    modules = []
+    for name in sorted(factors):
+        a_key, b_key, kind = factors[name]
+        A, B = tensors[a_key], tensors[b_key]
+        kind, A_mat, B_mat = _as_matrices(name, kind, A, B)
+        for key, t in ((a_key, A), (b_key, B)):
+            if not t.is_floating_point():
+                raise SubloraError(f"{key} has dtype {t.dtype}; LoRA factors must be floating point.")
+            if not torch.isfinite(t).all():
+                raise SubloraError(f"{key} contains NaN or Inf values; the adapter is damaged, refusing to prune it.")
+        rank_key = get_pattern_key(list(rank_pattern), name)
+        r = int(rank_pattern[rank_key]) if rank_key is not None else default_r
+        if A_mat.shape[0] != r:
+            raise SubloraError(
+                f"Module {name}: the factors have rank {A_mat.shape[0]} but adapter_config.json says r={r}"
+                f"{' (rank_pattern ' + repr(rank_key) + ')' if rank_key else ''}; peft could not load this adapter."
+            )
+        alpha_key = get_pattern_key(list(alpha_pattern), name)
+        alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else default_alpha
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        modules.append(
+            LoraModule(
+                name=name,
+                kind=kind,
+                A=A_mat,
+                B=B_mat,
+                alpha=alpha,
+                scale=scale,
+                a_shape=tuple(A.shape),
+                b_shape=tuple(B.shape),
+            )
+        )
+    return Adapter(
+        path=path,
+        format="peft",
+        sha256=_sha256(path / WEIGHTS_FILE),
+        config=config,
+        modules=modules,
+        extra_tensors=extra,
+        use_rslora=use_rslora,
+    )
+
+
+def alpha_for_rank(scale: float, rank: int, use_rslora: bool) -> float:
+    """The lora_alpha that gives `scale` at `rank`, so a pruned module keeps its original scale."""
+    return scale * (math.sqrt(rank) if use_rslora else rank)
+
+
+def _stored(module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix factors → tensors in the layout and dtype the input stored them in."""
+    r = A.shape[0]
+    dtype = module.A.dtype
+    A = A.reshape(r, *module.a_shape[1:]).to(dtype).contiguous()
+    B = B.reshape(module.b_shape[0], r, *module.b_shape[2:]).to(dtype).contiguous()
+    return A, B
+
+
+def _keys(module: LoraModule) -> tuple[str, str]:
+    if module.kind == "embedding":
+        return f"{PREFIX}{module.name}.lora_embedding_A", f"{PREFIX}{module.name}.lora_embedding_B"
+    return f"{PREFIX}{module.name}.lora_A.weight", f"{PREFIX}{module.name}.lora_B.weight"
+
+
+def _merge_exclude(existing: str | list | None, names: list[str]) -> str | list | None:
+    """Add fully named modules to exclude_modules, keeping peft's semantics for a regex or a list."""
+    if not names:
+        return existing
+    if isinstance(existing, str):
+        return "|".join([f"(?:{existing})"] + [re.escape(n) for n in names])
+    return sorted(set(existing or []) | set(names))
+
+
+def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
+    """adapter_config.json for the pruned adapter: per-module ranks and alphas, rank-0 modules excluded.
+
+    New pattern keys are full module names, listed longest first and ahead of the input's own keys, because
+    peft takes the first key that matches the end of a module name.
+    """
+    config = dict(adapter.config)
+    rank_pattern: dict[str, float] = {}
+    alpha_pattern: dict[str, float] = {}
+    dropped = []
+    for p in pruned:
+        if p.unchanged:
+            continue
+        if p.rank_after == 0:
+            dropped.append(p.module.name)
+            continue
+        rank_pattern[p.module.name] = p.rank_after
+        alpha_pattern[p.module.name] = alpha_for_rank(p.module.scale, p.rank_after, adapter.use_rslora)
+
+    def ordered(new: dict, old: dict | None) -> dict:
+        merged = dict(sorted(new.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+        merged.update({k: v for k, v in (old or {}).items() if k not in merged})
+        return merged
+
+    config["rank_pattern"] = ordered(rank_pattern, adapter.config.get("rank_pattern"))
+    config["alpha_pattern"] = ordered(alpha_pattern, adapter.config.get("alpha_pattern"))
+    config["exclude_modules"] = _merge_exclude(adapter.config.get("exclude_modules"), dropped)
+    return config
+
+
+def write_peft(adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+    tensors = dict(adapter.extra_tensors)  # modules_to_save and biases, untouched
+    for p in pruned:
+        if p.rank_after == 0:
+            continue
+        a_key, b_key = _keys(p.module)
+        if p.unchanged:  # bit-exact copy: nothing to gain from re-factoring a module that keeps everything
+            A_stored = p.module.A.reshape(p.module.a_shape)
+            B_stored = p.module.B.reshape(p.module.b_shape)
+        else:
+            A_stored, B_stored = _stored(p.module, p.A, p.B)
+        tensors[a_key], tensors[b_key] = A_stored, B_stored
+    tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = pruned_config(adapter, pruned)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

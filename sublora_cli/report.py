@@ -1,0 +1,120 @@
+"""The rank-allocation report: `sublora_report.json` (the machine contract, DESIGN §2) and its Markdown twin.
+
+Keys of the JSON report are stable: add freely, rename never.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sublora_cli import __version__
+from sublora_cli.adapters import Adapter, PrunedModule
+from sublora_cli.select import Selection
+from sublora_cli.svd import Spectrum
+
+JSON_REPORT = "sublora_report.json"
+MD_REPORT = "sublora_report.md"
+
+
+def _totals(pruned: list[PrunedModule]) -> dict:
+    before = sum(p.module.params for p in pruned)
+    after = sum(p.module.params * p.rank_after // p.module.rank for p in pruned)
+    return {
+        "rank_before": sum(p.module.rank for p in pruned),
+        "rank_after": sum(p.rank_after for p in pruned),
+        "params_before": before,
+        "params_after": after,
+        "bytes_before": sum(p.module.params * p.module.element_size for p in pruned),
+        "bytes_after": sum(p.module.params * p.rank_after // p.module.rank * p.module.element_size for p in pruned),
+    }
+
+
+def build_report(
+    *,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    pruned: list[PrunedModule],
+    method: str,
+    curvature: str | None,
+    budget_requested: str,
+    budget_resolved: int,
+    bounds: dict,
+    selection: Selection,
+    seed: int,
+    timings: dict,
+    loss: dict | None = None,
+    metrics: dict | None = None,
+) -> dict:
+    """Assemble the report. `timings` is kept by reference so stages that finish later still land in it."""
+    modules = []
+    for p, spectrum in zip(pruned, spectra):
+        sigma = spectrum.sigma
+        modules.append(
+            {
+                "name": p.module.name,
+                "kind": p.module.kind,
+                "shape": list(p.module.shape),
+                "rank_before": p.module.rank,
+                "rank_after": p.rank_after,
+                "kept": p.kept,
+                "sigma": [float(sigma[i]) for i in p.kept],
+                "sigma_before": [float(s) for s in sigma],
+                "scale": p.module.scale,
+            }
+        )
+    return {
+        "tool_version": __version__,
+        "method": method,
+        "curvature": curvature,
+        "seed": seed if method == "sublora-random" else None,
+        "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format},
+        "budget": {"requested": str(budget_requested), "resolved": budget_resolved, **bounds},
+        "totals": _totals(pruned),
+        "modules": modules,
+        "loss": loss,
+        "metrics": metrics,
+        "diagnostics": selection.diagnostics,
+        "timings": timings,
+    }
+
+
+def render_markdown(report: dict) -> str:
+    """A human-readable rank-allocation report (the same figures as the JSON)."""
+    t = report["totals"]
+    lines = [
+        "# sublora rank-allocation report",
+        "",
+        f"- input: `{report['input']['path']}` (sha256 `{report['input']['sha256'][:16]}…`)",
+        f"- method: `{report['method']}`" + (f", curvature `{report['curvature']}`" if report["curvature"] else ""),
+        f"- budget: {report['budget']['requested']} → {report['budget']['resolved']} components",
+        f"- rank {t['rank_before']} → {t['rank_after']}, parameters {t['params_before']:,} → {t['params_after']:,}, "
+        f"bytes {t['bytes_before']:,} → {t['bytes_after']:,}",
+    ]
+    if report["loss"]:
+        loss = report["loss"]
+        lines.append(
+            f"- loss {loss['before']:.6g} → {loss['after']:.6g} (predicted increase {loss['predicted_increase']:.6g})"
+        )
+    if report["metrics"]:
+        for name, before in report["metrics"]["before"].items():
+            lines.append(f"- {name}: {before:.6g} → {report['metrics']['after'].get(name, float('nan')):.6g}")
+    if report["diagnostics"]:
+        d = report["diagnostics"]
+        lines.append(
+            f"- projection clipped {d['clipped_fraction']:.1%} of off-diagonal entries "
+            f"({d['clipped_mass']:.1%} of their mass); gains all ≥ 0: {d['monotone']}"
+        )
+    lines += ["", "| module | shape | rank before | rank after | kept σ (largest first) |", "|---|---|---|---|---|"]
+    for m in report["modules"]:
+        sigma = ", ".join(f"{s:.3g}" for s in m["sigma"][:8]) + (" …" if len(m["sigma"]) > 8 else "")
+        lines.append(
+            f"| `{m['name']}` | {m['shape'][0]}×{m['shape'][1]} | {m['rank_before']} | {m['rank_after']} | {sigma} |"
+        )
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["timings"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, out_dir: Path) -> None:
+    (out_dir / JSON_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / MD_REPORT).write_text(render_markdown(report))
