@@ -28,10 +28,10 @@ SETUPS = {
     "hyperbolic": ("beta", 1.0, {"beta2": 2.0, "beta3": 3.0, "beta4": 4.0}),
 }
 
-CALIB_TEMPLATE = '''"""Calibration script for adapter_{name} ({family}, {param} = {value}); see ../pinn.py.
+CALIB_TEMPLATE = '''r"""Calibration script for adapter_{name} ({family}, {param} = {value}); see ../pinn.py.
 
-    cd sample_checkpoints/{family}
-    sublora prune adapter_{name} --calib calib_{name}.py --budget 50 --out /tmp/{family}_{name}_b50
+    sublora prune sample_checkpoints/{family}/adapter_{name} \\
+        --calib sample_checkpoints/{family}/calib_{name}.py --budget 50 --out /tmp/{family}_{name}_b50
 """
 
 import sys
@@ -52,7 +52,9 @@ def calib_set(problem):
 
 
 def fit(model, params, problem, batch, adam_steps, lbfgs_steps, lr):
-    """Adam to get into the basin, then full-batch L-BFGS to converge (the usual PINN recipe)."""
+    """Adam to get into the basin, then full-batch L-BFGS to converge (the usual PINN recipe). L-BFGS runs
+    in rounds of at most 1000 iterations with a fresh history (float32 line searches stall otherwise),
+    until a round gains less than 10 % or lbfgs_steps are spent."""
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, adam_steps, eta_min=lr / 20)
     for _ in range(adam_steps):
@@ -60,9 +62,6 @@ def fit(model, params, problem, batch, adam_steps, lbfgs_steps, lr):
         pinn_loss(problem, model, batch).backward()
         opt.step()
         sched.step()
-    lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=lbfgs_steps, max_eval=int(1.25 * lbfgs_steps),
-                              history_size=50, tolerance_grad=1e-10, tolerance_change=1e-14,
-                              line_search_fn="strong_wolfe")
 
     def closure():
         lbfgs.zero_grad()
@@ -70,7 +69,14 @@ def fit(model, params, problem, batch, adam_steps, lbfgs_steps, lr):
         loss.backward()
         return loss
 
-    lbfgs.step(closure)
+    loss = pinn_loss(problem, model, batch).item()
+    for _ in range(0, lbfgs_steps, 1000):
+        lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=1000, max_eval=1250, history_size=50,
+                                  tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+        lbfgs.step(closure)
+        loss, before = pinn_loss(problem, model, batch).item(), loss
+        if loss > 0.9 * before:
+            break
 
 
 def summary(model, params, problem, batch):
@@ -111,6 +117,7 @@ def make_family(family, out, width, args):
         before = rel_l2(problem, model)
         fit(model, params, problem, batch, args.adam, args.lbfgs, 1e-3)
         model.save_pretrained(str(out / f"adapter_{name}"))
+        (out / f"adapter_{name}" / "README.md").unlink(missing_ok=True)  # peft's empty model card
         (out / f"calib_{name}.py").write_text(CALIB_TEMPLATE.format(family=family, name=name, param=param,
                                                                     value=value))
         results[name] = {param: value, "rel_l2_base_model": before, **summary(model, params, problem, batch),
@@ -128,7 +135,7 @@ def main():
     parser.add_argument("--base-adam", type=int, default=3000)
     parser.add_argument("--base-lbfgs", type=int, default=3000)
     parser.add_argument("--adam", type=int, default=1000)
-    parser.add_argument("--lbfgs", type=int, default=2000)
+    parser.add_argument("--lbfgs", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     assert args.width >= 50, "LoRA rank 50 needs a hidden width of at least 50"

@@ -1,0 +1,13 @@
+r"""Calibration script for adapter_beta2 (hyperbolic, beta = 2.0); see ../pinn.py.
+
+    sublora prune sample_checkpoints/hyperbolic/adapter_beta2 \
+        --calib sample_checkpoints/hyperbolic/calib_beta2.py --budget 50 --out /tmp/hyperbolic_beta2_b50
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tool loads this file by path
+from pinn import calibration  # noqa: E402
+
+load_model, batches, loss, evaluate, exact = calibration("hyperbolic", Path(__file__).parent, beta=2.0)
