@@ -160,7 +160,8 @@ def test_grid(problem, n: int = 101) -> torch.Tensor:
 def rel_l2(problem, model) -> float:
     x = test_grid(problem)
     with torch.no_grad():
-        u, pred = problem.exact(x), model(x)[:, 0]
+        u = problem.exact(x).double()
+        pred = model(x.to(next(model.parameters(), x).dtype))[:, 0].double()
     return ((pred - u).norm() / u.norm()).item()
 
 
