@@ -1,0 +1,195 @@
+"""The user's calibration script (DESIGN §2): load it by path and call its functions through one place.
+
+The script is user code. Everything it raises becomes a SubloraError that carries the user's own traceback
+(trimmed to the frames that matter to them), and every value it returns is checked before the pipeline
+relies on it, so a mistake in the script reads as a mistake in the script and not as a crash of the tool.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sublora_cli.errors import SubloraError
+
+REQUIRED = ("load_model", "batches", "loss")
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+class UserCodeError(SubloraError):
+    """The calibration script raised; the message holds its traceback."""
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The exception's traceback from the first frame of user code on, without our or torch's inner frames.
+
+    User code is the script and whatever it imports (e.g. a helper module next to it). The frame that
+    raised is always kept, even inside torch (a shape mismatch in a matmul says where it happened). A
+    SyntaxError has no user frame; its message names the file and line.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    first = next((i for i, f in enumerate(frames) if not _ours(f.filename)), len(frames))
+    frames = frames[first:]
+    if frames:
+        frames = [
+            f for f in frames[:-1] if not _ours(f.filename) and not f.filename.startswith(TORCH_DIR)
+        ] + [frames[-1]]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "Traceback (most recent call last):\n" + "".join(lines).rstrip()
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith((PACKAGE_DIR, "<frozen importlib"))
+
+
+def run_user(fn: Callable, *args, what: str, script: Path) -> Any:
+    """Call one of the script's functions; anything it raises becomes a UserCodeError with its traceback."""
+    try:
+        return fn(*args)
+    except SubloraError:
+        raise
+    except (Exception, SystemExit) as e:  # sys.exit() in a script is a script error too; Ctrl-C is not
+        raise UserCodeError(f"The calibration script {script} raised in {what}:\n{user_traceback(e)}") from e
+
+
+def check_loss(value: Any, batch_index: int | None = None) -> torch.Tensor:
+    """The loss must be a finite scalar tensor (one element); returns it as a 0-d tensor."""
+    where = f" on batch {batch_index}" if batch_index is not None else ""
+    if not isinstance(value, torch.Tensor):
+        raise SubloraError(
+            f"loss(model, batch) returned a {type(value).__name__}{where}; it must return a scalar "
+            "torch.Tensor that depends on the model's output (not a float: the tool differentiates it)."
+        )
+    if value.numel() != 1:
+        raise SubloraError(
+            f"loss(model, batch) returned a tensor of shape {tuple(value.shape)}{where}; it must be a scalar "
+            "(reduce it, e.g. with .mean())."
+        )
+    if not value.is_floating_point():
+        raise SubloraError(
+            f"loss(model, batch) returned a tensor of dtype {value.dtype}{where}; it must be floating point."
+        )
+    if not torch.isfinite(value.detach()).all():
+        raise SubloraError(
+            f"loss(model, batch) returned {float(value.detach().reshape(()))}{where} "
+            f"(batch indices count from 0 in the order batches() yields them); the loss must be finite."
+        )
+    return value.reshape(())
+
+
+def check_metrics(value: Any) -> dict[str, float]:
+    """evaluate(model) must return {name: number}; a number: a Python/NumPy scalar or 1-element tensor."""
+    if not isinstance(value, dict):
+        raise SubloraError(
+            f"evaluate(model) returned a {type(value).__name__}; it must return a dict of metric name to "
+            "number, e.g. {'rel_l2': 0.01}."
+        )
+    metrics = {}
+    for key, v in value.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if not isinstance(key, str) or isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise SubloraError(
+                f"evaluate(model) returned {{{key!r}: {v!r}}}; it must return a dict of str → number, "
+                "e.g. {'rel_l2': 0.01}."
+            )
+        metrics[key] = float(v)  # NaN/Inf are kept: a metric that diverged after pruning is information
+    return metrics
+
+
+@dataclass(frozen=True)
+class CalibrationScript:
+    """The functions of a calibration script as it defines them; call them through the call_* methods."""
+
+    path: Path
+    load_model: Callable[[], nn.Module]
+    batches: Callable[[], Iterable]
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None
+
+    def call_load_model(self) -> nn.Module:
+        model = run_user(self.load_model, what="load_model()", script=self.path)
+        if not isinstance(model, nn.Module):
+            raise SubloraError(
+                f"load_model() in {self.path} returned a {type(model).__name__}; "
+                "it must return a torch.nn.Module."
+            )
+        return model
+
+    def call_batches(self) -> list:
+        """All calibration batches as a list (they are used more than once)."""
+        batches = run_user(lambda: list(self.batches()), what="batches()", script=self.path)
+        if not batches:
+            raise SubloraError(
+                f"batches() in {self.path} yielded no batches; the calibration set must not be empty."
+            )
+        return batches
+
+    def call_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The user's loss with exceptions converted; check_loss checks the value where the batch is known."""
+        return run_user(self.loss, model, batch, what="loss(model, batch)", script=self.path)
+
+    def call_evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        if self.evaluate is None:
+            return None
+        return check_metrics(run_user(self.evaluate, model, what="evaluate(model)", script=self.path))
+
+
+def load_calibration(path: str | Path) -> CalibrationScript:
+    """Import the script at `path` (this runs its code) and pick out its functions.
+
+    The script's directory goes on sys.path, as when running `python script.py`, so it can import helpers
+    that sit next to it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SubloraError(f"Calibration script {path} does not exist.")
+    if not path.is_file():
+        raise SubloraError(f"Calibration script {path} is not a file; --calib takes a Python file.")
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    name = f"sublora_calibration_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SubloraError(f"Calibration script {path} could not be loaded as Python (does it end in .py?).")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling inside the script look their module up here
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as e:
+        sys.modules.pop(name, None)
+        raise UserCodeError(
+            f"The calibration script {path} raised while being imported:\n{user_traceback(e)}"
+        ) from e
+
+    defined = sorted(
+        k
+        for k, v in vars(module).items()
+        if callable(v) and not isinstance(v, type) and not k.startswith("_")
+    )
+    functions = {}
+    for key in (*REQUIRED, "evaluate"):
+        fn = getattr(module, key, None)
+        if fn is None and key != "evaluate":
+            raise SubloraError(
+                f"The calibration script {path} does not define {key}(); it must define load_model(), "
+                "batches() and loss(model, batch) (evaluate(model) is optional). "
+                f"It defines: {', '.join(defined) or 'no functions'}."
+            )
+        if fn is not None and not callable(fn):
+            raise SubloraError(
+                f"In the calibration script {path}, {key} is a {type(fn).__name__}, not a function."
+            )
+        functions[key] = fn
+    return CalibrationScript(path=path, **functions)

@@ -1,0 +1,206 @@
+"""The base model with every adapted module in SVD form, W + U diag(σ) Vᵀ, and all σ in one vector.
+
+Forward hooks add each module's low-rank term to the base layer's output, reading σ from the SigmaModel,
+so the user's `loss(model, batch)` calls `model(...)` as usual while the loss becomes a function of σ alone:
+the curvature code differentiates it with plain autograd, and pruning is `sigma * kept_mask`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sublora_cli.adapters.base import LoraModule
+from sublora_cli.calibration import check_loss
+from sublora_cli.errors import SubloraError
+from sublora_cli.svd import Spectrum
+
+CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """Which LoRA kind a base layer takes; SubloraError for layers the tool cannot re-parametrise."""
+    if isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D":  # GPT-2's Conv1D: no hard import
+        return "linear"
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    raise SubloraError(
+        f"{type(layer).__module__}.{type(layer).__name__} is not a layer sublora can re-parametrise; "
+        "supported: nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d."
+    )
+
+
+def delta_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of ΔW as a matrix, in the layout LoRA's B (out×r) and A (r×in) use for this layer."""
+    w = layer.weight
+    if type(layer).__name__ == "Conv1D":  # weight stored (in, out)
+        return int(w.shape[1]), int(w.shape[0])
+    if isinstance(layer, nn.Embedding):  # ΔW is dim × num_embeddings
+        return int(w.shape[1]), int(w.shape[0])
+    return int(w.shape[0]), int(w[0].numel())
+
+
+def find_layer(model: nn.Module, module: LoraModule) -> nn.Module:
+    """The base layer a LoRA module adapts, checked for type and shape."""
+    try:
+        layer = model.get_submodule(module.name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(module.name, names, n=3, cutoff=0.4)
+        hint = f" Closest names: {', '.join(close)}." if close else ""
+        raise SubloraError(
+            f"The adapter adapts module {module.name!r}, but the model from load_model() has no such "
+            f"module.{hint} "
+            "Does load_model() return the base model the adapter was trained on?"
+        ) from None
+    kind = layer_kind(layer)
+    if kind != module.kind:
+        raise SubloraError(
+            f"Module {module.name}: the adapter holds {module.kind} LoRA factors but the model's layer is a "
+            f"{type(layer).__name__}."
+        )
+    if delta_shape(layer) != module.shape:
+        raise SubloraError(
+            f"Module {module.name}: the adapter's update is {module.shape[0]}x{module.shape[1]} (out x in) "
+            f"but the model's {type(layer).__name__} takes {delta_shape(layer)[0]}x{delta_shape(layer)[1]}; "
+            "is this the right base model?"
+        )
+    if kind == "conv":
+        if layer.groups != 1:
+            raise SubloraError(
+                f"Module {module.name}: grouped convolutions (groups={layer.groups}) are not supported."
+            )
+        if any(d != 1 for d in layer.dilation):  # peft's lora_A conv is built without the base's dilation
+            raise SubloraError(
+                f"Module {module.name}: dilated convolutions (dilation={layer.dilation}) are not supported."
+            )
+        if tuple(module.a_shape[1:]) != tuple(layer.weight.shape[1:]):
+            raise SubloraError(
+                f"Module {module.name}: lora_A has shape {tuple(module.a_shape)} but the convolution's "
+                f"kernel is {tuple(layer.weight.shape[1:])}."
+            )
+    return layer
+
+
+class SigmaModel:
+    """The base model with each adapted module re-parametrised as W + U diag(σ) Vᵀ; all σ in one R-vector.
+
+    The model is cast to `dtype` and moved to `device` (and so are the tensors passed to `model(...)`), put in
+    eval mode (dropout off) and its weights frozen, so gradients flow only to σ. Outside `loss`/`evaluate` the
+    hooks use the trained σ, so `self.model` behaves like base model + adapter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: list[LoraModule],
+        spectra: list[Spectrum],
+        loss_fn: Callable[[nn.Module, object], torch.Tensor],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if len(modules) != len(spectra):
+            raise ValueError(f"{len(modules)} modules but {len(spectra)} spectra")
+        self.model = model.to(device=device, dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.loss_fn = loss_fn
+        self.device, self.dtype = torch.device(device), dtype
+        self.sigma = torch.cat([s.sigma for s in spectra]).to(device=device, dtype=dtype)
+        self.offsets: list[int] = []
+        self._current = self.sigma  # the σ the hooks read
+        self._handles = [self.model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)]
+        offset = 0
+        for module, spectrum in zip(modules, spectra, strict=True):
+            layer = find_layer(self.model, module)
+            U = spectrum.U.to(device=device, dtype=dtype)
+            V = spectrum.V.to(device=device, dtype=dtype)
+            hook = self._hook(module, layer, U, V, offset, offset + spectrum.rank)
+            self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+            self.offsets.append(offset)
+            offset += spectrum.rank
+
+    @property
+    def size(self) -> int:
+        return int(self.sigma.numel())
+
+    def _cast_inputs(self, _model, args, kwargs):
+        """Move tensors passed to model(...) to the model's device and floating ones to its dtype.
+
+        Scripts build batches in float32 on the CPU; without this a float64 or GPU SigmaModel would need every
+        script to convert its own inputs (the loss may still do so, e.g. to take input derivatives).
+        """
+
+        def cast(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            return x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else x.dtype)
+
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    def _hook(self, module: LoraModule, layer: nn.Module, U, V, start: int, stop: int):
+        # U, V are closed over rather than registered on the layer, so the user's model keeps its state dict
+        kind = module.kind
+        if kind == "conv":
+            conv = CONV_FN[len(module.a_shape) - 2]
+            kernel = V.T.reshape(module.rank, *module.a_shape[1:]).contiguous()  # (r, in_ch, *k)
+            stride, padding = layer.stride, layer.padding
+
+        def hook(_layer, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))
+            s = self._current[start:stop]
+            if kind == "linear":  # nn.Linear and GPT-2 Conv1D alike: x (…, in)
+                delta = ((x @ V) * s) @ U.T
+            elif kind == "embedding":  # token ids → rows of V
+                delta = (V[x] * s) @ U.T
+            else:  # conv with V's columns as kernels, scaled per channel, then a 1×1 conv with U
+                h = conv(x, kernel, stride=stride, padding=padding)
+                h = h * s.reshape(-1, *([1] * (h.dim() - 2)))
+                delta = torch.einsum("or,nr...->no...", U, h)
+            return output + delta
+
+        return hook
+
+    def remove(self) -> None:
+        """Take the hooks off the model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def loss(self, sigma: torch.Tensor, batch) -> torch.Tensor:
+        """The user's loss on one batch with the adapted modules using `sigma`; differentiable in sigma."""
+        previous, self._current = self._current, sigma
+        try:
+            return self.loss_fn(self.model, batch)
+        finally:
+            self._current = previous
+
+    def mean_loss(self, sigma: torch.Tensor, batches: Iterable) -> float:
+        """Mean loss over the batches, not differentiated in sigma.
+
+        Autograd stays enabled: a PINN-style loss takes derivatives w.r.t. its inputs inside `loss`.
+        """
+        sigma = sigma.detach().to(device=self.device, dtype=self.dtype)
+        total, n = 0.0, 0
+        with torch.enable_grad():
+            for i, batch in enumerate(batches):
+                total += float(check_loss(self.loss(sigma, batch), i).detach())
+                n += 1
+        if n == 0:
+            raise SubloraError("No calibration batches to average the loss over.")
+        return total / n
+
+    def evaluate(self, sigma: torch.Tensor, evaluate_fn: Callable[[nn.Module], dict]) -> dict[str, float]:
+        """Run the user's evaluate(model) with the adapted modules using `sigma`."""
+        previous, self._current = self._current, sigma.detach().to(device=self.device, dtype=self.dtype)
+        try:
+            return evaluate_fn(self.model)
+        finally:
+            self._current = previous
