@@ -71,8 +71,16 @@ def fit(model, params, problem, batch, adam_steps, lbfgs_steps, lr):
 
     loss = pinn_loss(problem, model, batch).item()
     for _ in range(0, lbfgs_steps, 1000):
-        lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=1000, max_eval=1250, history_size=50,
-                                  tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=1000,
+            max_eval=1250,
+            history_size=50,
+            tolerance_grad=1e-10,
+            tolerance_change=1e-14,
+            line_search_fn="strong_wolfe",
+        )
         lbfgs.step(closure)
         loss, before = pinn_loss(problem, model, batch).item(), loss
         if loss > 0.9 * before:
@@ -83,8 +91,11 @@ def summary(model, params, problem, batch):
     """Final loss, gradient norm w.r.t. the trained parameters, relative L2 error on the test grid."""
     loss = pinn_loss(problem, model, batch)
     g = torch.autograd.grad(loss, params)
-    return {"loss": loss.item(), "grad_norm": torch.cat([x.flatten() for x in g]).norm().item(),
-            "rel_l2": rel_l2(problem, model)}
+    return {
+        "loss": loss.item(),
+        "grad_norm": torch.cat([x.flatten() for x in g]).norm().item(),
+        "rel_l2": rel_l2(problem, model),
+    }
 
 
 def make_family(family, out, width, args):
@@ -102,8 +113,11 @@ def make_family(family, out, width, args):
     base = MLP(problem.d_in, width)
     fit(base, list(base.parameters()), problem, batch, args.base_adam, args.base_lbfgs, 1e-3)
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(out / "base.safetensors"))
-    results["base"] = {param: base_value, **summary(base, list(base.parameters()), problem, batch),
-                       "seconds": round(time.time() - t0, 1)}
+    results["base"] = {
+        param: base_value,
+        **summary(base, list(base.parameters()), problem, batch),
+        "seconds": round(time.time() - t0, 1),
+    }
     print(family, "base", results["base"], flush=True)
 
     for name, value in adapters.items():
@@ -118,10 +132,13 @@ def make_family(family, out, width, args):
         fit(model, params, problem, batch, args.adam, args.lbfgs, 1e-3)
         model.save_pretrained(str(out / f"adapter_{name}"))
         (out / f"adapter_{name}" / "README.md").unlink(missing_ok=True)  # peft's empty model card
-        (out / f"calib_{name}.py").write_text(CALIB_TEMPLATE.format(family=family, name=name, param=param,
-                                                                    value=value))
-        results[name] = {param: value, "rel_l2_base_model": before, **summary(model, params, problem, batch),
-                         "seconds": round(time.time() - t0, 1)}
+        (out / f"calib_{name}.py").write_text(CALIB_TEMPLATE.format(family=family, name=name, param=param, value=value))
+        results[name] = {
+            param: value,
+            "rel_l2_base_model": before,
+            **summary(model, params, problem, batch),
+            "seconds": round(time.time() - t0, 1),
+        }
         print(family, name, results[name], flush=True)
     return results
 

@@ -46,6 +46,7 @@ def grad(u, x):
 # PDE families. Each: a box domain (lo, hi per input), the faces carrying Dirichlet/initial data, the exact
 # solution, the closed-form right-hand side f, and the differential operator applied to a model.
 
+
 class Elliptic:
     """-div(a grad u) = f on (0,1)^2, u = 0 on the boundary, a = 1 + eps sin(pi x) sin(pi y),
     u = sin(k pi x) sin(k pi y). k sets the solution's frequency, eps the coefficient's variation."""
@@ -130,6 +131,7 @@ FAMILIES = {"elliptic": Elliptic, "allen_cahn": AllenCahn, "hyperbolic": Advecti
 
 # -----------------------------------------------------------------------------
 # data and loss
+
 
 def sample(problem, n_res: int, n_bc: int, g: torch.Generator) -> dict:
     """Uniform interior points with their f, and points spread evenly over the data faces with exact u."""

@@ -30,5 +30,7 @@ def parse_budget(text: str, total_rank: int) -> int:
     if not math.isfinite(share) or share <= 0:
         raise SubloraError(f"--budget {raw!r}: the {kind} must be positive.")
     if share > 1:
-        raise SubloraError(f"--budget {raw!r}: a {kind} of the total rank must be at most {'100%' if kind == 'percentage' else '1'}.")
+        raise SubloraError(
+            f"--budget {raw!r}: a {kind} of the total rank must be at most {'100%' if kind == 'percentage' else '1'}."
+        )
     return max(1, round(share * total_rank))

@@ -41,9 +41,9 @@ def user_traceback(exc: BaseException) -> str:
     first = next((i for i, f in enumerate(frames) if not _ours(f.filename)), len(frames))
     frames = frames[first:]
     if frames:
-        frames = [
-            f for f in frames[:-1] if not _ours(f.filename) and not f.filename.startswith(TORCH_DIR)
-        ] + [frames[-1]]
+        frames = [f for f in frames[:-1] if not _ours(f.filename) and not f.filename.startswith(TORCH_DIR)] + [
+            frames[-1]
+        ]
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
     return "Traceback (most recent call last):\n" + "".join(lines).rstrip()
 
@@ -121,8 +121,7 @@ class CalibrationScript:
         model = run_user(self.load_model, what="load_model()", script=self.path)
         if not isinstance(model, nn.Module):
             raise SubloraError(
-                f"load_model() in {self.path} returned a {type(model).__name__}; "
-                "it must return a torch.nn.Module."
+                f"load_model() in {self.path} returned a {type(model).__name__}; it must return a torch.nn.Module."
             )
         return model
 
@@ -130,9 +129,7 @@ class CalibrationScript:
         """All calibration batches as a list (they are used more than once)."""
         batches = run_user(lambda: list(self.batches()), what="batches()", script=self.path)
         if not batches:
-            raise SubloraError(
-                f"batches() in {self.path} yielded no batches; the calibration set must not be empty."
-            )
+            raise SubloraError(f"batches() in {self.path} yielded no batches; the calibration set must not be empty.")
         return batches
 
     def call_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -169,14 +166,10 @@ def load_calibration(path: str | Path) -> CalibrationScript:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:
         sys.modules.pop(name, None)
-        raise UserCodeError(
-            f"The calibration script {path} raised while being imported:\n{user_traceback(e)}"
-        ) from e
+        raise UserCodeError(f"The calibration script {path} raised while being imported:\n{user_traceback(e)}") from e
 
     defined = sorted(
-        k
-        for k, v in vars(module).items()
-        if callable(v) and not isinstance(v, type) and not k.startswith("_")
+        k for k, v in vars(module).items() if callable(v) and not isinstance(v, type) and not k.startswith("_")
     )
     functions = {}
     for key in (*REQUIRED, "evaluate"):
@@ -188,8 +181,6 @@ def load_calibration(path: str | Path) -> CalibrationScript:
                 f"It defines: {', '.join(defined) or 'no functions'}."
             )
         if fn is not None and not callable(fn):
-            raise SubloraError(
-                f"In the calibration script {path}, {key} is a {type(fn).__name__}, not a function."
-            )
+            raise SubloraError(f"In the calibration script {path}, {key} is a {type(fn).__name__}, not a function.")
         functions[key] = fn
     return CalibrationScript(path=path, **functions)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages carry paths: never hard-wrap them
 state = {"debug": False}
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -54,6 +53,17 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def choice_callback(choices: tuple[str, ...]):
+    """Validate an optional string option against `choices` (a usage error, exit 2, names the valid ones)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}.")
+        return value
+
+    return check
+
+
 def version_callback(value: bool) -> None:
     if value:
         out.print(f"sublora {__version__}")
@@ -63,7 +73,8 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def common(
     version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit."),
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
@@ -83,7 +94,19 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     table = Table(title=f"{adapter}  ({loaded.format})", title_justify="left")
-    for column in ("module", "shape", "rank", "scale", "σ spectrum", "50%", "90%", "99%", "eff.rank", "stable", "‖ΔW‖F"):
+    for column in (
+        "module",
+        "shape",
+        "rank",
+        "scale",
+        "σ spectrum",
+        "50%",
+        "90%",
+        "99%",
+        "eff.rank",
+        "stable",
+        "‖ΔW‖F",
+    ):
         table.add_column(column, justify="left" if column in ("module", "σ spectrum") else "right")
     for m in info["modules"]:
         energy = m["energy_components"]
@@ -115,20 +138,28 @@ def prune_command(
     budget: Annotated[
         str,
         typer.Option(
-            "--budget", "-b", help="Components to keep in total: a rank (50), a percentage (25%) or a fraction (0.25)."
+            "--budget",
+            "-b",
+            help="Components to keep in total: a rank (50), a percentage (25%) or a fraction (0.25).",
         ),
     ],
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output directory [default: a sibling named <adapter>-pruned-<budget>]."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory.",
+            show_default="a sibling named <adapter>-pruned-<budget>",
+        ),
     ] = None,
     method: Annotated[
         str | None,
         typer.Option(
             "--method",
             "-m",
-            help=f"Selection method: {', '.join(METHODS)} [default: sublora with --calib, else magnitude].",
-            click_type=click.Choice(METHODS),
+            help=f"Selection method: {', '.join(METHODS)}.",
+            show_default="sublora with --calib, else magnitude",
+            callback=choice_callback(METHODS),
         ),
     ] = None,
     min_rank: Annotated[int, typer.Option("--min-rank", help="Every module keeps at least this many.")] = 0,
@@ -172,17 +203,12 @@ def print_prune_summary(report: dict, out_dir: Path) -> None:
 
 
 def main() -> None:
-    """Entry point: maps errors onto the exit codes of DESIGN §2 (1 input/failure, 2 usage, 3 quality guard)."""
+    """Entry point: maps errors onto the exit codes of DESIGN §2 (1 input/failure, 2 usage, 3 quality guard).
+
+    Typer itself handles usage errors (exit 2) and --help; our own errors carry their exit code.
+    """
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        app()
     except SubloraError as e:
         if state["debug"]:
             raise
@@ -191,5 +217,8 @@ def main() -> None:
     except Exception as e:
         if state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback.")
+        err.print(
+            f"[bold red]error:[/] unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback.",
+            highlight=False,
+        )
         sys.exit(1)

@@ -71,10 +71,7 @@ def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batch
             g, s, eye, retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True
         )
         return rows
-    rows = [
-        torch.autograd.grad(g, s, e, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
-        for e in eye
-    ]
+    rows = [torch.autograd.grad(g, s, e, retain_graph=True, allow_unused=True, materialize_grads=True)[0] for e in eye]
     return torch.stack(rows)
 
 
@@ -119,9 +116,7 @@ def compute_curvature(
             g = None
             if loss.requires_grad:
                 with _differentiating("the gradient", b):
-                    (g,) = torch.autograd.grad(
-                        loss, s, create_graph=True, allow_unused=True, materialize_grads=True
-                    )
+                    (g,) = torch.autograd.grad(loss, s, create_graph=True, allow_unused=True, materialize_grads=True)
                 gradient += g.detach().to(torch.float64)
             if g is None or not g.requires_grad:  # the loss is constant or linear in σ: H = 0 on this batch
                 done += R

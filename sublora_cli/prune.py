@@ -79,7 +79,7 @@ def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.T
     """Split the global kept mask into modules and build each module's balanced factors."""
     result = []
     offset = 0
-    for module, spectrum in zip(adapter.modules, spectra):
+    for module, spectrum in zip(adapter.modules, spectra, strict=True):
         kept = torch.nonzero(kept_mask[offset : offset + module.rank]).flatten().tolist()
         offset += module.rank
         if 0 < len(kept) < module.rank:

@@ -73,9 +73,7 @@ def find_layer(model: nn.Module, module: LoraModule) -> nn.Module:
         )
     if kind == "conv":
         if layer.groups != 1:
-            raise SubloraError(
-                f"Module {module.name}: grouped convolutions (groups={layer.groups}) are not supported."
-            )
+            raise SubloraError(f"Module {module.name}: grouped convolutions (groups={layer.groups}) are not supported.")
         if any(d != 1 for d in layer.dilation):  # peft's lora_A conv is built without the base's dilation
             raise SubloraError(
                 f"Module {module.name}: dilated convolutions (dilation={layer.dilation}) are not supported."

@@ -48,7 +48,7 @@ def build_report(
 ) -> dict:
     """Assemble the report. `timings` is kept by reference so stages that finish later still land in it."""
     modules = []
-    for p, spectrum in zip(pruned, spectra):
+    for p, spectrum in zip(pruned, spectra, strict=True):
         sigma = spectrum.sigma
         modules.append(
             {
@@ -105,7 +105,11 @@ def render_markdown(report: dict) -> str:
             f"- projection clipped {d['clipped_fraction']:.1%} of off-diagonal entries "
             f"({d['clipped_mass']:.1%} of their mass); gains all ≥ 0: {d['monotone']}"
         )
-    lines += ["", "| module | shape | rank before | rank after | kept σ (largest first) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| module | shape | rank before | rank after | kept σ (largest first) |",
+        "|---|---|---|---|---|",
+    ]
     for m in report["modules"]:
         sigma = ", ".join(f"{s:.3g}" for s in m["sigma"][:8]) + (" …" if len(m["sigma"]) > 8 else "")
         lines.append(

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 
 METHODS: tuple[str, ...] = (
-    "magnitude", "linear", "diag", "hessian", "sublora", "sublora-random", "exhaustive",
+    "magnitude",
+    "linear",
+    "diag",
+    "hessian",
+    "sublora",
+    "sublora-random",
+    "exhaustive",
 )
 NEEDS_CALIBRATION: frozenset[str] = frozenset(METHODS) - {"magnitude"}
 NEEDS_FULL_HESSIAN: frozenset[str] = frozenset({"hessian", "sublora", "sublora-random", "exhaustive"})

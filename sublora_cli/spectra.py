@@ -16,7 +16,7 @@ def adapter_spectra(adapter: Adapter) -> list[Spectrum]:
 def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
     """A JSON-ready description: one entry per module plus totals (LoRA factors only)."""
     modules = []
-    for module, spectrum in zip(adapter.modules, spectra):
+    for module, spectrum in zip(adapter.modules, spectra, strict=True):
         stats = spectrum_stats(spectrum.sigma)
         modules.append(
             {

@@ -58,9 +58,7 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor, scale: float) -> Spectrum:
     return Spectrum(U=U, sigma=sigma, V=V)
 
 
-def balanced_factors(
-    spectrum: Spectrum, kept: list[int], scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(spectrum: Spectrum, kept: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors B', A' of rank len(kept) with scale·B'·A' = U_S diag(sigma_S) V_Sᵀ, both of equal norm.
 
     Balanced factors (each sqrt(sigma/scale) per component) keep the two sides on the same scale,
@@ -94,8 +92,7 @@ def spectrum_stats(sigma: torch.Tensor) -> SpectrumStats:
         return SpectrumStats(0.0, {f"{int(p * 100)}%": 0 for p in ENERGY_LEVELS}, 0.0, 0.0)
     cumulative = torch.cumsum(energy, 0) / total
     reach = {
-        f"{int(p * 100)}%": int(torch.searchsorted(cumulative, torch.tensor(p - 1e-12, dtype=torch.float64)))
-        + 1
+        f"{int(p * 100)}%": int(torch.searchsorted(cumulative, torch.tensor(p - 1e-12, dtype=torch.float64))) + 1
         for p in ENERGY_LEVELS
     }
     p = s / s.sum()

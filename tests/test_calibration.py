@@ -67,9 +67,7 @@ def test_missing_file_and_missing_function(tmp_path):
         SubloraError, match=r"does not define loss\(\).*It defines: batches, evaluate, load_model, my_loss"
     ):
         load_calibration(path)
-    assert (
-        load_calibration(script(tmp_path, GOOD.replace("def evaluate(", "def _evaluate("))).evaluate is None
-    )
+    assert load_calibration(script(tmp_path, GOOD.replace("def evaluate(", "def _evaluate("))).evaluate is None
 
 
 def test_script_raising_shows_the_users_traceback(tmp_path):
@@ -77,16 +75,10 @@ def test_script_raising_shows_the_users_traceback(tmp_path):
     with pytest.raises(SubloraError) as info:
         load_calibration(path)
     message = str(info.value)
-    assert (
-        "while being imported" in message
-        and "broken_import.py" in message
-        and "KeyError: 'missing'" in message
-    )
+    assert "while being imported" in message and "broken_import.py" in message and "KeyError: 'missing'" in message
     assert "importlib" not in message and "sublora_cli" not in message
 
-    source = GOOD.replace(
-        "return model(batch).pow(2).mean()", "return helper(model, batch)"
-    ) + textwrap.dedent("""
+    source = GOOD.replace("return model(batch).pow(2).mean()", "return helper(model, batch)") + textwrap.dedent("""
         def helper(model, batch):
             return model(batch[:, :2]).mean()  # wrong width: raises inside torch
     """)
@@ -114,15 +106,11 @@ def test_bad_return_values(tmp_path):
         with pytest.raises(SubloraError, match="dict of"):
             calib.call_evaluate(torch.nn.Identity())
 
-    calib = load_calibration(
-        script(tmp_path, GOOD + "\ndef loss(model, batch):\n    return model(batch) ** 2\n")
-    )
+    calib = load_calibration(script(tmp_path, GOOD + "\ndef loss(model, batch):\n    return model(batch) ** 2\n"))
     sm = sigma_model(calib)
     with pytest.raises(SubloraError, match=r"returned a tensor of shape \(5, 1\) on batch 0"):
         sm.mean_loss(sm.sigma, calib.call_batches())
-    nan_on_negative = (
-        "\ndef loss(model, batch):\n    return model(batch).mean() / (batch > 0).float().mean()\n"
-    )
+    nan_on_negative = "\ndef loss(model, batch):\n    return model(batch).mean() / (batch > 0).float().mean()\n"
     calib = load_calibration(script(tmp_path, GOOD + nan_on_negative))
     with pytest.raises(SubloraError, match=r"returned (nan|inf|-inf) on batch 1"):
         compute_curvature(sigma_model(calib), [torch.ones(2, 3), -torch.ones(2, 3)])
@@ -132,9 +120,7 @@ def test_bad_return_values(tmp_path):
 
 def test_zero_curvature_is_detected(tmp_path):
     """A script whose loss never touches the adapted module: the CLI must be able to warn."""
-    source = GOOD.replace(
-        "return model(batch).pow(2).mean()", "return model[2](torch.ones(1, 4)).sum() * batch.mean()"
-    )
+    source = GOOD.replace("return model(batch).pow(2).mean()", "return model[2](torch.ones(1, 4)).sum() * batch.mean()")
     calib = load_calibration(script(tmp_path, source))
     curv = compute_curvature(sigma_model(calib), calib.call_batches(), "diag")
     assert curv.is_zero

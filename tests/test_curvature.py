@@ -48,9 +48,7 @@ def test_quadratic_loss_hessian_and_predicted_increase():
     torch.manual_seed(0)
     modules = [lora("a", 4, 6, 3, 1), lora("b", 4, 6, 4, 2)]
     sm, spectra = sigma_model(TwoBranch(), modules, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
-    batches = [
-        (torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)) for _ in range(3)
-    ]
+    batches = [(torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)) for _ in range(3)]
     curv = compute_curvature(sm, batches)
 
     # analytic: output = Φ(x) σ + const, column k of Φ(x) = u_k (v_kᵀ x); L = mean ‖·‖² ⇒ H = 2 E[ΦᵀΦ]/(n·out)
@@ -79,9 +77,7 @@ def test_tanh_mlp_matches_autograd_functional_hessian():
     sm, _ = sigma_model(
         model, [lora("0", 8, 3, 3, 1), lora("2", 8, 8, 4, 2)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
     )
-    batches = [
-        (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)) for _ in range(2)
-    ]
+    batches = [(torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)) for _ in range(2)]
     g, H = reference_hessian(sm, batches)
     exact = compute_curvature(sm, batches, "exact")
     torch.testing.assert_close(exact.gradient, g, rtol=1e-10, atol=1e-12)
@@ -127,9 +123,7 @@ def test_pinn_loss_with_inner_autograd_grad():
         for _ in range(2)
     ]
     seen = []
-    curv = compute_curvature(
-        sm, batches, progress=lambda stage, done, total: seen.append((stage, done, total))
-    )
+    curv = compute_curvature(sm, batches, progress=lambda stage, done, total: seen.append((stage, done, total)))
     grad, H = reference_hessian(sm, batches)
     torch.testing.assert_close(curv.gradient, grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(curv.hessian, (H + H.T) / 2, rtol=1e-9, atol=1e-11)

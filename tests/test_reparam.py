@@ -43,9 +43,7 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0
-    )
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -69,17 +67,13 @@ def test_gpt2_conv1d_and_embedding_match_merged_weights():
     c_attn = lora("transformer.h.0.attn.c_attn", "linear", 48, 16, 4, 2.0)  # Conv1D weight is (16, 48)
     wte = lora("transformer.wte", "embedding", 16, 40, 3, 1.0, seed=2)  # ΔW is dim × vocab
     merged = copy.deepcopy(base)
-    merged.lm_head.weight = nn.Parameter(
-        base.lm_head.weight.clone()
-    )  # LoRA on wte leaves the tied head alone
+    merged.lm_head.weight = nn.Parameter(base.lm_head.weight.clone())  # LoRA on wte leaves the tied head alone
     with torch.no_grad():
         merged.transformer.h[0].attn.c_attn.weight += delta(c_attn).T
         merged.transformer.wte.weight += delta(wte).T
     sm = build(base, [c_attn, wte], loss_fn=lambda m, b: m(input_ids=b).logits.sum())
     ids = torch.randint(0, 40, (2, 7))
-    torch.testing.assert_close(
-        sm.model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-9, atol=1e-9
-    )
+    torch.testing.assert_close(sm.model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
 
 
 def test_matches_peft_on_conv_and_gpt2():
@@ -109,9 +103,7 @@ def test_matches_peft_on_conv_and_gpt2():
             else:
                 continue
             scale = layer.scaling["default"]
-            modules.append(
-                LoraModule(name, kind, A.detach(), B.detach(), scale * A.shape[0], scale, a_shape, B.shape)
-            )
+            modules.append(LoraModule(name, kind, A.detach(), B.detach(), scale * A.shape[0], scale, a_shape, B.shape))
         assert len(modules) == 2
         with torch.no_grad():
             expected = peft_model(**inputs)

@@ -40,8 +40,11 @@ def test_every_adapter_has_a_calibration_script():
     assert len(adapters) == 9 and len(CALIBS) == 9
     for adapter in adapters:
         assert (adapter.parent / f"calib_{adapter.name.removeprefix('adapter_')}.py").exists()
-        assert {p.name for p in adapter.iterdir()} <= {"adapter_config.json", "adapter_model.safetensors",
-                                                       "README.md"}
+        assert {p.name for p in adapter.iterdir()} <= {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+        }
 
 
 @pytest.mark.parametrize("path", CALIBS, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -215,8 +215,12 @@ def all_inputs(seed: int, n: int):
 
 @pytest.mark.parametrize("method", METHODS)
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n_modules=st.integers(1, 4), min_rank=st.integers(0, 2),
-       extra=st.integers(0, 2))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_modules=st.integers(1, 4),
+    min_rank=st.integers(0, 2),
+    extra=st.integers(0, 2),
+)
 def test_every_method_honours_bounds(method, seed, n_modules, min_rank, extra):
     ranks = random_ranks(seed, n_modules, 1, 4)
     inputs, sigma = all_inputs(seed, sum(ranks))
@@ -280,6 +284,7 @@ def test_randomized_greedy_is_reproducible_per_seed_and_varies_across_seeds():
     sigma, _, hessian = problem(5, 16, "submodular")
     gradient = torch.zeros(16, dtype=torch.float64)
     bounds = RankBounds.from_ranks([8, 8])
+
     def run(seed):
         return select("sublora-random", sigma, 6, bounds, gradient, hessian, seed=seed).order
 

@@ -39,7 +39,7 @@ UNSUPPORTED_FLAGS = {
     "layer_replication": "layer replication",
 }
 CONVERT_HINT = (
-    "Convert it once with: python -c \"import torch, safetensors.torch as st; "
+    'Convert it once with: python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\" "
     "(run inside the adapter directory, on a file you trust)."
 )
@@ -242,29 +242,30 @@ def _merge_exclude(existing: str | list | None, names: list[str]) -> str | list 
 def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
     """adapter_config.json for the pruned adapter: per-module ranks and alphas, rank-0 modules excluded.
 
-    New pattern keys are full module names, listed longest first and ahead of the input's own keys, because
-    peft takes the first key that matches the end of a module name.
+    peft takes the *first* pattern key that matches the end of a module name, so the input's own keys
+    (often short suffixes such as "c_fc") would shadow new ones. Instead every module whose rank or alpha
+    differs from the global `r`/`lora_alpha` gets an entry under its full name and the old keys are
+    dropped: the result does not depend on key order.
     """
     config = dict(adapter.config)
-    rank_pattern: dict[str, float] = {}
+    rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     dropped = []
     for p in pruned:
-        if p.unchanged:
-            continue
         if p.rank_after == 0:
             dropped.append(p.module.name)
             continue
-        rank_pattern[p.module.name] = p.rank_after
-        alpha_pattern[p.module.name] = alpha_for_rank(p.module.scale, p.rank_after, adapter.use_rslora)
-
-    def ordered(new: dict, old: dict | None) -> dict:
-        merged = dict(sorted(new.items(), key=lambda kv: (-len(kv[0]), kv[0])))
-        merged.update({k: v for k, v in (old or {}).items() if k not in merged})
-        return merged
-
-    config["rank_pattern"] = ordered(rank_pattern, adapter.config.get("rank_pattern"))
-    config["alpha_pattern"] = ordered(alpha_pattern, adapter.config.get("alpha_pattern"))
+        if p.unchanged:
+            rank, alpha = p.module.rank, p.module.alpha
+        else:
+            rank = p.rank_after
+            alpha = alpha_for_rank(p.module.scale, rank, adapter.use_rslora)
+        if rank != config["r"]:
+            rank_pattern[p.module.name] = rank
+        if alpha != config["lora_alpha"]:
+            alpha_pattern[p.module.name] = alpha
+    config["rank_pattern"] = rank_pattern
+    config["alpha_pattern"] = alpha_pattern
     config["exclude_modules"] = _merge_exclude(adapter.config.get("exclude_modules"), dropped)
     return config
 
@@ -284,4 +285,4 @@ def write_peft(adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> N
     tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     config = pruned_config(adapter, pruned)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
