@@ -1,4 +1,4 @@
-"""Budgets as users write them: a total rank (`50`), a percentage (`25%`) or a fraction (`0.25`)."""
+"""Budgets and tolerances as users write them: a count (`50`), a percentage (`25%`) or a fraction (`0.25`)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def parse_budget(text: str, total_rank: int) -> int:
             f"--budget {raw!r}: a {kind} of the total rank must be at most {'100%' if kind == 'percentage' else '1'}."
         )
     return max(1, round(share * total_rank))
+
+
+def parse_tolerance(text: str, flag: str) -> float:
+    """A relative tolerance such as `0.05` or `5%` → 0.05 (≥ 0; above 100 % is allowed)."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise SubloraError(f"{flag} {raw!r} is not a number: give a fraction (0.05) or a percentage (5%).") from None
+    if not math.isfinite(value) or value < 0:
+        raise SubloraError(f"{flag} {raw!r}: must be 0 or more.")
+    return value

@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from sublora_cli import __version__
 from sublora_cli.adapters import read_adapter
-from sublora_cli.errors import SubloraError
-from sublora_cli.prune import PruneOptions, prune
+from sublora_cli.calibrated import DTYPES
+from sublora_cli.curvature import KINDS
+from sublora_cli.errors import QualityGateFailed, SubloraError
+from sublora_cli.prune import PruneOptions, SweepOptions, evaluate_adapter, prune, sweep
 from sublora_cli.select import METHODS
+from sublora_cli.settings import DEFAULTS, load_config, merge
 from sublora_cli.spectra import adapter_spectra, describe_adapter
+from sublora_cli.sweep import DEFAULT_METHODS, parse_methods
 
 app = typer.Typer(
     name="sublora",
@@ -134,22 +149,30 @@ def inspect(
 
 @app.command(name="prune")
 def prune_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
+    adapter: Annotated[
+        Path | None, typer.Argument(help="PEFT LoRA adapter directory (or `adapter:` in --config).", show_default=False)
+    ] = None,
     budget: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--budget",
             "-b",
-            help="Components to keep in total: a rank (50), a percentage (25%) or a fraction (0.25).",
+            help="Components to keep in total: a rank (50), a percentage (25%) or a fraction (0.25). Required.",
+            show_default=False,
         ),
-    ],
+    ] = None,
     out_dir: Annotated[
         Path | None,
+        typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-pruned-<budget>"),
+    ] = None,
+    calib: Annotated[
+        Path | None,
         typer.Option(
-            "--out",
-            "-o",
-            help="Output directory.",
-            show_default="a sibling named <adapter>-pruned-<budget>",
+            "--calib",
+            "-c",
+            help="Calibration script (load_model, batches, loss[, evaluate]); runs its code. Enables the "
+            "calibrated methods and measured loss before/after.",
+            show_default=False,
         ),
     ] = None,
     method: Annotated[
@@ -162,22 +185,146 @@ def prune_command(
             callback=choice_callback(METHODS),
         ),
     ] = None,
-    min_rank: Annotated[int, typer.Option("--min-rank", help="Every module keeps at least this many.")] = 0,
-    max_rank: Annotated[int | None, typer.Option("--max-rank", help="No module keeps more than this.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized greedy (sublora-random).")] = 0,
+    curvature: Annotated[
+        str | None,
+        typer.Option(
+            "--curvature",
+            help=f"How the Hessian over σ is computed: {', '.join(KINDS)} (diag is enough for linear/diag).",
+            show_default=DEFAULTS["curvature"],
+            callback=choice_callback(KINDS),
+        ),
+    ] = None,
+    min_rank: Annotated[
+        int | None, typer.Option("--min-rank", help="Every module keeps at least this many.", show_default="0")
+    ] = None,
+    max_rank: Annotated[
+        int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the randomized greedy (sublora-random).", show_default="0")
+    ] = None,
+    max_loss_increase: Annotated[
+        str | None,
+        typer.Option(
+            "--max-loss-increase",
+            help="Quality gate: exit 3 when the measured loss grows by more than this (0.05 or 5%, relative to "
+            "the loss before). The output is still written.",
+            show_default=False,
+        ),
+    ] = None,
+    max_hessian_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--max-hessian-gb",
+            help="Refuse an exact Hessian larger than this.",
+            show_default=str(DEFAULTS["max_hessian_gb"]),
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Torch device for the calibration model.", show_default="cpu")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help=f"Model dtype: {', '.join(DTYPES)}. Curvature accumulates in float64.",
+            show_default="float32",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML file with the same settings; flags override it.", show_default=False),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Prune ADAPTER to a rank budget and write the smaller adapter plus sublora_report.json/.md."""
-    options = PruneOptions(budget=budget, method=method, min_rank=min_rank, max_rank=max_rank, seed=seed)
-    result = prune(adapter, options, out_dir=out_dir, overwrite=overwrite)
+    flags = dict(
+        adapter=adapter,
+        budget=budget,
+        out=out_dir,
+        calib=calib,
+        method=method,
+        curvature=curvature,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        seed=seed,
+        max_loss_increase=max_loss_increase,
+        max_hessian_gb=max_hessian_gb,
+        device=device,
+        dtype=dtype,
+    )
+    settings = merge(flags, load_config(config) if config is not None else {}, DEFAULTS)
+    if settings["adapter"] is None:
+        raise typer.BadParameter("give the adapter directory (or `adapter:` in --config).", param_hint="ADAPTER")
+    if settings["budget"] is None:
+        raise typer.BadParameter("a budget is required (or `budget:` in --config).", param_hint="--budget")
+    for key, choices in (("method", METHODS), ("curvature", KINDS)):
+        if settings[key] is not None and settings[key] not in choices:
+            raise SubloraError(f"--config: {key} {settings[key]!r} is not one of {', '.join(choices)}.")
+    options = PruneOptions(
+        budget=str(settings["budget"]),
+        method=settings["method"],
+        calib=_path(settings["calib"]),
+        curvature=settings["curvature"],
+        min_rank=settings["min_rank"],
+        max_rank=settings["max_rank"],
+        seed=settings["seed"],
+        max_loss_increase=None if settings["max_loss_increase"] is None else str(settings["max_loss_increase"]),
+        max_hessian_gb=float(settings["max_hessian_gb"]),
+        device=settings["device"],
+        dtype=settings["dtype"],
+    )
+    with live_progress(quiet=as_json) as (progress, info):
+        result = prune(
+            Path(settings["adapter"]),
+            options,
+            out_dir=_path(settings["out"]),
+            overwrite=overwrite,
+            progress=progress,
+            info=info,
+        )
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
-    report = result.report
     if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    print_prune_summary(report, result.out_dir)
+        print(json.dumps(result.report, indent=2))
+    else:
+        print_prune_summary(result.report, result.out_dir)
+    if result.quality_failure:
+        raise QualityGateFailed(result.quality_failure)
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@contextmanager
+def live_progress(quiet: bool = False) -> Iterator[tuple]:
+    """Progress bars and news lines on stderr (stdout stays clean for --json)."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=quiet,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    def info(message: str) -> None:
+        if not quiet:
+            err.print(f"[dim]{message}[/]", highlight=False)
+
+    with bar:
+        yield progress, info
 
 
 def print_prune_summary(report: dict, out_dir: Path) -> None:
@@ -199,7 +346,120 @@ def print_prune_summary(report: dict, out_dir: Path) -> None:
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
         f"[bold]{t['params_after']:,}[/], {human_bytes(t['bytes_before'])} → [bold]{human_bytes(t['bytes_after'])}[/]"
     )
+    if report["loss"]:
+        loss = report["loss"]
+        predicted = loss["predicted_increase"]
+        out.print(
+            f"loss {loss['before']:.4g} → [bold]{loss['after']:.4g}[/] (measured increase {loss['increase']:.3g}, "
+            f"{loss['relative_increase']:+.1%}; predicted {'n/a' if predicted is None else format(predicted, '.3g')})"
+            f", curvature {report['curvature']}"
+        )
+    if report["metrics"]:
+        for name, before in report["metrics"]["before"].items():
+            out.print(f"{name} {before:.4g} → [bold]{report['metrics']['after'].get(name, float('nan')):.4g}[/]")
     out.print(f"wrote {out_dir} (adapter + sublora_report.json, sublora_report.md)")
+
+
+@app.command(name="eval")
+def eval_command(
+    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
+    calib: Annotated[Path, typer.Option("--calib", "-c", help="Calibration script.", show_default=False)],
+    device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Print ADAPTER's calibration loss and the script's evaluate() metrics."""
+    result = evaluate_adapter(adapter, calib, device=device, dtype=dtype)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches")
+    out.print(f"loss [bold]{result['loss']:.6g}[/]")
+    for name, value in (result["metrics"] or {}).items():
+        out.print(f"{name} [bold]{value:.6g}[/]")
+
+
+@app.command(name="sweep")
+def sweep_command(
+    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
+    calib: Annotated[Path, typer.Option("--calib", "-c", help="Calibration script.", show_default=False)],
+    budgets: Annotated[
+        str,
+        typer.Option("--budgets", help="A list (10,20,40 or 10%,25%) or a range start:stop:step (10:100:10)."),
+    ] = "10:90:10",
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated, from: {', '.join(METHODS)}.")] = ",".join(
+        DEFAULT_METHODS
+    ),
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of sublora-random, comma-separated.")] = "0,1,2",
+    curvature: Annotated[
+        str,
+        typer.Option("--curvature", help=f"One of {', '.join(KINDS)}.", callback=choice_callback(KINDS)),
+    ] = DEFAULTS["curvature"],
+    min_rank: Annotated[int, typer.Option("--min-rank", help="Every module keeps at least this many.")] = 0,
+    max_rank: Annotated[
+        int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
+    ] = None,
+    max_hessian_gb: Annotated[
+        float, typer.Option("--max-hessian-gb", help="Refuse an exact Hessian larger than this.")
+    ] = DEFAULTS["max_hessian_gb"],
+    device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate/--no-evaluate", help="Run the script's evaluate() for every selection.")
+    ] = True,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-sweep")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON on stdout.")] = False,
+) -> None:
+    """Compute the curvature once and tabulate predicted and measured loss for every budget × method."""
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{seeds!r} is not a comma-separated list of integers.", param_hint="--seeds"
+        ) from None
+    options = SweepOptions(
+        budgets=budgets,
+        methods=parse_methods(methods),
+        seeds=seed_list or [0],
+        calib=calib,
+        curvature=curvature,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        max_hessian_gb=max_hessian_gb,
+        device=device,
+        dtype=dtype,
+        evaluate=evaluate,
+    )
+    with live_progress(quiet=as_json) as (progress, info):
+        result = sweep(adapter, options, out_dir=out_dir, overwrite=overwrite, progress=progress, info=info)
+    if as_json:
+        print(json.dumps({**result.meta, "rows": [asdict(r) for r in result.rows]}, indent=2))
+        return
+    meta = result.meta
+    metric_names = sorted({k for r in result.rows for k in (r.metrics_after or {})})
+    table = Table(
+        title=f"{adapter}: loss before {meta['loss_before']:.4g}, curvature {meta['curvature']}", title_justify="left"
+    )
+    for column in ("budget", "method", "rank", "predicted Δloss", "measured Δloss", "loss after", *metric_names):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in result.rows:
+        predicted = "n/a" if r.predicted_increase is None else f"{r.predicted_increase:.3g}"
+        method_name = r.method if r.seed is None else f"{r.method} (seed {r.seed})"
+        metrics = [f"{(r.metrics_after or {}).get(m, float('nan')):.4g}" for m in metric_names]
+        table.add_row(
+            str(r.budget),
+            method_name,
+            str(r.rank_after),
+            predicted,
+            f"{r.increase:.3g}",
+            f"{r.loss_after:.4g}",
+            *metrics,
+        )
+    out.print(table)
+    out.print("wrote " + ", ".join(str(p) for p in result.written))
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
-"""The pruning pipeline: read adapter → SVD form → (calibration → curvature) → select → write + report.
+"""The pipelines behind `prune`, `eval` and `sweep`:
+read adapter → SVD form → (calibration → curvature) → select → write + report.
 
 Each stage is a call into its own module; this file only wires them together and times them, so every
-figure in the report can be traced to the stage that produced it.
+figure in the report can be traced to the stage that produced it (loss and metrics: calibrated.py;
+curvature: curvature.py; kept sets, predicted increase and diagnostics: select.py; totals: report.py).
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
-from sublora_cli.budget import parse_budget
+from sublora_cli.budget import parse_budget, parse_tolerance
+from sublora_cli.calibrated import Calibrated, open_calibration
+from sublora_cli.curvature import Curvature, estimate_cost
 from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, write_reports
-from sublora_cli.select import NEEDS_CALIBRATION, RankBounds, Selection, select
+from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Info = Callable[[str], None]  # one line of news for the user
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,10 @@ class PruneOptions:
     min_rank: int = 0
     max_rank: int | None = None
     seed: int = 0
+    max_loss_increase: str | None = None  # "0.05" or "5%", relative to the loss before pruning
+    max_hessian_gb: float = 4.0
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def resolved_method(self) -> str:
         if self.method is not None:
@@ -49,6 +59,7 @@ class PruneResult:
     report: dict
     out_dir: Path
     warnings: list[str] = field(default_factory=list)
+    quality_failure: str | None = None  # set when --max-loss-increase was exceeded (the output is written)
 
 
 class Timings(dict):
@@ -61,10 +72,10 @@ class Timings(dict):
         self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
 
-def default_out_dir(adapter_path: Path, budget: int) -> Path:
+def default_out_dir(adapter_path: Path, suffix: str) -> Path:
     """A sibling of the input named after it, so the input directory is never written into."""
     path = adapter_path.resolve()
-    return path.parent / f"{path.name}-pruned-{budget}"
+    return path.parent / f"{path.name}-{suffix}"
 
 
 def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBounds:
@@ -90,18 +101,66 @@ def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.T
     return result
 
 
+def _check_method(method: str, calib: Path | None, curvature: str) -> None:
+    if method in NEEDS_CALIBRATION and calib is None:
+        raise SubloraError(f"--method {method} needs a calibration script (--calib calib.py); magnitude does not.")
+    if calib is not None and method not in NEEDS_CALIBRATION:
+        raise SubloraError(f"--method {method} is data-free; drop --calib or choose a calibrated method.")
+    _check_curvature(method, curvature)
+
+
+def _check_curvature(method: str, curvature: str) -> None:
+    if method in NEEDS_FULL_HESSIAN and curvature == "diag":
+        raise SubloraError(
+            f"--method {method} needs the full Hessian but --curvature diag computes only its diagonal; "
+            "use --curvature exact, or --method diag / linear."
+        )
+
+
+def _announce_curvature(calibrated: Calibrated, kind: str, info: Info | None) -> None:
+    """Say up front what the curvature will cost, before minutes of work start."""
+    if info is None:
+        return
+    R, n = calibrated.sigma_model.size, len(calibrated.batches)
+    cost = estimate_cost(R, n, kind)
+    info(
+        f"curvature {kind}: R = {R} singular values, {n} calibration batches, "
+        f"{cost['hvps']:,} Hessian-vector products, {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix"
+    )
+
+
+def _curvature(
+    calibrated: Calibrated, kind: str, max_hessian_gb: float, info: Info | None, progress: Progress | None
+) -> Curvature:
+    _announce_curvature(calibrated, kind, info)
+    return calibrated.curvature(kind, max_hessian_gb, progress)
+
+
+def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
+    inputs = {}
+    if curvature is not None:
+        inputs = {"gradient": curvature.gradient, "hessian": curvature.hessian, "hessian_diag": curvature.hessian_diag}
+    try:
+        return select(method, sigma, budget, bounds, seed=seed, **inputs)
+    except ValueError as e:
+        raise SubloraError(f"{e}.") from e
+
+
 def prune(
     adapter_path: Path,
     options: PruneOptions,
     out_dir: Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    info: Info | None = None,
 ) -> PruneResult:
     method = options.resolved_method()
-    if method in NEEDS_CALIBRATION and options.calib is None:
-        raise SubloraError(f"--method {method} needs a calibration script (--calib calib.py); magnitude does not.")
-    if options.calib is not None and method not in NEEDS_CALIBRATION:
-        raise SubloraError(f"--method {method} is data-free; drop --calib or choose a calibrated method.")
+    _check_method(method, options.calib, options.curvature)
+    threshold = None
+    if options.max_loss_increase is not None:
+        if options.calib is None:
+            raise SubloraError("--max-loss-increase needs --calib: without data there is no loss to measure.")
+        threshold = parse_tolerance(options.max_loss_increase, "--max-loss-increase")
     timings = Timings()
     warnings: list[str] = []
 
@@ -109,40 +168,195 @@ def prune(
         adapter = read_adapter(adapter_path)
     budget = parse_budget(options.budget, adapter.total_rank)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, budget)
+    out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, f"pruned-{budget}")
     check_output_dir(out_dir, adapter_path, overwrite)
     if budget >= adapter.total_rank:
         warnings.append(
             f"--budget {options.budget} resolves to {budget}, at least the adapter's total rank "
             f"{adapter.total_rank}: nothing to prune, the adapter is written unchanged."
         )
+    budget = min(budget, adapter.total_rank)
 
     with timings.stage("svd"):
         spectra = adapter_spectra(adapter)
     sigma = torch.cat([s.sigma for s in spectra])
 
-    with timings.stage("select"):
+    curvature = loss = metrics = None
+    if options.calib is None:
+        with timings.stage("select"):
+            selection: Selection = _select(method, sigma, budget, bounds, None, options.seed)
+    else:
+        with timings.stage("calibrate"):
+            calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
         try:
-            selection: Selection = select(method, sigma, min(budget, adapter.total_rank), bounds, seed=options.seed)
-        except ValueError as e:
-            raise SubloraError(str(e)) from e
+            with timings.stage("eval"):
+                loss_before, metrics_before = calibrated.loss(), calibrated.metrics()
+            with timings.stage("curvature"):
+                curvature = _curvature(calibrated, options.curvature, options.max_hessian_gb, info, progress)
+            with timings.stage("select"):
+                selection = _select(method, sigma, budget, bounds, curvature, options.seed)
+            with timings.stage("eval"):
+                loss_after, metrics_after = calibrated.loss(selection.kept), calibrated.metrics(selection.kept)
+        finally:
+            calibrated.close()
+        loss = loss_summary(loss_before, loss_after, selection.predicted_increase)
+        metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
     pruned = pruned_modules(adapter, spectra, selection.kept)
 
+    quality = None
+    if threshold is not None:
+        passed = loss["relative_increase"] <= threshold
+        quality = {"max_loss_increase": str(options.max_loss_increase), "threshold": threshold, "passed": passed}
     report = build_report(
         adapter=adapter,
         spectra=spectra,
         pruned=pruned,
         method=method,
-        curvature=None,
+        curvature=curvature.kind if curvature is not None else None,
         budget_requested=options.budget,
         budget_resolved=budget,
         bounds={"min_rank": options.min_rank, "max_rank": options.max_rank},
         selection=selection,
         seed=options.seed,
         timings=timings,
+        loss=loss,
+        metrics=metrics,
+        calibration=_calibration_info(options, curvature),
+        quality=quality,
     )
     with atomic_output_dir(out_dir) as tmp:
         with timings.stage("write"):
             write_adapter(adapter, pruned, tmp)
         write_reports(report, tmp)
-    return PruneResult(report=report, out_dir=out_dir, warnings=warnings)
+    failure = None
+    if quality is not None and not quality["passed"]:
+        failure = (
+            f"the measured loss increase {loss['relative_increase']:.2%} (loss {loss['before']:.6g} → "
+            f"{loss['after']:.6g}) exceeds --max-loss-increase {options.max_loss_increase}; the pruned adapter "
+            f"and report were written to {out_dir} anyway."
+        )
+    return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)
+
+
+def loss_summary(before: float, after: float, predicted: float | None) -> dict:
+    """Loss before/after with the measured and predicted increases (relative to |before|, 0 → inf-safe)."""
+    increase = after - before
+    relative = increase / abs(before) if before != 0 else (0.0 if increase == 0 else float("inf"))
+    return {
+        "before": before,
+        "after": after,
+        "predicted_increase": predicted,
+        "increase": increase,
+        "relative_increase": relative,
+    }
+
+
+def _calibration_info(options: PruneOptions, curvature: Curvature | None) -> dict | None:
+    if options.calib is None:
+        return None
+    return {
+        "script": str(options.calib),
+        "batches": curvature.n_batches if curvature is not None else None,
+        "device": options.device,
+        "dtype": options.dtype,
+    }
+
+
+def evaluate_adapter(adapter_path: Path, calib: Path, device: str = "cpu", dtype: str = "float32") -> dict:
+    """`sublora eval`: the calibration loss and evaluate() metrics of an adapter as it is."""
+    adapter = read_adapter(adapter_path)
+    calibrated = open_calibration(calib, adapter, adapter_spectra(adapter), device, dtype)
+    try:
+        return {
+            "adapter": str(adapter_path),
+            "calib": str(calib),
+            "total_rank": adapter.total_rank,
+            "batches": len(calibrated.batches),
+            "loss": calibrated.loss(),
+            "metrics": calibrated.metrics(),
+        }
+    finally:
+        calibrated.close()
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    budgets: str
+    methods: list[str]
+    seeds: list[int]
+    calib: Path
+    curvature: str = "exact"
+    min_rank: int = 0
+    max_rank: int | None = None
+    max_hessian_gb: float = 4.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    evaluate: bool = True
+
+
+@dataclass
+class SweepResult:
+    rows: list[SweepRow]
+    meta: dict
+    written: list[Path]
+
+
+def sweep(
+    adapter_path: Path,
+    options: SweepOptions,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    info: Info | None = None,
+) -> SweepResult:
+    """One curvature computation, then every budget × method measured; writes sweep.csv/json/png."""
+    for method in options.methods:
+        _check_curvature(method, options.curvature)
+    timings = Timings()
+    with timings.stage("load"):
+        adapter = read_adapter(adapter_path)
+    budgets = parse_budgets(options.budgets, adapter.total_rank)
+    bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
+    out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, "sweep")
+    check_output_dir(out_dir, adapter_path, overwrite)
+    with timings.stage("svd"):
+        spectra = adapter_spectra(adapter)
+    with timings.stage("calibrate"):
+        calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
+    try:
+        with timings.stage("eval"):
+            loss_before = calibrated.loss()
+            metrics_before = calibrated.metrics() if options.evaluate else None
+        with timings.stage("curvature"):
+            curvature = _curvature(calibrated, options.curvature, options.max_hessian_gb, info, progress)
+        with timings.stage("sweep"):
+            rows = run_sweep(
+                calibrated,
+                torch.cat([s.sigma for s in spectra]),
+                curvature,
+                bounds,
+                budgets,
+                options.methods,
+                options.seeds,
+                loss_before,
+                evaluate=options.evaluate,
+                progress=progress,
+            )
+    finally:
+        calibrated.close()
+    meta = {
+        "adapter": str(adapter_path),
+        "sha256": adapter.sha256,
+        "calib": str(options.calib),
+        "curvature": curvature.kind,
+        "total_rank": adapter.total_rank,
+        "budgets": budgets,
+        "methods": options.methods,
+        "seeds": options.seeds,
+        "loss_before": loss_before,
+        "metrics_before": metrics_before,
+        "timings": timings,
+    }
+    with atomic_output_dir(out_dir) as tmp:
+        names = [p.name for p in write_sweep(rows, meta, tmp)]
+    return SweepResult(rows=rows, meta=meta, written=[out_dir / name for name in names])

@@ -45,6 +45,8 @@ def build_report(
     timings: dict,
     loss: dict | None = None,
     metrics: dict | None = None,
+    calibration: dict | None = None,
+    quality: dict | None = None,
 ) -> dict:
     """Assemble the report. `timings` is kept by reference so stages that finish later still land in it."""
     modules = []
@@ -72,8 +74,10 @@ def build_report(
         "budget": {"requested": str(budget_requested), "resolved": budget_resolved, **bounds},
         "totals": _totals(pruned),
         "modules": modules,
+        "calibration": calibration,
         "loss": loss,
         "metrics": metrics,
+        "quality": quality,
         "diagnostics": selection.diagnostics,
         "timings": timings,
     }
@@ -91,20 +95,32 @@ def render_markdown(report: dict) -> str:
         f"- rank {t['rank_before']} → {t['rank_after']}, parameters {t['params_before']:,} → {t['params_after']:,}, "
         f"bytes {t['bytes_before']:,} → {t['bytes_after']:,}",
     ]
+    if report["calibration"]:
+        c = report["calibration"]
+        lines.append(f"- calibration: `{c['script']}`, {c['batches']} batches, {c['device']} {c['dtype']}")
     if report["loss"]:
         loss = report["loss"]
+        predicted = "n/a" if loss["predicted_increase"] is None else f"{loss['predicted_increase']:.6g}"
         lines.append(
-            f"- loss {loss['before']:.6g} → {loss['after']:.6g} (predicted increase {loss['predicted_increase']:.6g})"
+            f"- loss {loss['before']:.6g} → {loss['after']:.6g}: measured increase {loss['increase']:.6g} "
+            f"({loss['relative_increase']:.2%}), predicted {predicted}"
         )
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():
             lines.append(f"- {name}: {before:.6g} → {report['metrics']['after'].get(name, float('nan')):.6g}")
+    if report.get("quality"):
+        q = report["quality"]
+        lines.append(
+            f"- quality gate --max-loss-increase {q['max_loss_increase']}: {'passed' if q['passed'] else 'FAILED'}"
+        )
     if report["diagnostics"]:
         d = report["diagnostics"]
-        lines.append(
-            f"- projection clipped {d['clipped_fraction']:.1%} of off-diagonal entries "
-            f"({d['clipped_mass']:.1%} of their mass); gains all ≥ 0: {d['monotone']}"
-        )
+        if d["clipped_fraction"] is not None:
+            lines.append(
+                f"- projection clipped {d['clipped_fraction']:.1%} of off-diagonal entries "
+                f"({d['clipped_mass']:.1%} of their mass)"
+            )
+        lines.append(f"- every gain ≥ 0 when picked (monotone): {d['monotone']}")
     lines += [
         "",
         "| module | shape | rank before | rank after | kept σ (largest first) |",

@@ -25,6 +25,14 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "dtype": (str,),
 }
 PATH_KEYS = ("adapter", "calib", "out")
+DEFAULTS: dict = {
+    "curvature": "exact",
+    "min_rank": 0,
+    "seed": 0,
+    "max_hessian_gb": 4.0,
+    "device": "cpu",
+    "dtype": "float32",
+}
 
 
 def load_config(path: Path) -> dict:

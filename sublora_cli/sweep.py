@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from sublora_cli.budget import parse_budget
 from sublora_cli.calibrated import Calibrated
 from sublora_cli.curvature import Curvature
@@ -69,6 +71,7 @@ def parse_methods(text: str) -> list[str]:
 
 def run_sweep(
     calibrated: Calibrated,
+    sigma: torch.Tensor,
     curvature: Curvature,
     bounds: RankBounds,
     budgets: list[int],
@@ -78,7 +81,10 @@ def run_sweep(
     evaluate: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SweepRow]:
-    """Every budget × method (× seed for sublora-random), measured on the re-parametrised model."""
+    """Every budget × method (× seed for sublora-random), measured on the re-parametrised model.
+
+    `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy.
+    """
     if curvature.hessian is None:
         needing = [m for m in methods if m in NEEDS_FULL_HESSIAN]
         if needing:
@@ -86,7 +92,6 @@ def run_sweep(
                 f"--curvature {curvature.kind} gives no full Hessian, which {', '.join(needing)} need; "
                 "use --curvature exact (or fisher) or drop those methods."
             )
-    sigma = calibrated.sigma.detach().double().cpu()
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]
