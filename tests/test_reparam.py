@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TinyConvNet
 
 from sublora_cli.adapters.base import LoraModule
 from sublora_cli.errors import SubloraError
@@ -27,16 +28,6 @@ def build(model, modules, loss_fn=None, dtype=torch.float64):
 
 def delta(m: LoraModule) -> torch.Tensor:
     return m.scale * m.B.double() @ m.A.double()
-
-
-class TinyConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.head = nn.Linear(8 * 4 * 4, 5)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
 def tiny_gpt2():
