@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
+# Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 err = Console(stderr=True, soft_wrap=True)  # error messages carry paths: never hard-wrap them
 state = {"debug": False}
 
@@ -130,7 +132,7 @@ def inspect(
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
             f"{m['scale']:.3g}",
-            sparkline(m["sigma"]),
+            sparkline(m["sigma"], width=32),
             str(energy["50%"]),
             str(energy["90%"]),
             str(energy["99%"]),
