@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,63 @@ def test_shipped_adapter_reproduces_recorded_loss(path):
     assert calib.evaluate(model)["rel_l2"] == pytest.approx(recorded["rel_l2"], rel=0.05)
     base_loss = sum(calib.loss(calib.load_model(), b) for b in batches) / len(batches)
     assert base_loss.item() > 100 * loss.item()  # the adapter matters: the base model solves another PDE
+
+
+# The exact solutions each family's README documents, by the parameter in the script's name (k2, eps0p15, beta3).
+DOCUMENTED = {
+    "elliptic": ("k", lambda k, x, t: torch.sin(k * math.pi * x) * torch.sin(k * math.pi * t)),
+    "allen_cahn": ("eps", lambda eps, x, t: torch.tanh((x - 0.5 * t) / (math.sqrt(2) * eps))),
+    "hyperbolic": ("beta", lambda beta, x, t: torch.sin(math.pi * (x - beta * t))),
+}
+
+
+class Exact64(Exact):
+    """The exact solution as a float64 'model' (a float64 parameter, so the loss follows it to float64), optionally
+    scaled: scale 1.01 gives a known relative L2 error of exactly 0.01."""
+
+    def __init__(self, exact, scale: float = 1.0):
+        super().__init__(exact)
+        self.scale = scale
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.scale * self.exact(x)[:, None] + self.anchor
+
+
+@pytest.mark.parametrize("path", CALIBS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_exact_is_the_documented_solution(path):
+    """The zero-residual test means something only if `exact` is the solution of the PDE the script claims."""
+    calib = load_calib(path)
+    prefix, formula = DOCUMENTED[path.parent.name]
+    value = float(path.stem.removeprefix("calib_").removeprefix(prefix).replace("p", "."))
+    lo = torch.tensor([0.0, 0.0] if prefix == "k" else [-1.0, 0.0], dtype=torch.float64)  # (x, y) or (x, t)
+    x = lo + (1 - lo) * torch.rand(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(calib.exact(x), formula(value, x[:, 0], x[:, 1]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", CALIBS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_exact_solution_has_zero_loss_in_float64(path):
+    """Both halves again with a float64 model (what `--dtype float64` runs): the loss follows the model's dtype
+    and still vanishes. The floor is ~1e-13, not ~1e-30, because batches() holds f and the data in float32."""
+    calib = load_calib(path)
+    model = Exact64(calib.exact)
+    for batch in calib.batches():
+        loss = calib.loss(model, batch)
+        assert loss.dtype == torch.float64
+        assert loss.item() < 1e-11
+    assert calib.evaluate(model)["rel_l2"] < 1e-6
+
+
+@pytest.mark.parametrize("path", CALIBS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_loss_and_evaluate_see_errors(path):
+    """The zero tests are not vacuous: a 1 % scaled solution gives rel_l2 = 0.01 and a clearly positive loss, and the
+    exact solution of a sibling script (another parameter value) gives a large loss and error."""
+    calib = load_calib(path)
+    batches = list(calib.batches())
+    scaled = Exact64(calib.exact, scale=1.01)
+    assert calib.evaluate(scaled)["rel_l2"] == pytest.approx(0.01, rel=1e-4)
+    assert min(calib.loss(scaled, b).item() for b in batches) > 1e-5  # ≥ 4e-5 measured (advection: data term only)
+    for sibling in sorted(p for p in path.parent.glob("calib_*.py") if p != path):
+        other = Exact(load_calib(sibling).exact)
+        assert min(calib.loss(other, b).item() for b in batches) > 1e-2
+        assert calib.evaluate(other)["rel_l2"] > 0.05
