@@ -87,6 +87,34 @@ def check_loss(value: Any, batch_index: int | None = None) -> torch.Tensor:
     return value.reshape(())
 
 
+def check_per_sample_loss(value: Any, batch_index: int | None = None) -> torch.Tensor:
+    """per_sample_loss must return a finite 1-D floating tensor, one loss per sample (a scalar counts as one)."""
+    where = f" on batch {batch_index}" if batch_index is not None else ""
+    if not isinstance(value, torch.Tensor):
+        raise SubloraError(
+            f"per_sample_loss(model, batch) returned a {type(value).__name__}{where}; it must return a 1-D "
+            "torch.Tensor with one loss per sample, computed from the model's output (e.g. the loss with "
+            "reduction='none', averaged over everything but the batch dimension)."
+        )
+    if value.dim() > 1 and value.numel() != value.shape[0]:
+        raise SubloraError(
+            f"per_sample_loss(model, batch) returned a tensor of shape {tuple(value.shape)}{where}; it must be "
+            "1-D, one loss per sample (reduce every dimension but the batch dimension, e.g. .mean(dim=1))."
+        )
+    if not value.is_floating_point():
+        raise SubloraError(
+            f"per_sample_loss(model, batch) returned a tensor of dtype {value.dtype}{where}; it must be floating point."
+        )
+    finite = torch.isfinite(value.detach())
+    if not finite.all():
+        bad = int(torch.nonzero(~finite.reshape(-1))[0])
+        raise SubloraError(
+            f"per_sample_loss(model, batch) returned {float(value.detach().reshape(-1)[bad])} for sample {bad}{where} "
+            "(batch indices count from 0 in the order batches() yields them); every loss must be finite."
+        )
+    return value.reshape(-1)
+
+
 def check_metrics(value: Any) -> dict[str, float]:
     """evaluate(model) must return {name: number}; a number: a Python/NumPy scalar or 1-element tensor."""
     if not isinstance(value, dict):
@@ -116,6 +144,7 @@ class CalibrationScript:
     batches: Callable[[], Iterable]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]] | None
+    per_sample_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # optional: one loss per sample
 
     def call_load_model(self) -> nn.Module:
         model = run_user(self.load_model, what="load_model()", script=self.path)
@@ -135,6 +164,12 @@ class CalibrationScript:
     def call_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The user's loss with exceptions converted; check_loss checks the value where the batch is known."""
         return run_user(self.loss, model, batch, what="loss(model, batch)", script=self.path)
+
+    def call_per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The user's per-sample losses with exceptions converted; check_per_sample_loss checks the value."""
+        if self.per_sample_loss is None:
+            raise SubloraError(f"The calibration script {self.path} defines no per_sample_loss(model, batch).")
+        return run_user(self.per_sample_loss, model, batch, what="per_sample_loss(model, batch)", script=self.path)
 
     def call_evaluate(self, model: nn.Module) -> dict[str, float] | None:
         if self.evaluate is None:
@@ -172,15 +207,30 @@ def load_calibration(path: str | Path) -> CalibrationScript:
         k for k, v in vars(module).items() if callable(v) and not isinstance(v, type) and not k.startswith("_")
     )
     functions = {}
-    for key in (*REQUIRED, "evaluate"):
+    has_per_sample = getattr(module, "per_sample_loss", None) is not None
+    for key in (*REQUIRED, "evaluate", "per_sample_loss"):
         fn = getattr(module, key, None)
-        if fn is None and key != "evaluate":
+        optional = key in ("evaluate", "per_sample_loss") or (key == "loss" and has_per_sample)
+        if fn is None and not optional:
             raise SubloraError(
                 f"The calibration script {path} does not define {key}(); it must define load_model(), "
-                "batches() and loss(model, batch) (evaluate(model) is optional). "
+                "batches() and loss(model, batch) (evaluate(model) and per_sample_loss(model, batch) are "
+                "optional; with per_sample_loss, loss may be left out and defaults to its mean). "
                 f"It defines: {', '.join(defined) or 'no functions'}."
             )
         if fn is not None and not callable(fn):
             raise SubloraError(f"In the calibration script {path}, {key} is a {type(fn).__name__}, not a function.")
         functions[key] = fn
+    if functions["loss"] is None:
+        functions["loss"] = _mean_of(functions["per_sample_loss"])
     return CalibrationScript(path=path, **functions)
+
+
+def _mean_of(per_sample_loss: Callable[[nn.Module, Any], torch.Tensor]) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """loss(model, batch) for a script that defines only per_sample_loss: the mean of the per-sample losses."""
+
+    def loss(model, batch):
+        value = per_sample_loss(model, batch)
+        return value.mean() if isinstance(value, torch.Tensor) and value.numel() > 1 else value
+
+    return loss

@@ -1,27 +1,42 @@
-"""Gradient and Hessian of the calibration loss w.r.t. σ, the inputs of the second-order pruning model.
+"""Gradient and curvature of the calibration loss w.r.t. σ, the inputs of the second-order pruning model.
 
-How: reverse-over-reverse with plain autograd. Per batch, g = ∂L/∂σ is taken with create_graph=True and the
-Hessian rows come from backward passes through g's graph, a chunk of unit vectors at a time
-(`is_grads_batched`, i.e. vmap over the backward). torch.func (jacfwd(grad(f))) would be the textbook
-choice, but it refuses losses that call requires_grad_ / torch.autograd.grad themselves, which every
-PINN loss does; plain autograd handles them as long as the user passes create_graph=True.
+Three kinds (docs/curvature.md has the user-facing description and the `auto` rule):
 
-Measured on 1 CPU thread of a busy shared 2-core machine (tanh MLP, 2-D input, PINN loss with second input
-derivatives), seconds for the exact H (one HVP per backward pass / chunks of 4 / bigger chunks):
-  width 64,  R = 32,  1 batch of 320 points:                        0.52 / 0.36 / 32: 0.55
-  width 128, R = 100, 4 batches (elliptic sample), float32:         6.6  / 5.0  / 8: 7.0, 32: 9.8, 100: 14.8
-  width 128, R = 100, 4 batches (elliptic sample), float64:         8.5  / 9.1
-Small chunks win or tie on the CPU (big ones are memory-bound), hence CHUNK = 4. torch.func's
-jacfwd(grad(f)) on a plain MSE loss (where it does work) was no faster than this (0.25 s vs 0.13 s).
+* `exact`: the Hessian H, R Hessian-vector products (HVPs) per batch.
+* `diag`: its diagonal, from the same HVPs (there is no cheaper exact diagonal for a general loss); saves the
+  R×R memory, not time.
+* `fisher`: the empirical Fisher F = mean_n g_n g_nᵀ over per-sample σ-gradients g_n, full R×R with the
+  cross-layer terms. One forward and one backward pass per batch (reparam.SigmaModel.per_sample_gradients
+  reads the per-sample gradients off per-row copies of σ in the adapted layers), so it scales to LLM adapters.
 
-The exact Hessian diagonal costs the same R Hessian-vector products per batch as the full Hessian (there
-is no cheaper exact diagonal for a general loss); `diag` only saves the R×R memory.
+How the exact H is computed: reverse-over-reverse with plain autograd. Per batch, g = ∂L/∂σ is taken with
+create_graph=True and the Hessian rows come from backward passes through g's retained graph, a chunk of unit
+vectors at a time (`is_grads_batched`, i.e. vmap over the backward), the chunks spread over a pool of threads
+(the autograd engine runs a CPU backward on the calling thread and releases the GIL inside ops; concurrent
+backward passes through one retained graph are supported). torch.func (jacfwd/vmap(jvp(grad(f)))) would be
+the textbook choice, but it refuses losses that call requires_grad_ / torch.autograd.grad themselves, which
+every PINN loss does; plain autograd handles them as long as the user passes create_graph=True.
+
+Measured on the elliptic sample (tanh MLP width 128, R = 100, 4 batches of 320 points, PINN loss with second
+input derivatives, float64) on a shared 2-core machine, seconds for 100 HVPs of one batch, best of 3:
+  one HVP per backward pass 2.22 · chunks of 4: 2.00 · 10: 2.21 · torch.func.vmap over the backward, chunks of
+  10/50/100: 2.15/2.54/2.83 · forward-over-reverse (forward-mode dual σ through loss and backward): ~2.5× slower
+  per HVP · the batch tiled K times with one σ copy per tile (a whole block of rows from one double backward):
+  2.5-3× slower (K-fold forward and backward work, out of cache).
+  chunks of 4 on 1 thread 2.53-3.4 · 2 intra-op threads 1.6-1.9 · 2 worker threads (1 intra-op thread each) 1.34-1.6
+The HVPs of this loss are bound by arithmetic and memory traffic (elementwise ops on 320×128 tensors),
+not by per-op overhead, so batching more rows per pass does not pay on the CPU (and the legacy vmap behind
+is_grads_batched lacks a batching rule for tanh_backward); running chunks on all cores does. On a GPU the
+same tensors are launch-bound and bigger chunks pay, hence CHUNK_GPU. bench/curvature.py measures all this.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,19 +46,26 @@ from sublora_cli.calibration import check_loss
 from sublora_cli.errors import SubloraError
 from sublora_cli.reparam import SigmaModel
 
-KINDS = ("exact", "diag")
-CHUNK = 4  # Hessian rows per batched backward pass (see the module docstring for the measurements)
+KINDS = ("exact", "diag", "fisher")
+AUTO = "auto"
+CHUNK = 4  # Hessian rows per batched backward pass on the CPU (see the module docstring for the measurements)
+CHUNK_GPU = 32  # on an accelerator the small ops are launch-bound: more rows per pass
+AUTO_MAX_HVPS = 2048  # `auto` computes the exact Hessian up to this many HVPs (R × batches), else the Fisher
+FULL_HESSIAN_METHODS = frozenset({"hessian", "sublora", "sublora-random", "exhaustive"})
 
 
 @dataclass(frozen=True)
 class Curvature:
-    kind: str  # "exact" | "diag"
+    kind: str  # "exact" | "diag" | "fisher"
     loss: float  # mean calibration loss at the trained σ
-    gradient: torch.Tensor  # (R,) float64, mean over batches
-    hessian: torch.Tensor | None  # (R, R) float64 (exact), symmetrised
+    gradient: torch.Tensor  # (R,) float64, mean over batches (fisher: over samples)
+    hessian: torch.Tensor | None  # (R, R) float64 (exact: H, fisher: F), symmetric
     hessian_diag: torch.Tensor  # (R,) float64
     seconds: float
     n_batches: int = 0
+    n_samples: int = 0  # fisher: how many gradients F averages (samples, or batches without per_sample_loss)
+    strategy: str = ""  # how it was computed, for the report (e.g. "reverse-over-reverse, chunks of 4, 2 threads")
+    notes: tuple[str, ...] = ()  # warnings for the user (e.g. a Fisher over per-batch gradients)
 
     @property
     def is_zero(self) -> bool:
@@ -53,13 +75,42 @@ class Curvature:
 
 
 def estimate_cost(R: int, n_batches: int, kind: str) -> dict:
-    """What a curvature computation will take, for a message before starting it."""
+    """What a curvature computation will take, for a message before starting it.
+
+    hvps: Hessian-vector products (each about two to four forward+backward passes of one batch);
+    passes: forward+backward passes that are not HVPs (one per batch for the gradient or the Fisher).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown curvature kind {kind!r}")
     return {
-        "hessian_bytes": 8 * R * R if kind == "exact" else 8 * R,
-        "hvps": R * n_batches,  # Hessian-vector products, each about the cost of two backward passes
+        "hessian_bytes": 8 * R * R if kind in ("exact", "fisher") else 8 * R,
+        "hvps": R * n_batches if kind != "fisher" else 0,
+        "passes": n_batches,
     }
+
+
+def choose_kind(R: int, n_batches: int, method: str) -> tuple[str, str]:
+    """The curvature `--curvature auto` computes for `method`, with a one-sentence reason (docs/curvature.md).
+
+    magnitude needs none ("none"); linear needs only the gradient, which the Fisher's single pass per batch
+    gives; diag and the full-Hessian methods get the exact curvature while it costs at most AUTO_MAX_HVPS
+    Hessian-vector products (R × batches), else the Fisher (for diag: its diagonal, the same single pass).
+    """
+    if method == "magnitude":
+        return "none", "magnitude is data-free: no curvature is computed."
+    if method == "linear":
+        return "fisher", "linear needs only the gradient, which one forward+backward pass per batch gives (fisher)."
+    hvps = R * n_batches
+    if hvps <= AUTO_MAX_HVPS:
+        return "exact" if method != "diag" else "diag", (
+            f"R = {R} over {n_batches} batches is {hvps:,} Hessian-vector products, within the {AUTO_MAX_HVPS:,} "
+            "that auto computes exactly."
+        )
+    return "fisher", (
+        f"R = {R} over {n_batches} batches would take {hvps:,} Hessian-vector products for the exact "
+        f"{'diagonal' if method == 'diag' else 'Hessian'} (auto's limit is {AUTO_MAX_HVPS:,}); the empirical Fisher "
+        "needs one forward+backward pass per batch."
+    )
 
 
 def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batched: bool) -> torch.Tensor:
@@ -75,6 +126,72 @@ def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batch
     return torch.stack(rows)
 
 
+def default_threads(device: torch.device) -> int:
+    """Worker threads for the HVPs: every core torch may use on the CPU, one on an accelerator."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n for the duration (the workers share the cores instead)."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class _RowEngine:
+    """Hessian rows of one batch's gradient graph, in chunks, on a pool of worker threads."""
+
+    def __init__(self, chunk: int, threads: int):
+        self.chunk, self.threads = max(1, chunk), max(1, threads)
+        self.batched = self.chunk > 1
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def rows(self, g: torch.Tensor, s: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        batched = self.batched
+        try:
+            return _hessian_rows(g, s, start, stop, batched)
+        except RuntimeError:
+            if not batched:
+                raise
+            with self._lock:  # an op without a vmap batching rule: one backward pass per row from now on
+                self.batched = False
+            return _hessian_rows(g, s, start, stop, False)
+
+    def run(self, g, s, R, batch_index: int, consume: Callable[[int, int, torch.Tensor], None]) -> None:
+        """consume(start, stop, rows) on the calling thread for every chunk of rows, as they complete."""
+        spans = [(a, min(a + self.chunk, R)) for a in range(0, R, self.chunk)]
+        if self.pool is None:
+            for a, b in spans:
+                with _differentiating("the Hessian", batch_index):
+                    consume(a, b, self.rows(g, s, a, b))
+            return
+        pending = {self.pool.submit(self.rows, g, s, a, b): (a, b) for a, b in spans}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    a, b = pending.pop(future)
+                    with _differentiating("the Hessian", batch_index):
+                        consume(a, b, future.result())
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def compute_curvature(
     sigma_model: SigmaModel,
     batches: list,
@@ -82,76 +199,96 @@ def compute_curvature(
     *,
     max_hessian_gb: float = 4.0,
     progress: Callable[[str, int, int], None] | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
+    threads: int | None = None,
 ) -> Curvature:
-    """Mean gradient and Hessian (or its diagonal) of the loss over the batches at the trained σ (float64)."""
+    """Mean gradient and curvature (`kind`: exact, diag, fisher, or auto) of the loss at the trained σ (float64).
+
+    chunk: Hessian rows per batched backward pass (default CHUNK on the CPU, CHUNK_GPU elsewhere); threads:
+    worker threads for the HVPs (default: torch's intra-op thread count on the CPU, 1 on an accelerator).
+    """
+    if kind == AUTO:
+        kind = choose_kind(sigma_model.size, len(batches), "sublora")[0]
     if kind not in KINDS:
-        raise SubloraError(f"Unknown curvature {kind!r}; choose one of {', '.join(KINDS)}.")
+        raise SubloraError(f"Unknown curvature {kind!r}; choose one of {', '.join(KINDS)} or {AUTO}.")
     if not batches:
         raise SubloraError("No calibration batches to compute the curvature on.")
     R = sigma_model.size
     cost = estimate_cost(R, len(batches), kind)
-    if kind == "exact" and cost["hessian_bytes"] > max_hessian_gb * 1e9:
+    if kind in ("exact", "fisher") and cost["hessian_bytes"] > max_hessian_gb * 1e9:
         raise SubloraError(
-            f"The exact Hessian over the adapter's R = {R} singular values would take "
-            f"{cost['hessian_bytes'] / 1e9:.1f} GB in float64, above the limit of {max_hessian_gb:g} GB. "
-            "Use --curvature diag (diagonal only, R numbers), or prune a smaller adapter."
+            f"The {'exact Hessian' if kind == 'exact' else 'Fisher matrix'} over the adapter's R = {R} singular "
+            f"values would take {cost['hessian_bytes'] / 1e9:.1f} GB in float64, above the limit of "
+            f"{max_hessian_gb:g} GB. Use --curvature diag (diagonal only, R numbers) with --method diag or linear, "
+            "raise --max-hessian-gb, or prune a smaller adapter."
         )
+    if kind == "fisher":
+        return _fisher(sigma_model, batches, progress)
+    device = sigma_model.sigma.device
+    if chunk is None:
+        chunk = CHUNK if device.type == "cpu" else CHUNK_GPU
+    if threads is None:
+        threads = default_threads(device)
+    with _intra_op_threads(1 if threads > 1 else torch.get_num_threads()):
+        return _exact(sigma_model, batches, kind, progress, chunk, threads)
+
+
+def _exact(sigma_model, batches, kind, progress, chunk, threads) -> Curvature:
     start_time = time.perf_counter()
+    R = sigma_model.size
     device = sigma_model.sigma.device
     gradient = torch.zeros(R, dtype=torch.float64, device=device)
     hessian = torch.zeros(R, R, dtype=torch.float64, device=device) if kind == "exact" else None
     diag = torch.zeros(R, dtype=torch.float64, device=device)
     total_loss = 0.0
     done, total = 0, len(batches) * R
-    batched = chunk > 1
+    engine = _RowEngine(chunk, threads)
     if progress:
         progress("curvature", done, total)
 
-    with torch.enable_grad():
-        for b, batch in enumerate(batches):
-            s = sigma_model.sigma.detach().clone().requires_grad_(True)
-            loss = check_loss(sigma_model.loss(s, batch), b)
-            total_loss += float(loss.detach())
-            g = None
-            if loss.requires_grad:
-                with _differentiating("the gradient", b):
-                    (g,) = torch.autograd.grad(loss, s, create_graph=True, allow_unused=True, materialize_grads=True)
-                gradient += g.detach().to(torch.float64)
-            if g is None or not g.requires_grad:  # the loss is constant or linear in σ: H = 0 on this batch
-                done += R
-                if progress:
-                    progress("curvature", done, total)
-                continue
-            for start in range(0, R, chunk):
-                stop = min(start + chunk, R)
-                with _differentiating("the Hessian", b):
-                    try:
-                        rows = _hessian_rows(g, s, start, stop, batched)
-                    except RuntimeError:
-                        if not batched:
-                            raise
-                        # an op without a vmap batching rule: one backward pass per row from now on
-                        batched = False
-                        rows = _hessian_rows(g, s, start, stop, batched)
-                rows = rows.detach().to(torch.float64)
-                if hessian is not None:
-                    hessian[start:stop] += rows
-                else:
-                    diag[start:stop] += rows[torch.arange(stop - start), torch.arange(start, stop)]
-                done += stop - start
-                if progress:
-                    progress("curvature", done, total)
-            del g, loss  # free this batch's graph before building the next
+    def consume(a: int, b: int, rows: torch.Tensor) -> None:
+        nonlocal done
+        rows = rows.detach().to(torch.float64)
+        if hessian is not None:
+            hessian[a:b] += rows
+        else:
+            diag[a:b] += rows[torch.arange(b - a), torch.arange(a, b)]
+        done += b - a
+        if progress:
+            progress("curvature", done, total)
+
+    try:
+        with torch.enable_grad():
+            for b, batch in enumerate(batches):
+                s = sigma_model.sigma.detach().clone().requires_grad_(True)
+                loss = check_loss(sigma_model.loss(s, batch), b)
+                total_loss += float(loss.detach())
+                g = None
+                if loss.requires_grad:
+                    with _differentiating("the gradient", b):
+                        (g,) = torch.autograd.grad(
+                            loss, s, create_graph=True, allow_unused=True, materialize_grads=True
+                        )
+                    gradient += g.detach().to(torch.float64)
+                if g is None or not g.requires_grad:  # the loss is constant or linear in σ: H = 0 on this batch
+                    done += R
+                    if progress:
+                        progress("curvature", done, total)
+                    continue
+                engine.run(g, s, R, b, consume)
+                del g, loss  # free this batch's graph before building the next
+    finally:
+        engine.close()
 
     n = len(batches)
     gradient /= n
     if hessian is not None:
         hessian /= n
-        hessian = (hessian + hessian.T) / 2
+        symmetrize_(hessian)
         diag = hessian.diagonal().clone()
     else:
         diag /= n
+    batched = "batched backward passes" if engine.batched and engine.chunk > 1 else "one backward pass per row"
     return Curvature(  # on the CPU, whatever device the model ran on: selection is cheap next to this
         kind=kind,
         loss=total_loss / n,
@@ -160,18 +297,105 @@ def compute_curvature(
         hessian_diag=diag.cpu(),
         seconds=time.perf_counter() - start_time,
         n_batches=n,
+        strategy=f"reverse-over-reverse HVPs, {batched} of {engine.chunk} rows, {engine.threads} thread(s)",
     )
 
 
+def _fisher(sigma_model: SigmaModel, batches: list, progress) -> Curvature:
+    """F = mean_n g_n g_nᵀ, accumulated in place one batch at a time (one extra N×R block per batch)."""
+    start_time = time.perf_counter()
+    R = sigma_model.size
+    device = sigma_model.sigma.device
+    fisher = torch.zeros(R, R, dtype=torch.float64, device=device)
+    gradient = torch.zeros(R, dtype=torch.float64, device=device)
+    total_loss, count = 0.0, 0
+    per_sample = sigma_model.has_per_sample_loss
+    notes: tuple[str, ...] = ()
+    if not per_sample:
+        notes = (
+            f"The calibration script defines no per_sample_loss(model, batch), so the Fisher averages the "
+            f"{len(batches)} per-batch gradients: a matrix of rank at most {len(batches)}, a poor stand-in for "
+            "the Hessian. Define per_sample_loss (docs/curvature.md) or use --curvature exact.",
+        )
+    if progress:
+        progress("curvature", 0, len(batches))
+    for b, batch in enumerate(batches):
+        if per_sample:
+            with _differentiating("the per-sample gradients", b, order="once"):
+                losses, G = sigma_model.per_sample_gradients(batch, b)
+            total_loss += float(losses.double().sum())
+        else:
+            with torch.enable_grad():
+                s = sigma_model.sigma.detach().clone().requires_grad_(True)
+                loss = check_loss(sigma_model.loss(s, batch), b)
+                g = torch.zeros_like(s)
+                if loss.requires_grad:
+                    with _differentiating("the gradient", b, order="once"):
+                        (g,) = torch.autograd.grad(loss, s, allow_unused=True, materialize_grads=True)
+            total_loss += float(loss.detach())
+            G = g.detach()[None]
+        G = G.to(torch.float64)
+        fisher.addmm_(G.T, G)
+        gradient += G.sum(0)
+        count += G.shape[0]
+        del G
+        if progress:
+            progress("curvature", b + 1, len(batches))
+    if count == 0:
+        raise SubloraError("per_sample_loss returned no samples on any batch; the Fisher needs at least one.")
+    fisher /= count
+    gradient /= count
+    symmetrize_(fisher)
+    return Curvature(
+        kind="fisher",
+        loss=total_loss / count,
+        gradient=gradient.cpu(),
+        hessian=fisher.cpu(),
+        hessian_diag=fisher.diagonal().clone().cpu(),
+        seconds=time.perf_counter() - start_time,
+        n_batches=len(batches),
+        n_samples=count,
+        strategy="per-sample σ-gradients from one forward+backward pass per batch"
+        if per_sample
+        else "per-batch gradients (no per_sample_loss)",
+        notes=notes,
+    )
+
+
+def symmetrize_(matrix: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """(M + Mᵀ)/2 in place, a block of rows at a time: no second R×R matrix."""
+    n = matrix.shape[0]
+    block = block or max(1, min(n, 2**22 // max(n, 1)))
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        mean = (matrix[a:b, a:] + matrix[a:, a:b].T).mul_(0.5)
+        matrix[a:b, a:] = mean
+        matrix[a:, a:b] = mean.T
+    return matrix
+
+
 @contextmanager
-def _differentiating(what: str, batch_index: int) -> Iterator[None]:
-    """Explain a failure to differentiate the user's loss as a loss that is not twice differentiable."""
+def _differentiating(what: str, batch_index: int, order: str = "twice") -> Iterator[None]:
+    """Explain a failure to differentiate the user's loss as a loss that is not (twice) differentiable."""
     try:
         yield
     except RuntimeError as e:
+        twice = " twice" if order == "twice" else ""
         raise SubloraError(
             f"Computing {what} of the calibration loss w.r.t. the adapter's singular values failed on batch "
-            f"{batch_index}: {str(e).splitlines()[0]} The loss must be twice differentiable in the LoRA "
+            f"{batch_index}: {str(e).splitlines()[0]} The loss must be{twice} differentiable in the LoRA "
             "path: no .detach()/.item() on the model output, no non-differentiable ops, and "
             "create_graph=True in any torch.autograd.grad the loss itself calls."
         ) from e
+
+
+__all__ = [
+    "AUTO",
+    "AUTO_MAX_HVPS",
+    "CHUNK",
+    "KINDS",
+    "Curvature",
+    "choose_kind",
+    "compute_curvature",
+    "estimate_cost",
+]

@@ -103,6 +103,7 @@ class SigmaModel:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        per_sample_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     ):
         if len(modules) != len(spectra):
             raise ValueError(f"{len(modules)} modules but {len(spectra)} spectra")
@@ -110,6 +111,8 @@ class SigmaModel:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.loss_fn = loss_fn
+        self.per_sample_loss_fn = per_sample_loss_fn
+        self._capture: list | None = None  # per-sample mode: (start, stop, leaf) of every adapted layer call
         self.device, self.dtype = torch.device(device), dtype
         self.sigma = torch.cat([s.sigma for s in spectra]).to(device=device, dtype=dtype)
         self.offsets: list[int] = []
@@ -155,16 +158,83 @@ class SigmaModel:
             x = args[0] if args else next(iter(kwargs.values()))
             s = self._current[start:stop]
             if kind == "linear":  # nn.Linear and GPT-2 Conv1D alike: x (…, in)
-                delta = ((x @ V) * s) @ U.T
+                h = x @ V
             elif kind == "embedding":  # token ids → rows of V
-                delta = (V[x] * s) @ U.T
+                h = V[x]
             else:  # conv with V's columns as kernels, scaled per channel, then a 1×1 conv with U
                 h = conv(x, kernel, stride=stride, padding=padding)
-                h = h * s.reshape(-1, *([1] * (h.dim() - 2)))
+            if self._capture is not None:  # one σ copy per row of dim 0: the per-sample gradients' leaves
+                s = self._capture_leaf(module.name, h, s, start, stop, kind)
+            elif kind == "conv":
+                s = s.reshape(-1, *([1] * (h.dim() - 2)))
+            h = h * s
+            if kind == "conv":
                 delta = torch.einsum("or,nr...->no...", U, h)
+            else:
+                delta = h @ U.T
             return output + delta
 
         return hook
+
+    def _capture_leaf(self, name: str, h: torch.Tensor, s: torch.Tensor, start: int, stop: int, kind: str):
+        """A fresh leaf holding σ once per row of h's dim 0, recorded so its gradient can be read back."""
+        if h.dim() < 2:
+            raise SubloraError(
+                f"Module {name} was called on an unbatched input; per-sample gradients need the samples along "
+                "dim 0 of every adapted layer's input."
+            )
+        rows, r = h.shape[0], stop - start
+        leaf = s.detach().expand(rows, r).clone().requires_grad_(True)
+        self._capture.append((name, start, stop, leaf))
+        if kind == "conv":  # h: (rows, r, *spatial)
+            return leaf.reshape(rows, r, *([1] * (h.dim() - 2)))
+        return leaf.reshape(rows, *([1] * (h.dim() - 2)), r)  # h: (rows, …, r)
+
+    @property
+    def has_per_sample_loss(self) -> bool:
+        return self.per_sample_loss_fn is not None
+
+    def per_sample_gradients(self, batch, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses ℓ (N,) and σ-gradients G (N, R) of one batch, from one forward and one backward pass.
+
+        Every call of an adapted layer gets its own copy of σ per row of its input's dim 0 (a leaf of shape
+        rows × r). Backpropagating Σ_n ℓ_n gives each leaf row Σ_t (u_iᵀ δ_t)(v_iᵀ x_t) over that row's positions
+        t, i.e. its share of ∂ℓ_n/∂σ (samples do not interact); rows are mapped to samples as N contiguous blocks
+        (rows = N, or N·m for an input flattened from (N, m, …)), and the blocks of all calls are summed.
+        """
+        from sublora_cli.calibration import check_per_sample_loss
+
+        if self.per_sample_loss_fn is None:
+            raise SubloraError("The calibration script defines no per_sample_loss(model, batch).")
+        self._capture = []
+        try:
+            with torch.enable_grad():
+                losses = check_per_sample_loss(self.per_sample_loss_fn(self.model, batch), batch_index)
+                captured, self._capture = self._capture, None
+                leaves = [leaf for *_, leaf in captured]
+                grads = (
+                    torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
+                    if leaves and losses.requires_grad
+                    else [torch.zeros_like(leaf) for leaf in leaves]
+                )
+        finally:
+            self._capture = None
+        n = losses.numel()
+        G = torch.zeros(n, self.size, dtype=grads[0].dtype if grads else self.dtype, device=self.device)
+        for (name, start, stop, _), grad in zip(captured, grads, strict=True):
+            rows = grad.shape[0]
+            if rows % n:
+                if not grad.any():  # a call that does not reach the loss (e.g. a side output)
+                    continue
+                where = f" on batch {batch_index}" if batch_index is not None else ""
+                raise SubloraError(
+                    f"per_sample_loss returned {n} losses{where}, but module {name} was called on an input with "
+                    f"{rows} rows along dim 0, not a multiple of {n}: sublora cannot tell which sample each row "
+                    "belongs to. Return one loss per sample of the batch (the batch dimension first), and call the "
+                    "model on all samples at once (e.g. concatenate the inputs of several model calls)."
+                )
+            G[:, start:stop] += grad.reshape(n, rows // n, stop - start).sum(1)
+        return losses.detach(), G
 
     def remove(self) -> None:
         """Take the hooks off the model again."""

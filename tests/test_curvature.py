@@ -159,7 +159,7 @@ def test_refuses_a_hessian_over_the_memory_limit_and_estimates_cost():
     sm, _ = sigma_model(model, [lora("0", 3, 3, 3, 1)], lambda m, b: m(b).sum())
     with pytest.raises(SubloraError, match="--curvature diag"):
         compute_curvature(sm, [torch.randn(2, 3, dtype=torch.float64)], max_hessian_gb=1e-12)
-    assert estimate_cost(1000, 4, "exact") == {"hessian_bytes": 8_000_000, "hvps": 4000}
+    assert estimate_cost(1000, 4, "exact") == {"hessian_bytes": 8_000_000, "hvps": 4000, "passes": 4}
     assert estimate_cost(1000, 4, "diag")["hessian_bytes"] == 8000
 
 
