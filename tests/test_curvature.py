@@ -84,6 +84,11 @@ def test_tanh_mlp_matches_autograd_functional_hessian():
     torch.testing.assert_close(exact.hessian, (H + H.T) / 2, rtol=1e-9, atol=1e-11)
     looped = compute_curvature(sm, batches, "exact", chunk=1)  # one backward pass per row: same numbers
     torch.testing.assert_close(looped.hessian, exact.hessian, rtol=1e-12, atol=1e-14)
+    for threads, chunk in ((1, 4), (3, 2)):  # rows on a pool of threads: same numbers, thread count restored
+        before = torch.get_num_threads()
+        pooled = compute_curvature(sm, batches, "exact", chunk=chunk, threads=threads)
+        torch.testing.assert_close(pooled.hessian, exact.hessian, rtol=1e-12, atol=1e-14)
+        assert torch.get_num_threads() == before and f"{threads} thread" in pooled.strategy
     diag = compute_curvature(sm, batches, "diag", chunk=3)
     assert diag.hessian is None
     torch.testing.assert_close(diag.hessian_diag, exact.hessian.diagonal(), rtol=1e-12, atol=1e-14)
