@@ -365,10 +365,12 @@ def _fisher(sigma_model: SigmaModel, batches: list, progress) -> Curvature:
 def symmetrize_(matrix: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """(M + Mᵀ)/2 in place, a block of rows at a time: no second R×R matrix."""
     n = matrix.shape[0]
-    block = block or max(1, min(n, 2**22 // max(n, 1)))
+    block = block or max(1, min(n, 2**18 // max(n, 1)))
+    buffer = matrix.new_empty(block * n)  # allocated once: a fresh block per step would page-fault each time
     for a in range(0, n, block):
         b = min(n, a + block)
-        mean = (matrix[a:b, a:] + matrix[a:, a:b].T).mul_(0.5)
+        mean = torch.add(matrix[a:b, a:], matrix[a:, a:b].T, out=buffer[: (b - a) * (n - a)].view(b - a, n - a))
+        mean.mul_(0.5)
         matrix[a:b, a:] = mean
         matrix[a:, a:b] = mean.T
     return matrix

@@ -72,7 +72,8 @@ class Selection:
 
 
 def _submodular_pass(hessian, sigma, projected=None):
-    """One pass over H in row blocks (small, so the allocator reuses them instead of page-faulting).
+    """One pass over H in row blocks of ~2 MB, written into buffers allocated once (a fresh allocation per
+    block would page-fault on every block: measured 50 s instead of 2 s for the first pass at R = 20,000).
 
     Returns Σ_{i≠k} max(σ_k H_ki σ_i, 0) per row k, the interaction part of the first greedy gains on Ĥ
     (so Ĥ itself is never needed by the greedy), and the clipping statistics; writes Ĥ into `projected`
@@ -85,22 +86,25 @@ def _submodular_pass(hessian, sigma, projected=None):
     interactions = sigma.new_zeros(n)
     clipped_count = 0
     clipped_sq = offdiag_sq = 0.0
-    step = max(1, 2**16 // max(n, 1))
+    step = max(1, min(n, 2**18 // max(n, 1)))
+    buffers = [hessian.new_empty(step * n) for _ in range(3 if signed else 2)]
+    negative_mask = torch.empty(step * n, dtype=torch.bool, device=hessian.device)
     for start in range(0, n, step):
         stop = min(n, start + step)
+        rows = stop - start
         block = hessian[start:stop]
+        clipped, kept = (buf[: rows * n].view(rows, n) for buf in buffers[:2])
         if signed:
-            raw = block.clone()
-            raw.diagonal(offset=start).zero_()
+            raw = buffers[2][: rows * n].view(rows, n)
+            raw.copy_(block).diagonal(offset=start).zero_()
             offdiag_sq += _squares(raw)
-            block = block * sign * sign[start:stop, None]
-        clipped = block.clamp(max=0)
-        clipped.diagonal(offset=start).zero_()
-        kept = block.clamp(min=0)
-        kept.diagonal(offset=start).zero_()
+            block = torch.mul(block, sign, out=raw).mul_(sign[start:stop, None])
+        torch.clamp(block, max=0, out=clipped).diagonal(offset=start).zero_()
+        torch.clamp(block, min=0, out=kept).diagonal(offset=start).zero_()
+        mask = torch.lt(clipped, 0, out=negative_mask[: rows * n].view(rows, n))
         if projected is not None:
-            projected[start:stop] = hessian[start:stop].masked_fill(clipped < 0, 0.0)
-        clipped_count += int(torch.count_nonzero(clipped))
+            projected[start:stop].copy_(hessian[start:stop]).masked_fill_(mask, 0.0)
+        clipped_count += int(mask.sum())
         clipped_sq += _squares(clipped)
         if not signed:
             offdiag_sq += _squares(clipped) + _squares(kept)
