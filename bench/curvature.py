@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import tempfile
 import time
@@ -312,34 +311,10 @@ def bench_memory(args) -> dict:
 # ----------------------------------------------------------------------------- agreement
 
 
-def pinn_per_sample_loss(problem):
-    """The sample's loss, mean(r²) + mean(b²), as one loss per point: one model call on all 320 points,
-    ℓ = (N/n_res)·r² for residual points and (N/n_bc)·b² for data points, so mean ℓ is the loss."""
-
-    def per_sample(model, batch):
-        dtype = next(model.parameters()).dtype
-        batch = {k: v.to(dtype) for k, v in batch.items()}
-        n_res, n_bc = batch["x_res"].shape[0], batch["x_bc"].shape[0]
-        x = torch.cat([batch["x_res"], batch["x_bc"]]).clone().requires_grad_(True)
-        u = model(x)
-        r = (problem.operator(u, x)[:n_res] - batch["f"]) / problem.scale
-        b = u[n_res:, 0] - batch["u_bc"]
-        n = n_res + n_bc
-        return torch.cat([r**2 * (n / n_res), b**2 * (n / n_bc)])
-
-    return per_sample
-
-
-def pinn_problem(family: str, name: str):
-    import pinn
-
-    value = float(re.sub(r"^[a-z]+", "", name).replace("p", "."))
-    key = {"elliptic": "k", "allen_cahn": "eps", "hyperbolic": "beta"}[family]
-    return pinn.FAMILIES[family](**{key: value})
-
-
 def compare(sm, batches, kept_loss, R_bounds, budgets, method="sublora") -> list[dict]:
-    """Kept sets of `method` under exact and fisher curvature, their overlap and measured losses."""
+    """Kept sets of `method` under exact and fisher curvature (as the tool selects: Curvature.selection_inputs,
+    i.e. the Fisher without the gradient term), their overlap and measured losses; plus the Fisher with the
+    true gradient kept, the variant the tool does not use (F's scale tracks the residuals, g's does not)."""
     t_exact, exact = timed(compute_curvature, sm, batches, "exact")
     t_fisher, fisher = timed(compute_curvature, sm, batches, "fisher")
     sigma = sm.sigma.detach().double().cpu()
@@ -348,20 +323,28 @@ def compare(sm, batches, kept_loss, R_bounds, budgets, method="sublora") -> list
         row = {"budget": budget, "exact_seconds": t_exact, "fisher_seconds": t_fisher}
         kept = {}
         for name, curv in (("exact", exact), ("fisher", fisher)):
-            sel = select(method, sigma, budget, R_bounds, gradient=curv.gradient, hessian=curv.hessian)
+            sel = select(method, sigma, budget, R_bounds, **curv.selection_inputs(method))
             kept[name] = sel.kept
             row[f"loss_after_{name}"] = kept_loss(sel.kept)
-        # the Fisher's quadratic term without the gradient term (F's scale tracks the residuals, g's does not)
-        zero = torch.zeros_like(fisher.gradient)
-        sel = select(method, sigma, budget, R_bounds, gradient=zero, hessian=fisher.hessian)
-        row["loss_after_fisher_no_gradient"] = kept_loss(sel.kept)
-        row["overlap_no_gradient"] = int((kept["exact"] & sel.kept).sum()) / budget
+        sel = select(method, sigma, budget, R_bounds, gradient=fisher.gradient, hessian=fisher.hessian)
+        row["loss_after_fisher_with_gradient"] = kept_loss(sel.kept)
+        row["overlap_with_gradient"] = int((kept["exact"] & sel.kept).sum()) / budget
         kept["magnitude"] = select("magnitude", sigma, budget, R_bounds).kept
         row["loss_after_magnitude"] = kept_loss(kept["magnitude"])
         row["overlap"] = int((kept["exact"] & kept["fisher"]).sum()) / budget
         row["loss_before"] = exact.loss
         rows.append(row)
     return rows
+
+
+def print_agreement(label: str, row: dict) -> None:
+    print(
+        f"agreement {label} b={row['budget']}: overlap {row['overlap']:.2f}, loss after exact "
+        f"{row['loss_after_exact']:.3g} / fisher {row['loss_after_fisher']:.3g} / magnitude "
+        f"{row['loss_after_magnitude']:.3g}, fisher with g {row['loss_after_fisher_with_gradient']:.3g} "
+        f"(overlap {row['overlap_with_gradient']:.2f}) (before {row['loss_before']:.3g})",
+        flush=True,
+    )
 
 
 def bench_agreement(args) -> dict:
@@ -375,18 +358,11 @@ def bench_agreement(args) -> dict:
     result = {"pinn": {}, "lm": None}
     for family, name in samples:
         adapter, cal = pinn_sample(family, name, "float64")
-        cal.sigma_model.per_sample_loss_fn = pinn_per_sample_loss(pinn_problem(family, name))
         bounds = RankBounds.from_ranks([m.rank for m in adapter.modules])
         rows = compare(cal.sigma_model, cal.batches, cal.loss, bounds, args.budgets)
         result["pinn"][f"{family}/{name}"] = rows
         for row in rows:
-            print(
-                f"agreement {family}/{name} b={row['budget']}: overlap {row['overlap']:.2f}, loss after "
-                f"exact {row['loss_after_exact']:.3g} / fisher {row['loss_after_fisher']:.3g} / magnitude "
-                f"{row['loss_after_magnitude']:.3g}, fisher without g {row['loss_after_fisher_no_gradient']:.3g} "
-                f"(overlap {row['overlap_no_gradient']:.2f}) (before {row['loss_before']:.3g})",
-                flush=True,
-            )
+            print_agreement(f"{family}/{name}", row)
         cal.close()
     result["lm"] = small_lm_agreement(args)
     return result
@@ -450,13 +426,7 @@ def small_lm_agreement(args) -> dict:
 
     rows = compare(sm, batches, kept_loss, bounds, [b for b in (8, 16, 32) if b < sm.size])
     for row in rows:
-        print(
-            f"agreement small LM (R={sm.size}) b={row['budget']}: overlap {row['overlap']:.2f}, loss after exact "
-            f"{row['loss_after_exact']:.3g} / fisher {row['loss_after_fisher']:.3g} / magnitude "
-            f"{row['loss_after_magnitude']:.3g}, fisher without g {row['loss_after_fisher_no_gradient']:.3g} "
-            f"(overlap {row['overlap_no_gradient']:.2f}) (before {row['loss_before']:.3g})",
-            flush=True,
-        )
+        print_agreement(f"small LM (R={sm.size})", row)
     sm.remove()
     return {"R": sm.size, "rows": rows}
 

@@ -154,6 +154,21 @@ def pinn_loss(problem, model, batch) -> torch.Tensor:
     return (r**2).mean() + (b**2).mean()
 
 
+def pinn_per_sample_loss(problem, model, batch) -> torch.Tensor:
+    """pinn_loss as one loss per point, for `--curvature fisher` (docs/curvature.md): one model call on the
+    residual and boundary points together (samples along dim 0), ℓ = (N/n_res)·r² for a residual point and
+    (N/n_bc)·b² for a boundary point, so that the mean of ℓ is pinn_loss."""
+    dtype = next(model.parameters(), batch["x_res"]).dtype
+    batch = {key: value.to(dtype) for key, value in batch.items()}
+    n_res, n_bc = batch["x_res"].shape[0], batch["x_bc"].shape[0]
+    x = torch.cat([batch["x_res"], batch["x_bc"]]).clone().requires_grad_(True)
+    u = model(x)
+    r = (problem.operator(u, x)[:n_res] - batch["f"]) / problem.scale
+    b = u[n_res:, 0] - batch["u_bc"]
+    n = n_res + n_bc
+    return torch.cat([r**2 * (n / n_res), b**2 * (n / n_bc)])
+
+
 def test_grid(problem, n: int = 101) -> torch.Tensor:
     axes = [torch.linspace(lo, hi, n) for lo, hi in zip(problem.lo, problem.hi, strict=True)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, problem.d_in)
@@ -175,7 +190,7 @@ def load_base(path: Path, d_in: int = 2) -> MLP:
 
 
 def calibration(family: str, directory: Path, **params):
-    """The four functions of the calibration protocol for one family and parameter value, plus the exact
+    """The five functions of the calibration protocol for one family and parameter value, plus the exact
     solution (for tests and plots). `directory` holds base.safetensors (the family directory)."""
     problem = FAMILIES[family](**params)
 
@@ -189,7 +204,10 @@ def calibration(family: str, directory: Path, **params):
     def loss(model, batch):
         return pinn_loss(problem, model, batch)
 
+    def per_sample_loss(model, batch):
+        return pinn_per_sample_loss(problem, model, batch)
+
     def evaluate(model):
         return {"rel_l2": rel_l2(problem, model)}
 
-    return load_model, batches, loss, evaluate, problem.exact
+    return load_model, batches, loss, per_sample_loss, evaluate, problem.exact

@@ -102,5 +102,13 @@ def open_calibration(
     script = load_calibration(calib)
     model = script.call_load_model()
     batches = script.call_batches()
-    sigma_model = SigmaModel(model, adapter.modules, spectra, script.call_loss, device=torch_device, dtype=torch_dtype)
+    sigma_model = SigmaModel(
+        model,
+        adapter.modules,
+        spectra,
+        script.call_loss,
+        device=torch_device,
+        dtype=torch_dtype,
+        per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
+    )
     return Calibrated(script=script, sigma_model=sigma_model, batches=batches)

@@ -26,13 +26,20 @@ from rich.table import Table
 from sublora_cli import __version__
 from sublora_cli.adapters import read_adapter
 from sublora_cli.calibrated import DTYPES
-from sublora_cli.curvature import KINDS
+from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.prune import PruneOptions, SweepOptions, evaluate_adapter, prune, sweep
 from sublora_cli.select import METHODS
 from sublora_cli.settings import DEFAULTS, load_config, merge
 from sublora_cli.spectra import adapter_spectra, describe_adapter
 from sublora_cli.sweep import DEFAULT_METHODS, parse_methods
+
+CURVATURES = (*KINDS, AUTO)
+CURVATURE_HELP = (
+    f"Curvature over σ: {', '.join(CURVATURES)}. auto computes the exact Hessian while R × batches ≤ "
+    f"{AUTO_MAX_HVPS} Hessian-vector products, else the empirical Fisher (one pass per batch); diag is enough "
+    "for --method diag/linear. See docs/curvature.md."
+)
 
 app = typer.Typer(
     name="sublora",
@@ -191,9 +198,9 @@ def prune_command(
         str | None,
         typer.Option(
             "--curvature",
-            help=f"How the Hessian over σ is computed: {', '.join(KINDS)} (diag is enough for linear/diag).",
+            help=CURVATURE_HELP,
             show_default=DEFAULTS["curvature"],
-            callback=choice_callback(KINDS),
+            callback=choice_callback(CURVATURES),
         ),
     ] = None,
     min_rank: Annotated[
@@ -261,7 +268,7 @@ def prune_command(
         raise typer.BadParameter("give the adapter directory (or `adapter:` in --config).", param_hint="ADAPTER")
     if settings["budget"] is None:
         raise typer.BadParameter("a budget is required (or `budget:` in --config).", param_hint="--budget")
-    for key, choices in (("method", METHODS), ("curvature", KINDS)):
+    for key, choices in (("method", METHODS), ("curvature", CURVATURES)):
         if settings[key] is not None and settings[key] not in choices:
             raise SubloraError(f"--config: {key} {settings[key]!r} is not one of {', '.join(choices)}.")
     options = PruneOptions(
@@ -395,7 +402,7 @@ def sweep_command(
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of sublora-random, comma-separated.")] = "0,1,2",
     curvature: Annotated[
         str,
-        typer.Option("--curvature", help=f"One of {', '.join(KINDS)}.", callback=choice_callback(KINDS)),
+        typer.Option("--curvature", help=CURVATURE_HELP, callback=choice_callback(CURVATURES)),
     ] = DEFAULTS["curvature"],
     min_rank: Annotated[int, typer.Option("--min-rank", help="Every module keeps at least this many.")] = 0,
     max_rank: Annotated[
@@ -437,6 +444,8 @@ def sweep_command(
     )
     with live_progress(quiet=as_json) as (progress, info):
         result = sweep(adapter, options, out_dir=out_dir, overwrite=overwrite, progress=progress, info=info)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
     if as_json:
         print(json.dumps({**result.meta, "rows": [asdict(r) for r in result.rows]}, indent=2))
         return

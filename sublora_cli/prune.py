@@ -19,7 +19,7 @@ import torch
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.budget import parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
-from sublora_cli.curvature import Curvature, estimate_cost
+from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
 from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, write_reports
@@ -39,7 +39,7 @@ class PruneOptions:
     budget: str
     method: str | None = None  # None: "sublora" with a calibration script, "magnitude" without
     calib: Path | None = None
-    curvature: str = "exact"
+    curvature: str = AUTO
     min_rank: int = 0
     max_rank: int | None = None
     seed: int = 0
@@ -117,29 +117,36 @@ def _check_curvature(method: str, curvature: str) -> None:
         )
 
 
-def _announce_curvature(calibrated: Calibrated, kind: str, info: Info | None) -> None:
-    """Say up front what the curvature will cost, before minutes of work start."""
+def _announce_curvature(calibrated: Calibrated, kind: str, reason: str, info: Info | None) -> None:
+    """Say up front which curvature is computed, why, and what it will cost, before minutes of work start."""
     if info is None:
         return
     R, n = calibrated.sigma_model.size, len(calibrated.batches)
     cost = estimate_cost(R, n, kind)
+    hvps, passes = cost["hvps"], cost["passes"]
+    work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
     info(
-        f"curvature {kind}: R = {R} singular values, {n} calibration batches, "
-        f"{cost['hvps']:,} Hessian-vector products, {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix"
+        f"curvature {kind}: R = {R} singular values, {n} calibration batches, {work}, "
+        f"{cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix. {reason}"
     )
 
 
 def _curvature(
-    calibrated: Calibrated, kind: str, max_hessian_gb: float, info: Info | None, progress: Progress | None
-) -> Curvature:
-    _announce_curvature(calibrated, kind, info)
-    return calibrated.curvature(kind, max_hessian_gb, progress)
+    calibrated: Calibrated,
+    requested: str,
+    methods: list[str],
+    max_hessian_gb: float,
+    info: Info | None,
+    progress: Progress | None,
+) -> tuple[Curvature, str]:
+    """The curvature `methods` need (resolving `auto`), with the reason for its kind."""
+    kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
+    _announce_curvature(calibrated, kind, reason, info)
+    return calibrated.curvature(kind, max_hessian_gb, progress), reason
 
 
 def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
-    inputs = {}
-    if curvature is not None:
-        inputs = {"gradient": curvature.gradient, "hessian": curvature.hessian, "hessian_diag": curvature.hessian_diag}
+    inputs = curvature.selection_inputs(method) if curvature is not None else {}
     try:
         return select(method, sigma, budget, bounds, seed=seed, **inputs)
     except ValueError as e:
@@ -181,7 +188,7 @@ def prune(
         spectra = adapter_spectra(adapter)
     sigma = torch.cat([s.sigma for s in spectra])
 
-    curvature = loss = metrics = None
+    curvature = loss = metrics = reason = None
     if options.calib is None:
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, budget, bounds, None, options.seed)
@@ -192,7 +199,10 @@ def prune(
             with timings.stage("eval"):
                 loss_before, metrics_before = calibrated.loss(), calibrated.metrics()
             with timings.stage("curvature"):
-                curvature = _curvature(calibrated, options.curvature, options.max_hessian_gb, info, progress)
+                curvature, reason = _curvature(
+                    calibrated, options.curvature, [method], options.max_hessian_gb, info, progress
+                )
+            warnings.extend(curvature.notes_for([method]))
             with timings.stage("select"):
                 selection = _select(method, sigma, budget, bounds, curvature, options.seed)
             with timings.stage("eval"):
@@ -221,7 +231,7 @@ def prune(
         timings=timings,
         loss=loss,
         metrics=metrics,
-        calibration=_calibration_info(options, curvature),
+        calibration=_calibration_info(options, curvature, reason),
         quality=quality,
     )
     with atomic_output_dir(out_dir) as tmp:
@@ -251,14 +261,19 @@ def loss_summary(before: float, after: float, predicted: float | None) -> dict:
     }
 
 
-def _calibration_info(options: PruneOptions, curvature: Curvature | None) -> dict | None:
+def _calibration_info(options: PruneOptions, curvature: Curvature | None, reason: str | None) -> dict | None:
     if options.calib is None:
         return None
     return {
         "script": str(options.calib),
         "batches": curvature.n_batches if curvature is not None else None,
+        "samples": curvature.n_samples or None if curvature is not None else None,
         "device": options.device,
         "dtype": options.dtype,
+        "curvature_requested": options.curvature,
+        "curvature_reason": reason,
+        "curvature_strategy": curvature.strategy if curvature is not None else None,
+        "curvature_notes": curvature.notes_for([options.resolved_method()]) if curvature is not None else [],
     }
 
 
@@ -285,7 +300,7 @@ class SweepOptions:
     methods: list[str]
     seeds: list[int]
     calib: Path
-    curvature: str = "exact"
+    curvature: str = AUTO
     min_rank: int = 0
     max_rank: int | None = None
     max_hessian_gb: float = 4.0
@@ -299,6 +314,7 @@ class SweepResult:
     rows: list[SweepRow]
     meta: dict
     written: list[Path]
+    warnings: list[str] = field(default_factory=list)
 
 
 def sweep(
@@ -328,7 +344,9 @@ def sweep(
             loss_before = calibrated.loss()
             metrics_before = calibrated.metrics() if options.evaluate else None
         with timings.stage("curvature"):
-            curvature = _curvature(calibrated, options.curvature, options.max_hessian_gb, info, progress)
+            curvature, reason = _curvature(
+                calibrated, options.curvature, options.methods, options.max_hessian_gb, info, progress
+            )
         with timings.stage("sweep"):
             rows = run_sweep(
                 calibrated,
@@ -349,6 +367,7 @@ def sweep(
         "sha256": adapter.sha256,
         "calib": str(options.calib),
         "curvature": curvature.kind,
+        "curvature_reason": reason,
         "total_rank": adapter.total_rank,
         "budgets": budgets,
         "methods": options.methods,
@@ -359,4 +378,5 @@ def sweep(
     }
     with atomic_output_dir(out_dir) as tmp:
         names = [p.name for p in write_sweep(rows, meta, tmp)]
-    return SweepResult(rows=rows, meta=meta, written=[out_dir / name for name in names])
+    written = [out_dir / name for name in names]
+    return SweepResult(rows=rows, meta=meta, written=written, warnings=curvature.notes_for(options.methods))

@@ -98,6 +98,9 @@ def render_markdown(report: dict) -> str:
     if report["calibration"]:
         c = report["calibration"]
         lines.append(f"- calibration: `{c['script']}`, {c['batches']} batches, {c['device']} {c['dtype']}")
+        if c.get("curvature_reason"):
+            lines.append(f"- curvature `{report['curvature']}` ({c['curvature_strategy']}): {c['curvature_reason']}")
+        lines += [f"- note: {note}" for note in c.get("curvature_notes", [])]
     if report["loss"]:
         loss = report["loss"]
         predicted = "n/a" if loss["predicted_increase"] is None else f"{loss['predicted_increase']:.6g}"

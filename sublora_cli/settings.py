@@ -26,7 +26,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
 }
 PATH_KEYS = ("adapter", "calib", "out")
 DEFAULTS: dict = {
-    "curvature": "exact",
+    "curvature": "auto",
     "min_rank": 0,
     "seed": 0,
     "max_hessian_gb": 4.0,

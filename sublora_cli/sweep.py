@@ -101,22 +101,14 @@ def run_sweep(
         for method, seed in runs:
             start = time.perf_counter()
             try:
-                selection = select(
-                    method,
-                    sigma,
-                    budget,
-                    bounds,
-                    gradient=curvature.gradient,
-                    hessian=curvature.hessian,
-                    hessian_diag=curvature.hessian_diag,
-                    seed=seed or 0,
-                )
+                inputs = curvature.selection_inputs(method)
+                selection = select(method, sigma, budget, bounds, seed=seed or 0, **inputs)
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
             seconds = time.perf_counter() - start
             predicted = selection.predicted_increase
             if predicted is None and curvature.hessian is not None:
-                predicted = predicted_increase(selection.kept, sigma, curvature.gradient, curvature.hessian)
+                predicted = predicted_increase(selection.kept, sigma, inputs["gradient"], inputs["hessian"])
             loss_after = calibrated.loss(selection.kept)
             rows.append(
                 SweepRow(

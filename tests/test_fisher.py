@@ -16,7 +16,15 @@ from conftest import TinyConvNet
 
 from sublora_cli.adapters.base import LoraModule
 from sublora_cli.calibration import load_calibration
-from sublora_cli.curvature import AUTO_MAX_HVPS, KINDS, choose_kind, compute_curvature, estimate_cost
+from sublora_cli.curvature import (
+    AUTO_MAX_HVPS,
+    KINDS,
+    Curvature,
+    choose_kind,
+    compute_curvature,
+    estimate_cost,
+    resolve_kind,
+)
 from sublora_cli.errors import SubloraError
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.svd import factor_svd
@@ -173,7 +181,7 @@ def test_without_per_sample_loss_fisher_uses_batch_gradients_and_says_so():
     G = torch.stack(grads)
     curv = compute_curvature(sm, batches, "fisher")
     torch.testing.assert_close(curv.hessian, G.T @ G / 3, rtol=1e-10, atol=1e-14)
-    assert curv.n_samples == 3 and len(curv.notes) == 1 and "per_sample_loss" in curv.notes[0]
+    assert curv.n_samples == 3 and len(curv.notes) == 2 and "per_sample_loss" in curv.notes[1]
     exact = compute_curvature(sm, batches, "exact")
     torch.testing.assert_close(curv.gradient, exact.gradient, rtol=1e-10, atol=1e-14)
     assert curv.loss == pytest.approx(exact.loss, rel=1e-12)
@@ -247,6 +255,27 @@ def test_auto_rule():
         kind, reason = choose_kind(3000, 2, method)
         assert reason.endswith(".") and "\n" not in reason
     assert estimate_cost(1000, 4, "fisher") == {"hessian_bytes": 8_000_000, "hvps": 0, "passes": 4}
+
+
+def test_resolve_kind_follows_the_most_demanding_method():
+    assert resolve_kind("diag", 10**6, 9, ["sublora"]) == ("diag", "--curvature diag was asked for.")
+    assert resolve_kind("auto", 100, 4, ["magnitude", "linear", "sublora-random"])[0] == "exact"
+    assert resolve_kind("auto", 100, 4, ["linear", "diag"])[0] == "diag"
+    assert resolve_kind("auto", 100, 4, ["magnitude"])[0] == "fisher"  # a sweep of magnitude alone: one pass
+    assert resolve_kind("auto", AUTO_MAX_HVPS, 2, ["exhaustive"])[0] == "fisher"
+
+
+def test_selection_drops_the_gradient_only_for_the_fisher_and_not_for_linear():
+    g, H = torch.tensor([1.0, -2.0]), torch.eye(2)
+    notes = ("a caveat about F",)
+    fisher = Curvature("fisher", 0.0, g, H, H.diagonal(), 0.0, notes=notes)
+    exact = Curvature("exact", 0.0, g, H, H.diagonal(), 0.0)
+    assert not fisher.selection_inputs("sublora")["gradient"].any()
+    assert not fisher.selection_inputs("diag")["gradient"].any()
+    assert torch.equal(fisher.selection_inputs("linear")["gradient"], g)
+    assert torch.equal(exact.selection_inputs("sublora")["gradient"], g)
+    assert fisher.selection_inputs("hessian")["hessian"] is H
+    assert fisher.notes_for(["linear"]) == [] and fisher.notes_for(["linear", "diag"]) == list(notes)
 
 
 def test_compute_curvature_auto_resolves():

@@ -98,6 +98,9 @@ def test_report_holds_measured_loss_that_equals_the_written_adapter_reloaded(pro
     assert set(report["diagnostics"]) == {"clipped_fraction", "clipped_mass", "monotone"}
     assert {"load", "svd", "calibrate", "curvature", "select", "eval", "write"} <= set(report["timings"])
     assert report["calibration"]["batches"] == 3
+    assert report["calibration"]["curvature_requested"] == "auto"  # the default, resolved and explained
+    assert "24 Hessian-vector products, within" in report["calibration"]["curvature_reason"]
+    assert "curvature exact" in result.stderr and report["calibration"]["curvature_notes"] == []
 
     reloaded = run_cli("eval", tmp_path / "out", "--calib", calib, "--json")
     assert reloaded.code == 0, reloaded.stderr
@@ -220,6 +223,61 @@ def test_methods_that_need_the_full_hessian_refuse_diag_curvature(problem, run_c
     adapter, calib = problem
     result = run_cli("prune", adapter, "--calib", calib, "-b", 3, "--curvature", "diag")
     assert result.code == 1 and "needs the full Hessian" in result.stderr
+
+
+PER_SAMPLE = (
+    CALIB
+    + """
+def per_sample_loss(model, batch):
+    return (model(batch) - target(batch)).pow(2).mean(1)
+"""
+)
+
+
+def test_fisher_from_per_sample_losses_is_recorded_and_its_caveat_shown(tmp_path, run_cli):
+    adapter, calib = make_problem(tmp_path / "p", PER_SAMPLE)
+    result = run_cli("prune", adapter, "--calib", calib, "-b", 3, "--curvature", "fisher", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    report = read_report(tmp_path / "out")
+    assert report["curvature"] == "fisher" and report["calibration"]["samples"] == 3 * 16
+    assert "per-sample" in report["calibration"]["curvature_strategy"]
+    assert len(report["calibration"]["curvature_notes"]) == 1  # the scale caveat, not the per-batch one
+    assert "first-order term" in result.stderr
+    assert "first-order term" in (tmp_path / "out" / "sublora_report.md").read_text()
+    reloaded = json.loads(run_cli("eval", tmp_path / "out", "--calib", calib, "--json").stdout)
+    assert reloaded["loss"] == pytest.approx(report["loss"]["after"], rel=1e-5)
+
+
+def test_fisher_without_per_sample_loss_warns_that_it_has_only_per_batch_gradients(problem, tmp_path, run_cli):
+    adapter, calib = problem
+    result = run_cli("prune", adapter, "--calib", calib, "-b", 3, "--curvature", "fisher", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    report = read_report(tmp_path / "out")
+    assert report["calibration"]["samples"] == 3 and "defines no per_sample_loss" in result.stderr
+
+
+def test_auto_takes_the_fisher_past_its_limit(tmp_path, run_cli, monkeypatch):
+    import sublora_cli.curvature
+
+    monkeypatch.setattr(sublora_cli.curvature, "AUTO_MAX_HVPS", 10)  # R = 8 over 3 batches is 24 HVPs
+    adapter, calib = make_problem(tmp_path / "p", PER_SAMPLE)
+    result = run_cli("prune", adapter, "--calib", calib, "-b", 3, "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    report = read_report(tmp_path / "out")
+    assert report["curvature"] == "fisher" and "would take 24 Hessian-vector products" in result.stderr
+    assert "auto's limit is 10" in report["calibration"]["curvature_reason"]
+    linear = run_cli("prune", adapter, "--calib", calib, "-b", 3, "-m", "linear", "-o", tmp_path / "lin")
+    assert read_report(tmp_path / "lin")["curvature"] == "fisher" and "warning" not in linear.stderr
+
+
+def test_sweep_resolves_auto_for_its_most_demanding_method(problem, tmp_path, run_cli):
+    adapter, calib = problem
+    args = ("sweep", adapter, "--calib", calib, "--budgets", "3", "--no-evaluate", "--json")
+    cheap = json.loads(run_cli(*args, "--methods", "magnitude,linear", "-o", tmp_path / "a").stdout)
+    diag = json.loads(run_cli(*args, "--methods", "linear,diag", "-o", tmp_path / "b").stdout)
+    full = json.loads(run_cli(*args, "--methods", "diag,sublora", "-o", tmp_path / "c").stdout)
+    assert (cheap["curvature"], diag["curvature"], full["curvature"]) == ("fisher", "diag", "exact")
+    assert "gradient" in cheap["curvature_reason"]
 
 
 def test_sweep_writes_csv_json_png_and_matches_prune(problem, tmp_path, run_cli):

@@ -133,3 +133,16 @@ def test_loss_and_evaluate_see_errors(path):
         other = Exact(load_calib(sibling).exact)
         assert min(calib.loss(other, b).item() for b in batches) > 1e-2
         assert calib.evaluate(other)["rel_l2"] > 0.05
+
+
+@pytest.mark.parametrize("path", CALIBS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_per_sample_loss_has_one_loss_per_point_and_loss_as_its_mean(path):
+    """per_sample_loss (for --curvature fisher) is the same loss split over the points: one value per residual
+    and boundary point, with mean equal to loss(), on a model that is not the solution."""
+    calib = load_calib(path)
+    model = calib.load_model().double()
+    for batch in calib.batches():
+        per_point = calib.per_sample_loss(model, batch)
+        assert per_point.shape == (batch["x_res"].shape[0] + batch["x_bc"].shape[0],)
+        assert per_point.min() >= 0
+        torch.testing.assert_close(per_point.mean(), calib.loss(model, batch), rtol=1e-12, atol=0)
