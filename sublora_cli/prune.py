@@ -117,7 +117,7 @@ def _check_curvature(method: str, curvature: str) -> None:
         )
 
 
-def _announce_curvature(calibrated: Calibrated, kind: str, reason: str, info: Info | None) -> None:
+def _announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None) -> None:
     """Say up front which curvature is computed, why, and what it will cost, before minutes of work start."""
     if info is None:
         return
@@ -125,10 +125,9 @@ def _announce_curvature(calibrated: Calibrated, kind: str, reason: str, info: In
     cost = estimate_cost(R, n, kind)
     hvps, passes = cost["hvps"], cost["passes"]
     work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
-    info(
-        f"curvature {kind}: R = {R} singular values, {n} calibration batches, {work}, "
-        f"{cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix. {reason}"
-    )
+    info(f"curvature {kind}: {work} (R = {R}, {n} batches), {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix")
+    if requested == AUTO:
+        info(f"  chosen by --curvature auto: {reason}")
 
 
 def _curvature(
@@ -141,7 +140,7 @@ def _curvature(
 ) -> tuple[Curvature, str]:
     """The curvature `methods` need (resolving `auto`), with the reason for its kind."""
     kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
-    _announce_curvature(calibrated, kind, reason, info)
+    _announce_curvature(calibrated, kind, requested, reason, info)
     return calibrated.curvature(kind, max_hessian_gb, progress), reason
 
 
