@@ -152,6 +152,19 @@ def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, c
         raise SubloraError(f"{e}.") from e
 
 
+def _shortfall(selection: Selection, budget: int, method: str) -> list[str]:
+    """A warning when fewer components are kept than the budget allows, so a smaller file is not a surprise."""
+    kept = int(selection.kept.sum())
+    if kept >= budget:
+        return []
+    why = {
+        "sublora-random": "the randomized greedy picks a zero-gain 'dummy' in a step when that is among its draws "
+        "(by design, for its guarantee on non-monotone objectives); use --method sublora for the full budget",
+        "exhaustive": "a smaller set has a lower predicted loss under the quadratic model",
+    }.get(method, "--max-rank caps the modules below it")
+    return [f"{method} kept {kept} of the {budget} components the budget allows: {why}."]
+
+
 def prune(
     adapter_path: Path,
     options: PruneOptions,
@@ -191,6 +204,7 @@ def prune(
     if options.calib is None:
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, budget, bounds, None, options.seed)
+        warnings.extend(_shortfall(selection, budget, method))
     else:
         with timings.stage("calibrate"):
             calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
@@ -204,6 +218,7 @@ def prune(
             warnings.extend(curvature.notes_for([method]))
             with timings.stage("select"):
                 selection = _select(method, sigma, budget, bounds, curvature, options.seed)
+            warnings.extend(_shortfall(selection, budget, method))
             with timings.stage("eval"):
                 loss_after, metrics_after = calibrated.loss(selection.kept), calibrated.metrics(selection.kept)
         finally:
