@@ -70,6 +70,12 @@ DISCUSSION = "<!-- DISCUSSION: hand-written below this line; paper_table.py keep
 TIE = 0.05  # relative gap within which two numbers count as a tie in the claim checks
 
 
+def table_header(first: str, columns) -> list[str]:
+    """A markdown table's header and alignment rows: a label column, then right-aligned value columns."""
+    label = f"| {first} | " if first else "| | "
+    return [label + " | ".join(map(str, columns)) + " |", "|---|" + "---:|" * len(columns)]
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -273,7 +279,7 @@ def fmt(x: float) -> str:
 
 
 def method_table(values: dict, budgets: list[int], methods: list[str]) -> list[str]:
-    lines = ["| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    lines = table_header("method", budgets)
     for m in methods:
         cells = []
         for b in budgets:
@@ -402,8 +408,7 @@ def write_markdown(result: dict, path: Path) -> None:
             L += [f"{title} (before: {fmt(ad['rel_l2_before'] if key == 'rel_l2' else ad['loss_before'])})", ""]
             L += method_table(values, budgets, METHODS) + [""]
         ranks = {k: v[0]["module_ranks"] for k, v in rows.items() if k[0] != "sublora-random"}
-        L += ["ranks kept per module (fc1/fc2)", "", "| method | " + " | ".join(map(str, budgets)) + " |"]
-        L += ["|---|" + "---:|" * len(budgets)]
+        L += ["ranks kept per module (fc1/fc2)", "", *table_header("method", budgets)]
         for m in METHODS[:-1]:
             L.append(f"| {m} | " + " | ".join("/".join(map(str, ranks[(m, b)])) for b in budgets) + " |")
         L += ["", "</details>", ""]
@@ -480,8 +485,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "median over all adapters (a forward greedy that ends orders of magnitude above the sorted rules "
         "and backward elimination has failed at optimisation, not at modelling):",
         "",
-        "| optimizer | " + " | ".join(map(str, shown)) + " |",
-        "|---|" + "---:|" * len(shown),
+        *table_header("optimizer", shown),
     ]
     for m in METHODS + ["backward (raw H)"]:
         cells = []
@@ -502,8 +506,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "Share of the projected objective f̂(N) = q̂(all pruned) that the kept set attains, f̂(S)/f̂(N) (the "
         "(1−1/e) and 1/e guarantees are relative to this scale), min over adapters (and seeds):",
         "",
-        "| method | " + " | ".join(map(str, shown)) + " |",
-        "|---|" + "---:|" * len(shown),
+        *table_header("method", shown),
     ]
     for m in ("sublora", "sublora-random", "diag", "magnitude"):
         cells = []
@@ -518,8 +521,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "guarantee for a monotone submodular f̂ is E[f̂(S)] ≥ (1 − 1/e)·f̂(OPT) ≥ 0.632·f̂(S_greedy) ≈ 0.632·f̂(N) "
         "here (f̂(OPT) ≤ f̂(N) for a monotone f̂, and the greedy's share is ≈ 1, table above):",
         "",
-        "| | " + " | ".join(map(str, shown)) + " |",
-        "|---|" + "---:|" * len(shown),
+        *table_header("", shown),
         "| mean over seeds (worst adapter) | "
         + " | ".join(
             f"{min(ad['random_greedy_projected_share'][str(b)]['mean'] for ad in adapters):.3f}" for b in shown
@@ -534,8 +536,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         "Measured (and predicted) loss increase when keeping only a few top components, vs keeping none:",
         "",
-        "| adapter | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
+        *table_header("adapter", labels),
     ]
     for ad in adapters:
         L.append(
@@ -548,8 +549,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "Backward elimination on the **raw** H (a diagnostic, not a sublora method: start from the full adapter and "
         "prune the component the quadratic model says costs least, one at a time), rel. error, mean per family:",
         "",
-        "| family | " + " | ".join(map(str, budgets)) + " |",
-        "|---|" + "---:|" * len(budgets),
+        *table_header("family", budgets),
     ]
     for fam in families:
         group = [ad for ad in adapters if ad["family"] == fam]

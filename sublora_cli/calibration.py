@@ -62,57 +62,50 @@ def run_user(fn: Callable, *args, what: str, script: Path) -> Any:
         raise UserCodeError(f"The calibration script {script} raised in {what}:\n{user_traceback(e)}") from e
 
 
+def _check_losses(value: Any, what: str, where: str, type_hint: str, shape_ok: bool, shape_hint: str) -> torch.Tensor:
+    """The checks loss and per_sample_loss share: a floating tensor of an accepted shape, every entry finite."""
+    if not isinstance(value, torch.Tensor):
+        raise SubloraError(f"{what} returned a {type(value).__name__}{where}; {type_hint}")
+    if not shape_ok:
+        raise SubloraError(f"{what} returned a tensor of shape {tuple(value.shape)}{where}; {shape_hint}")
+    if not value.is_floating_point():
+        raise SubloraError(f"{what} returned a tensor of dtype {value.dtype}{where}; it must be floating point.")
+    finite = torch.isfinite(value.detach()).reshape(-1)
+    if not finite.all():
+        bad = int(torch.nonzero(~finite)[0])
+        sample = f" for sample {bad}" if value.numel() > 1 else ""
+        raise SubloraError(
+            f"{what} returned {float(value.detach().reshape(-1)[bad])}{sample}{where} (batch indices count from 0 "
+            "in the order batches() yields them); the loss must be finite."
+        )
+    return value
+
+
 def check_loss(value: Any, batch_index: int | None = None) -> torch.Tensor:
     """The loss must be a finite scalar tensor (one element); returns it as a 0-d tensor."""
-    where = f" on batch {batch_index}" if batch_index is not None else ""
-    if not isinstance(value, torch.Tensor):
-        raise SubloraError(
-            f"loss(model, batch) returned a {type(value).__name__}{where}; it must return a scalar "
-            "torch.Tensor that depends on the model's output (not a float: the tool differentiates it)."
-        )
-    if value.numel() != 1:
-        raise SubloraError(
-            f"loss(model, batch) returned a tensor of shape {tuple(value.shape)}{where}; it must be a scalar "
-            "(reduce it, e.g. with .mean())."
-        )
-    if not value.is_floating_point():
-        raise SubloraError(
-            f"loss(model, batch) returned a tensor of dtype {value.dtype}{where}; it must be floating point."
-        )
-    if not torch.isfinite(value.detach()).all():
-        raise SubloraError(
-            f"loss(model, batch) returned {float(value.detach().reshape(()))}{where} "
-            f"(batch indices count from 0 in the order batches() yields them); the loss must be finite."
-        )
-    return value.reshape(())
+    return _check_losses(
+        value,
+        "loss(model, batch)",
+        f" on batch {batch_index}" if batch_index is not None else "",
+        type_hint="it must return a scalar torch.Tensor that depends on the model's output (not a float: the tool "
+        "differentiates it).",
+        shape_ok=isinstance(value, torch.Tensor) and value.numel() == 1,
+        shape_hint="it must be a scalar (reduce it, e.g. with .mean()).",
+    ).reshape(())
 
 
 def check_per_sample_loss(value: Any, batch_index: int | None = None) -> torch.Tensor:
     """per_sample_loss must return a finite 1-D floating tensor, one loss per sample (a scalar counts as one)."""
-    where = f" on batch {batch_index}" if batch_index is not None else ""
-    if not isinstance(value, torch.Tensor):
-        raise SubloraError(
-            f"per_sample_loss(model, batch) returned a {type(value).__name__}{where}; it must return a 1-D "
-            "torch.Tensor with one loss per sample, computed from the model's output (e.g. the loss with "
-            "reduction='none', averaged over everything but the batch dimension)."
-        )
-    if value.dim() > 1 and value.numel() != value.shape[0]:
-        raise SubloraError(
-            f"per_sample_loss(model, batch) returned a tensor of shape {tuple(value.shape)}{where}; it must be "
-            "1-D, one loss per sample (reduce every dimension but the batch dimension, e.g. .mean(dim=1))."
-        )
-    if not value.is_floating_point():
-        raise SubloraError(
-            f"per_sample_loss(model, batch) returned a tensor of dtype {value.dtype}{where}; it must be floating point."
-        )
-    finite = torch.isfinite(value.detach())
-    if not finite.all():
-        bad = int(torch.nonzero(~finite.reshape(-1))[0])
-        raise SubloraError(
-            f"per_sample_loss(model, batch) returned {float(value.detach().reshape(-1)[bad])} for sample {bad}{where} "
-            "(batch indices count from 0 in the order batches() yields them); every loss must be finite."
-        )
-    return value.reshape(-1)
+    return _check_losses(
+        value,
+        "per_sample_loss(model, batch)",
+        f" on batch {batch_index}" if batch_index is not None else "",
+        type_hint="it must return a 1-D torch.Tensor with one loss per sample, computed from the model's output "
+        "(e.g. the loss with reduction='none', averaged over everything but the batch dimension).",
+        shape_ok=isinstance(value, torch.Tensor) and (value.dim() <= 1 or value.numel() == value.shape[0]),
+        shape_hint="it must be 1-D, one loss per sample (reduce every dimension but the batch dimension, e.g. "
+        ".mean(dim=1)).",
+    ).reshape(-1)
 
 
 def check_metrics(value: Any) -> dict[str, float]:

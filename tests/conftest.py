@@ -48,11 +48,20 @@ class TinyConvNet(torch.nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
-def tiny_gpt2():
+def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, vocab_size: int = 64, n_positions: int = 32):
+    """A random-weight GPT-2 (Conv1D projections, tied embedding) built in code, in eval mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TinyConvNet
+from conftest import TinyConvNet, tiny_gpt2
 
 from sublora_cli.adapters.base import LoraModule
 from sublora_cli.errors import SubloraError
@@ -30,12 +30,8 @@ def delta(m: LoraModule) -> torch.Tensor:
     return m.scale * m.B.double() @ m.A.double()
 
 
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+def small_gpt2():
+    return tiny_gpt2(n_layer=1, n_embd=16, vocab_size=40, n_positions=16)
 
 
 def test_linear_and_conv2d_match_merged_weights():
@@ -54,7 +50,7 @@ def test_linear_and_conv2d_match_merged_weights():
 
 
 def test_gpt2_conv1d_and_embedding_match_merged_weights():
-    base = tiny_gpt2().double()
+    base = small_gpt2().double()
     c_attn = lora("transformer.h.0.attn.c_attn", "linear", 48, 16, 4, 2.0)  # Conv1D weight is (16, 48)
     wte = lora("transformer.wte", "embedding", 16, 40, 3, 1.0, seed=2)  # ΔW is dim × vocab
     merged = copy.deepcopy(base)
@@ -73,7 +69,7 @@ def test_matches_peft_on_conv_and_gpt2():
 
     cases = [
         (TinyConvNet(), ["conv", "head"], {"x": torch.randn(2, 3, 8, 8)}),
-        (tiny_gpt2(), ["c_attn", "wte"], {"input_ids": torch.randint(0, 40, (2, 7))}),
+        (small_gpt2(), ["c_attn", "wte"], {"input_ids": torch.randint(0, 40, (2, 7))}),
     ]
     for base, targets, inputs in cases:
         torch.manual_seed(1)
