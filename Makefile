@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 SUBLORA := $(VENV)/bin/sublora
 SAMPLE ?= sample_checkpoints/elliptic
 DEMO_OUT ?= demo_out
+# fresh benchmark figures; bench/results/ holds the committed ones and their discussion
+BENCH_OUT ?= bench_out
 
 .PHONY: install demo test test-slow lint bench clean
 
@@ -31,6 +33,9 @@ test-slow: install
 
 bench: install
 	$(PY) bench/svd_convert.py
+	mkdir -p $(BENCH_OUT)
+	$(PY) bench/curvature.py --json $(BENCH_OUT)/curvature.json
+	$(PY) bench/paper_table.py --out $(BENCH_OUT)
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(DEMO_OUT) $(BENCH_OUT)
