@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import Adapter
+from sublora_cli.adapters.peft import model_tensor_name
 from sublora_cli.calibration import CalibrationScript, load_calibration
 from sublora_cli.curvature import Curvature, compute_curvature
-from sublora_cli.errors import SubloraError
+from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.svd import Spectrum
 
@@ -94,6 +95,28 @@ class Calibrated:
         self.sigma_model.remove()
 
 
+def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
+    """Put the adapter's non-LoRA tensors (modules_to_save, trained biases) into the base model, as peft does on
+    load, so the calibration loss is the loss of the adapter as users will run it."""
+    state = model.state_dict(keep_vars=True)
+    for key, value in adapter.extra_tensors.items():
+        name = model_tensor_name(key)
+        if name not in state:
+            raise SubloraError(
+                f"The adapter carries {key} (modules_to_save or a trained bias) for {name!r}, but the model from "
+                f"load_model() has no such parameter.{closest_names(name, state)} Does load_model() return the "
+                "adapter's base model?"
+            )
+        target = state[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise SubloraError(
+                f"The adapter carries {key} of shape {tuple(value.shape)} but the model's {name} is "
+                f"{tuple(target.shape)}; is this the right base model?"
+            )
+        with torch.no_grad():
+            target.copy_(value)
+
+
 def open_calibration(
     calib: Path, adapter: Adapter, spectra: list[Spectrum], device: str = "cpu", dtype: str = "float32"
 ) -> Calibrated:
@@ -101,6 +124,7 @@ def open_calibration(
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     script = load_calibration(calib)
     model = script.call_load_model()
+    load_carried_tensors(model, adapter)
     batches = script.call_batches()
     sigma_model = SigmaModel(
         model,

@@ -1,5 +1,8 @@
 """Errors the CLI turns into exit codes (DESIGN §2): one class per code, so no stage prints or exits."""
 
+import difflib
+from collections.abc import Iterable
+
 
 class SubloraError(Exception):
     """Bad input or a failure the user can act on: exit code 1, message shown without a traceback."""
@@ -11,3 +14,9 @@ class QualityGateFailed(SubloraError):
     """A quality guard such as --max-loss-increase failed after the output was written: exit code 3."""
 
     exit_code = 3
+
+
+def closest_names(name: str, candidates: Iterable[str]) -> str:
+    """' Closest names: a, b.' for an error about a name that is not there (empty when nothing is close)."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.4)
+    return f" Closest names: {', '.join(close)}." if close else ""

@@ -7,7 +7,6 @@ the curvature code differentiates it with plain autograd, and pruning is `sigma 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from sublora_cli.adapters.base import LoraModule
 from sublora_cli.calibration import check_loss
-from sublora_cli.errors import SubloraError
+from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.svd import Spectrum
 
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -52,11 +51,9 @@ def find_layer(model: nn.Module, module: LoraModule) -> nn.Module:
         layer = model.get_submodule(module.name)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(module.name, names, n=3, cutoff=0.4)
-        hint = f" Closest names: {', '.join(close)}." if close else ""
         raise SubloraError(
             f"The adapter adapts module {module.name!r}, but the model from load_model() has no such "
-            f"module.{hint} "
+            f"module.{closest_names(module.name, names)} "
             "Does load_model() return the base model the adapter was trained on?"
         ) from None
     kind = layer_kind(layer)

@@ -85,7 +85,9 @@ def test_modules_pruned_to_zero_are_dropped_and_the_model_still_loads(tmp_path, 
     keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert not any("h.1.attn.c_attn.lora" in k for k in keys)
     assert "base_model.model.transformer.ln_f.weight" in keys  # modules_to_save carried through
-    assert "base_model.model.transformer.h.1.attn.c_attn.base_layer.bias" in keys  # bias="lora_only" carried
+    # bias="lora_only": carried, under the plain layer's name now that peft no longer wraps the dropped module
+    assert "base_model.model.transformer.h.1.attn.c_attn.bias" in keys
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
     model_output(model, "gpt2")
 
 
@@ -94,3 +96,68 @@ def test_input_is_never_modified(tmp_path, run_cli):
     before = {p.name: p.read_bytes() for p in adapter_path.iterdir()}
     assert run_cli("prune", adapter_path, "--budget", "50%", "--out", tmp_path / "out").code == 0
     assert {p.name: p.read_bytes() for p in adapter_path.iterdir()} == before
+
+
+GPT2_CALIB = """
+import torch
+import torch.nn.functional as F
+from conftest import tiny_gpt2
+
+def load_model():
+    return tiny_gpt2()
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(2)]
+
+def per_sample_loss(model, batch):
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return ce.view(ids.shape[0], -1).mean(1)
+"""
+
+
+def peft_loss(path, calib) -> float:
+    """The calibration loss of an adapter as peft itself loads it (modules_to_save, biases and all)."""
+    from sublora_cli.calibration import load_calibration
+
+    script = load_calibration(calib)
+    model = load_pruned("gpt2", path)
+    with torch.no_grad():
+        return sum(float(script.call_loss(model, b)) for b in script.call_batches()) / 2
+
+
+def test_calibration_sees_modules_to_save_and_biases_and_fisher_prunes_gpt2(tmp_path, run_cli):
+    """The gpt2 adapter carries a modules_to_save copy of ln_f and lora_only biases: the loss sublora measures
+    must be peft's, before pruning and (reloaded) after a Fisher-curvature prune with per-sample losses."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_adapter("gpt2", tmp_path / "adapter")
+    weights = str(adapter / "adapter_model.safetensors")
+    tensors = load_file(weights)
+    g = torch.Generator().manual_seed(3)
+    for key, value in tensors.items():
+        if "lora_" not in key:  # as if trained: they now differ from the base model's
+            tensors[key] = value + 0.5 * torch.randn(value.shape, generator=g)
+    save_file(tensors, weights)
+    calib = tmp_path / "calib.py"
+    calib.write_text(GPT2_CALIB)
+    result = run_cli("prune", adapter, "--calib", calib, "-b", 4, "--curvature", "fisher", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "sublora_report.json").read_text())
+    assert report["curvature"] == "fisher" and report["calibration"]["samples"] == 8
+    loss = report["loss"]
+    assert loss["before"] == pytest.approx(peft_loss(adapter, calib), rel=1e-6)
+    assert loss["after"] == pytest.approx(peft_loss(tmp_path / "out", calib), rel=1e-6)
+    assert abs(loss["after"] - loss["before"]) > 1e-5  # the prune changed something measurable
+
+
+def test_carried_tensors_the_model_lacks_are_refused(tmp_path, run_cli):
+    adapter = save_adapter("gpt2", tmp_path / "adapter")
+    calib = tmp_path / "calib.py"
+    calib.write_text(
+        GPT2_CALIB.replace("return tiny_gpt2()", "m = tiny_gpt2(); m.transformer.ln_f = torch.nn.Identity(); return m")
+    )
+    result = run_cli("eval", adapter, "--calib", calib)
+    assert result.code == 1 and "transformer.ln_f." in result.stderr and "modules_to_save" in result.stderr

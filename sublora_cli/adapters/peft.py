@@ -25,6 +25,16 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
 
+
+def model_tensor_name(key: str) -> str:
+    """The base model's parameter that a carried tensor replaces when peft loads the adapter.
+
+    peft saves modules_to_save copies under the module's own name (`…ln_f.weight`) and the trained biases of
+    adapted layers (bias="all"/"lora_only") under the wrapped layer (`…c_attn.base_layer.bias`).
+    """
+    return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+
 # (suffix of the A key, suffix of the B key, layer kind); conv is told apart from linear by the A rank.
 FACTOR_KEYS = (
     (".lora_A.weight", ".lora_B.weight", "linear"),
@@ -270,10 +280,19 @@ def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
     return config
 
 
+def _unwrap_carried(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """A module pruned to rank 0 is excluded, so peft no longer wraps it: its trained bias
+    (`….base_layer.bias`) must be stored under the plain layer's name or peft would silently not load it."""
+    wrapped = f"{PREFIX}{name}.base_layer."
+    for key in [k for k in tensors if k.startswith(wrapped)]:
+        tensors[f"{PREFIX}{name}.{key.removeprefix(wrapped)}"] = tensors.pop(key)
+
+
 def write_peft(adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
     tensors = dict(adapter.extra_tensors)  # modules_to_save and biases, untouched
     for p in pruned:
         if p.rank_after == 0:
+            _unwrap_carried(tensors, p.module.name)
             continue
         a_key, b_key = _keys(p.module)
         if p.unchanged:  # bit-exact copy: nothing to gain from re-factoring a module that keeps everything
