@@ -255,6 +255,10 @@ def test_auto_rule():
         kind, reason = choose_kind(3000, 2, method)
         assert reason.endswith(".") and "\n" not in reason
     assert estimate_cost(1000, 4, "fisher") == {"hessian_bytes": 8_000_000, "hvps": 0, "passes": 4}
+    # the time estimate, in loss evaluations: R rows for exact/diag (SECONDS_PER_HVP_ROW each), a few for fisher
+    assert estimate_cost(100, 4, "exact", loss_seconds=0.01)["seconds"] == pytest.approx(100 * 1.5 * 0.01)
+    assert estimate_cost(100, 4, "diag", loss_seconds=0.01)["seconds"] == pytest.approx(100 * 1.5 * 0.01)
+    assert estimate_cost(100, 4, "fisher", loss_seconds=0.01)["seconds"] == pytest.approx(3 * 0.01)
 
 
 def test_resolve_kind_follows_the_most_demanding_method():

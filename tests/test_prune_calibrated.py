@@ -101,6 +101,7 @@ def test_report_holds_measured_loss_that_equals_the_written_adapter_reloaded(pro
     assert report["calibration"]["curvature_requested"] == "auto"  # the default, resolved and explained
     assert "24 Hessian-vector products, within" in report["calibration"]["curvature_reason"]
     assert "curvature exact" in result.stderr and report["calibration"]["curvature_notes"] == []
+    assert "estimated from the loss evaluation" in result.stderr  # a time estimate before the work starts
 
     reloaded = run_cli("eval", tmp_path / "out", "--calib", calib, "--json")
     assert reloaded.code == 0, reloaded.stderr
