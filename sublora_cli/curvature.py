@@ -429,12 +429,23 @@ def _differentiating(what: str, batch_index: int, order: str = "twice") -> Itera
     try:
         yield
     except RuntimeError as e:
-        twice = " twice" if order == "twice" else ""
+        first = str(e).splitlines()[0]
+        if "scaled_dot_product" in first and order == "twice":
+            hint = (
+                "PyTorch's fused attention (SDPA) has no second derivative here: return the model from "
+                'load_model() with attn_implementation="eager" (transformers), or use --curvature fisher, which '
+                "needs first derivatives only."
+            )
+        else:
+            twice = " twice" if order == "twice" else ""
+            hint = (
+                f"The loss must be{twice} differentiable in the LoRA path: no .detach()/.item() on the model "
+                "output, no non-differentiable ops, and create_graph=True in any torch.autograd.grad the loss "
+                "itself calls."
+            )
         raise SubloraError(
             f"Computing {what} of the calibration loss w.r.t. the adapter's singular values failed on batch "
-            f"{batch_index}: {str(e).splitlines()[0]} The loss must be{twice} differentiable in the LoRA "
-            "path: no .detach()/.item() on the model output, no non-differentiable ops, and "
-            "create_graph=True in any torch.autograd.grad the loss itself calls."
+            f"{batch_index}: {first} {hint}"
         ) from e
 
 
