@@ -40,6 +40,7 @@ CURVATURE_HELP = (
     f"{AUTO_MAX_HVPS} Hessian-vector products, else the empirical Fisher (one pass per batch); diag is enough "
     "for --method diag/linear. See docs/curvature.md."
 )
+MATRIX_LIMIT_HELP = "Refuse a Hessian or Fisher matrix (float64) larger than this many GB."
 
 app = typer.Typer(
     name="sublora",
@@ -179,8 +180,8 @@ def prune_command(
         typer.Option(
             "--calib",
             "-c",
-            help="Calibration script (load_model, batches, loss[, evaluate]); runs its code. Enables the "
-            "calibrated methods and measured loss before/after.",
+            help="Calibration script (load_model, batches, loss[, evaluate, per_sample_loss]); runs its code. "
+            "Enables the calibrated methods and measured loss before/after.",
             show_default=False,
         ),
     ] = None,
@@ -225,7 +226,7 @@ def prune_command(
         float | None,
         typer.Option(
             "--max-hessian-gb",
-            help="Refuse an exact Hessian larger than this.",
+            help=MATRIX_LIMIT_HELP,
             show_default=str(DEFAULTS["max_hessian_gb"]),
         ),
     ] = None,
@@ -408,9 +409,9 @@ def sweep_command(
     max_rank: Annotated[
         int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
     ] = None,
-    max_hessian_gb: Annotated[
-        float, typer.Option("--max-hessian-gb", help="Refuse an exact Hessian larger than this.")
-    ] = DEFAULTS["max_hessian_gb"],
+    max_hessian_gb: Annotated[float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP)] = DEFAULTS[
+        "max_hessian_gb"
+    ],
     device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
     evaluate: Annotated[
