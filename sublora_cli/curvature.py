@@ -251,7 +251,7 @@ def compute_curvature(
     worker threads for the HVPs (default: torch's intra-op thread count on the CPU, 1 on an accelerator).
     """
     if kind == AUTO:
-        kind = choose_kind(sigma_model.size, len(batches), "sublora")[0]
+        kind = resolve_kind(AUTO, sigma_model.size, len(batches), ["sublora"])[0]
     if kind not in KINDS:
         raise SubloraError(f"Unknown curvature {kind!r}; choose one of {', '.join(KINDS)} or {AUTO}.")
     if not batches:

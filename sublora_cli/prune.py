@@ -401,6 +401,7 @@ def sweep(
         "calib": str(options.calib),
         "curvature": curvature.kind,
         "curvature_reason": reason,
+        "curvature_notes": curvature.notes_for(options.methods),
         "total_rank": adapter.total_rank,
         "budgets": budgets,
         "methods": options.methods,
@@ -412,4 +413,4 @@ def sweep(
     with atomic_output_dir(out_dir) as tmp:
         names = [p.name for p in write_sweep(rows, meta, tmp)]
     written = [out_dir / name for name in names]
-    return SweepResult(rows=rows, meta=meta, written=written, warnings=curvature.notes_for(options.methods))
+    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"])
