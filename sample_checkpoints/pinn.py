@@ -144,10 +144,15 @@ def sample(problem, n_res: int, n_bc: int, g: torch.Generator) -> dict:
     return {"x_res": x_res, "f": problem.source(x_res), "x_bc": x_bc, "u_bc": problem.exact(x_bc)}
 
 
+def in_model_dtype(model, batch: dict) -> dict:
+    """The batch in the model's dtype, so the loss follows a model cast to float64 (`--dtype float64`)."""
+    dtype = next(model.parameters(), batch["x_res"]).dtype
+    return {key: value.to(dtype) for key, value in batch.items()}
+
+
 def pinn_loss(problem, model, batch) -> torch.Tensor:
     """Mean squared (scaled) PDE residual + mean squared boundary/initial misfit (paper eq. 14, weights 1)."""
-    dtype = next(model.parameters(), batch["x_res"]).dtype  # follow the model if it was cast to float64
-    batch = {key: value.to(dtype) for key, value in batch.items()}
+    batch = in_model_dtype(model, batch)
     x = batch["x_res"].clone().requires_grad_(True)
     r = (problem.operator(model(x), x) - batch["f"]) / problem.scale
     b = model(batch["x_bc"])[:, 0] - batch["u_bc"]
@@ -158,8 +163,7 @@ def pinn_per_sample_loss(problem, model, batch) -> torch.Tensor:
     """pinn_loss as one loss per point, for `--curvature fisher` (docs/curvature.md): one model call on the
     residual and boundary points together (samples along dim 0), ℓ = (N/n_res)·r² for a residual point and
     (N/n_bc)·b² for a boundary point, so that the mean of ℓ is pinn_loss."""
-    dtype = next(model.parameters(), batch["x_res"]).dtype
-    batch = {key: value.to(dtype) for key, value in batch.items()}
+    batch = in_model_dtype(model, batch)
     n_res, n_bc = batch["x_res"].shape[0], batch["x_bc"].shape[0]
     x = torch.cat([batch["x_res"], batch["x_bc"]]).clone().requires_grad_(True)
     u = model(x)
