@@ -26,9 +26,10 @@ class BudgetSpec:
         return int(self.value) if self.reading == "rank" else max(1, round(self.value * total_rank))
 
 
-def _number(raw: str) -> float:
+def _number(number: str, raw: str) -> float:
+    """`number` (the part of `raw` before any %) as a positive finite float; errors quote all of `raw`."""
     try:
-        value = float(raw)
+        value = float(number)
     except ValueError:
         raise SubloraError(f"{raw!r} is not a budget: {BUDGET_FORMS}.") from None
     if not math.isfinite(value) or value <= 0:
@@ -41,11 +42,11 @@ def read_budget(text: str | int | float) -> BudgetSpec:
     so it must be whole; only numbers below 1 are fractions."""
     raw = str(text).strip()
     if raw.endswith("%"):
-        share = _number(raw[:-1]) / 100.0
+        share = _number(raw[:-1], raw) / 100.0
         if share > 1:
             raise SubloraError(f"{raw!r}: a percentage of the total rank must be at most 100%.")
         return BudgetSpec("percentage", share)
-    value = _number(raw)
+    value = _number(raw, raw)
     if value < 1:
         return BudgetSpec("fraction", value)
     if not value.is_integer():

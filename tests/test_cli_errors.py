@@ -77,10 +77,81 @@ def test_non_finite_factor(tmp_path, run_cli, bad):
     assert_refused(run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o"), "NaN or Inf", out=tmp_path / "o")
 
 
-@pytest.mark.parametrize("budget", ["abc", "0", "-3", "0%", "150%", "1.5", "-0.5", "nan", "5 0"])
+def assert_usage_error(result, *needles):
+    """A malformed flag value: exit 2, click's usage message naming the flag, no traceback."""
+    assert result.code == 2, (result.code, result.stderr)
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle.lower() in message.lower(), message
+
+
+@pytest.mark.parametrize("budget", ["abc", "0", "-3", "0%", "150%", "1.5", "50.5", "-0.5", "nan", "5 0"])
 def test_malformed_or_non_positive_budget(tmp_path, run_cli, budget):
     path = write_adapter(tmp_path / "a")
-    assert_refused(run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o"), "--budget", out=tmp_path / "o")
+    assert_usage_error(run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o"), "--budget")
+    assert not (tmp_path / "o").exists()
+    config = tmp_path / "sublora.yaml"
+    config.write_text(f"budget: {json.dumps(budget)}\n")
+    result = run_cli("prune", path, "--config", config, "--out", tmp_path / "o")
+    assert_refused(result, "--config: budget", repr(budget), out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["prune", "A", "--budget", "1", "--dtype", "int8"], "--dtype"),
+        (["prune", "A", "--budget", "1", "--device", "gpu!"], "--device"),
+        (["prune", "A", "--budget", "1", "--max-loss-increase", "5x"], "--max-loss-increase"),
+        (["prune", "A", "--budget", "1", "--max-loss-increase", "-1%"], "--max-loss-increase"),
+        (["prune", "A", "--budget", "1", "--curvature", "fast"], "--curvature"),
+        (["eval", "A", "--calib", "c.py", "--dtype", "int8"], "--dtype"),
+        (["eval", "A", "--calib", "c.py", "--device", "cuda:x"], "--device"),
+        (["sweep", "A", "--calib", "c.py", "--budgets", "10:abc"], "--budgets"),
+        (["sweep", "A", "--calib", "c.py", "--budgets", "10,x"], "--budgets"),
+        (["sweep", "A", "--calib", "c.py", "--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_malformed_flag_values_are_usage_errors(tmp_path, run_cli, args, flag):
+    path = write_adapter(tmp_path / "a")
+    assert_usage_error(run_cli(*[str(path) if a == "A" else a for a in args]), flag)
+
+
+@pytest.mark.parametrize(
+    "setting, needle",
+    [
+        ("dtype: int8", "--config: dtype 'int8'"),
+        ("device: 'gpu!'", "--config: device"),
+        ("max_loss_increase: 5x", "--config: max_loss_increase"),
+    ],
+)
+def test_malformed_config_values_are_input_errors_naming_the_key(tmp_path, run_cli, setting, needle):
+    path = write_adapter(tmp_path / "a")
+    config = tmp_path / "sublora.yaml"
+    config.write_text(f"budget: 1\n{setting}\n")
+    assert_refused(run_cli("prune", path, "--config", config, "--out", tmp_path / "o"), needle, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "budget, reading, resolved",
+    [("1", "rank", 1), ("1.0", "rank", 1), ("2e0", "rank", 2), ("0.5", "fraction", 1), ("50%", "percentage", 1)],
+)
+def test_budget_reading_is_reported(tmp_path, run_cli, budget, reading, resolved):
+    path = write_adapter(tmp_path / "a")
+    result = run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["budget"] == {**report["budget"], "requested": budget, "reading": reading, "resolved": resolved}
+    summary = run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o", "--overwrite")
+    assert f"budget {budget} read as a {reading}" in " ".join(summary.stdout.split())
+
+
+def test_a_rank_budget_with_a_decimal_point_is_not_a_fraction(tmp_path, run_cli):
+    """`--budget 50.0` is the rank 50, so on a rank-2 adapter it keeps everything instead of failing "at most 1"."""
+    path = write_adapter(tmp_path / "a")
+    result = run_cli("prune", path, "--budget", "50.0", "--out", tmp_path / "o", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["budget"]["reading"] == "rank"
 
 
 @pytest.mark.parametrize("peft_type", ["IA3", "VERA", "LOHA"])
