@@ -238,3 +238,54 @@ def test_module_entry_point_version_and_no_traceback(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+
+
+def without_config_keys(path, *keys):
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if k not in keys}))
+    return path
+
+
+def test_config_without_lora_alpha_uses_peft_default_when_reading_and_writing(tmp_path, run_cli):
+    """peft's LoraConfig defaults lora_alpha to 8: the input's scale is 8/2, kept at rank 1 by alpha 4."""
+    path = without_config_keys(write_adapter(tmp_path / "a"), "lora_alpha")
+    result = run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["modules"][0]["scale"] == 4.0
+    written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert (written["lora_alpha"], written["rank_pattern"], written["alpha_pattern"]) == (8, {"lin": 1}, {"lin": 4.0})
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"r": "fifty"}, "r = 'fifty'"),
+        ({"r": 0}, "positive whole number"),
+        ({"r": 2.5}, "positive whole number"),
+        ({"r": True}, "positive whole number"),
+        ({"lora_alpha": "big"}, "lora_alpha = 'big'"),
+        ({"rank_pattern": {"lin": "two"}}, "rank_pattern['lin']"),
+        ({"alpha_pattern": {"lin": None}}, "alpha_pattern['lin']"),
+        ({"rank_pattern": ["lin"]}, "rank_pattern must be an object"),
+    ],
+)
+def test_malformed_ranks_and_alphas_in_the_config(tmp_path, run_cli, config, needle):
+    path = write_adapter(tmp_path / "a", config=config)
+    assert_refused(run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o"), needle, out=tmp_path / "o")
+
+
+def test_config_without_target_modules_is_written_so_peft_loads_it(tmp_path, run_cli):
+    peft = pytest.importorskip("peft")
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+    path = without_config_keys(write_adapter(tmp_path / "a"), "target_modules")
+    result = run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["target_modules"] == ["lin"]
+    model = peft.PeftModel.from_pretrained(Base(), str(tmp_path / "o"))
+    assert model.base_model.model.lin.lora_A["default"].weight.shape == (1, 4)
