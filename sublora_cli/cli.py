@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -102,15 +102,20 @@ def device_syntax(value: str) -> None:
         raise SubloraError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
 
 
+def non_negative(value: int) -> None:
+    if value < 0:
+        raise SubloraError(f"{value}: must be 0 or more.")
+
+
 def sweep_budgets_syntax(value: str) -> None:
     """--budgets errors never depend on the adapter's total rank, so any rank checks the syntax."""
     parse_budgets(value, total_rank=1)
 
 
-def usage_check(check: Callable[[str], object]):
+def usage_check(check: Callable[[Any], object]) -> Callable[[Any], Any]:
     """A Typer callback: a malformed flag value is a usage error (exit 2) carrying the check's message."""
 
-    def callback(value: str | None) -> str | None:
+    def callback(value: Any) -> Any:
         if value is not None:
             try:
                 check(value)
@@ -127,10 +132,12 @@ def choice_callback(choices: tuple[str, ...]):
 
 
 # Syntax checks of prune settings: flags get them as callbacks (exit 2), --config values after the merge (exit 1).
-SETTING_CHECKS: dict[str, Callable[[str], object]] = {
+SETTING_CHECKS: dict[str, Callable[[Any], object]] = {
     "budget": read_budget,
     "method": one_of(METHODS),
     "curvature": one_of(CURVATURES),
+    "min_rank": non_negative,
+    "max_rank": non_negative,
     "max_loss_increase": read_tolerance,
     "device": device_syntax,
     "dtype": one_of(tuple(DTYPES)),
@@ -255,10 +262,22 @@ def prune_command(
         ),
     ] = None,
     min_rank: Annotated[
-        int | None, typer.Option("--min-rank", help="Every module keeps at least this many.", show_default="0")
+        int | None,
+        typer.Option(
+            "--min-rank",
+            help="Every module keeps at least this many.",
+            show_default="0",
+            callback=usage_check(non_negative),
+        ),
     ] = None,
     max_rank: Annotated[
-        int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
+        int | None,
+        typer.Option(
+            "--max-rank",
+            help="No module keeps more than this.",
+            show_default=False,
+            callback=usage_check(non_negative),
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed of the randomized greedy (sublora-random).", show_default="0")
@@ -399,12 +418,7 @@ def live_progress(quiet: bool = False) -> Iterator[tuple]:
 
 
 def print_prune_summary(report: dict, out_dir: Path) -> None:
-    budget = report["budget"]
-    table = Table(
-        title=f"method {report['method']}, budget {escape(budget['requested'])} read as a {budget['reading']} "
-        f"→ {budget['resolved']}",
-        title_justify="left",
-    )
+    table = Table(title=f"method {report['method']}, budget {report['budget']['resolved']}", title_justify="left")
     for column in ("module", "shape", "rank", "kept σ"):
         table.add_column(column, justify="left" if column != "rank" else "right")
     for m in report["modules"]:
@@ -417,7 +431,11 @@ def print_prune_summary(report: dict, out_dir: Path) -> None:
             style=style,
         )
     out.print(table)
-    t = report["totals"]
+    budget, t = report["budget"], report["totals"]
+    out.print(
+        f"budget {escape(budget['requested'])}, read as a {budget['reading']}: "
+        f"{budget['resolved']} of {t['rank_before']} components"
+    )
     out.print(
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
         f"[bold]{t['params_after']:,}[/], {human_bytes(t['bytes_before'])} → [bold]{human_bytes(t['bytes_after'])}[/]"
@@ -476,17 +494,29 @@ def sweep_command(
             callback=usage_check(sweep_budgets_syntax),
         ),
     ] = "10:90:10",
-    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated, from: {', '.join(METHODS)}.")] = ",".join(
-        DEFAULT_METHODS
-    ),
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods", help=f"Comma-separated, from: {', '.join(METHODS)}.", callback=usage_check(parse_methods)
+        ),
+    ] = ",".join(DEFAULT_METHODS),
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of sublora-random, comma-separated.")] = "0,1,2",
     curvature: Annotated[
         str,
         typer.Option("--curvature", help=CURVATURE_HELP, callback=choice_callback(CURVATURES)),
     ] = DEFAULTS["curvature"],
-    min_rank: Annotated[int, typer.Option("--min-rank", help="Every module keeps at least this many.")] = 0,
+    min_rank: Annotated[
+        int,
+        typer.Option("--min-rank", help="Every module keeps at least this many.", callback=usage_check(non_negative)),
+    ] = 0,
     max_rank: Annotated[
-        int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
+        int | None,
+        typer.Option(
+            "--max-rank",
+            help="No module keeps more than this.",
+            show_default=False,
+            callback=usage_check(non_negative),
+        ),
     ] = None,
     max_hessian_gb: Annotated[float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP)] = DEFAULTS[
         "max_hessian_gb"

@@ -105,11 +105,15 @@ def test_malformed_or_non_positive_budget(tmp_path, run_cli, budget):
         (["prune", "A", "--budget", "1", "--max-loss-increase", "5x"], "--max-loss-increase"),
         (["prune", "A", "--budget", "1", "--max-loss-increase", "-1%"], "--max-loss-increase"),
         (["prune", "A", "--budget", "1", "--curvature", "fast"], "--curvature"),
+        (["prune", "A", "--budget", "1", "--min-rank", "-1"], "--min-rank"),
+        (["prune", "A", "--budget", "1", "--max-rank", "-1"], "--max-rank"),
         (["eval", "A", "--calib", "c.py", "--dtype", "int8"], "--dtype"),
         (["eval", "A", "--calib", "c.py", "--device", "cuda:x"], "--device"),
         (["sweep", "A", "--calib", "c.py", "--budgets", "10:abc"], "--budgets"),
         (["sweep", "A", "--calib", "c.py", "--budgets", "10,x"], "--budgets"),
         (["sweep", "A", "--calib", "c.py", "--dtype", "int8"], "--dtype"),
+        (["sweep", "A", "--calib", "c.py", "--methods", "foo"], "--methods"),
+        (["sweep", "A", "--calib", "c.py", "--min-rank", "-2"], "--min-rank"),
     ],
 )
 def test_malformed_flag_values_are_usage_errors(tmp_path, run_cli, args, flag):
@@ -123,6 +127,7 @@ def test_malformed_flag_values_are_usage_errors(tmp_path, run_cli, args, flag):
         ("dtype: int8", "--config: dtype 'int8'"),
         ("device: 'gpu!'", "--config: device"),
         ("max_loss_increase: 5x", "--config: max_loss_increase"),
+        ("min_rank: -1", "--config: min_rank -1"),
     ],
 )
 def test_malformed_config_values_are_input_errors_naming_the_key(tmp_path, run_cli, setting, needle):
@@ -143,7 +148,7 @@ def test_budget_reading_is_reported(tmp_path, run_cli, budget, reading, resolved
     report = json.loads(result.stdout)
     assert report["budget"] == {**report["budget"], "requested": budget, "reading": reading, "resolved": resolved}
     summary = run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o", "--overwrite")
-    assert f"budget {budget} read as a {reading}" in " ".join(summary.stdout.split())
+    assert f"budget {budget}, read as a {reading}: {resolved} of 2 components" in " ".join(summary.stdout.split())
 
 
 def test_a_rank_budget_with_a_decimal_point_is_not_a_fraction(tmp_path, run_cli):
