@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +27,7 @@ from rich.table import Table
 
 from sublora_cli import __version__
 from sublora_cli.adapters import read_adapter
+from sublora_cli.budget import read_budget, read_tolerance
 from sublora_cli.calibrated import DTYPES
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import QualityGateFailed, SubloraError
@@ -32,7 +35,7 @@ from sublora_cli.prune import PruneOptions, SweepOptions, evaluate_adapter, prun
 from sublora_cli.select import METHODS
 from sublora_cli.settings import DEFAULTS, load_config, merge
 from sublora_cli.spectra import adapter_spectra, describe_adapter
-from sublora_cli.sweep import DEFAULT_METHODS, parse_methods
+from sublora_cli.sweep import DEFAULT_METHODS, parse_budgets, parse_methods
 
 CURVATURES = (*KINDS, AUTO)
 CURVATURE_HELP = (
@@ -49,11 +52,14 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Rich help parses markup and emoji codes in help texts and defaults (`10:100:10` became `10💯10`): plain help.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
-out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-err = Console(stderr=True, soft_wrap=True)  # error messages carry paths: never hard-wrap them
+# No emoji codes: user text such as `my:fire:adapter` must print literally (markup is escaped where printed).
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # error messages carry paths: never hard-wrap them
 state = {"debug": False}
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -78,15 +84,64 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def choice_callback(choices: tuple[str, ...]):
-    """Validate an optional string option against `choices` (a usage error, exit 2, names the valid ones)."""
+def one_of(choices: tuple[str, ...]) -> Callable[[str], None]:
+    """A check that a setting is one of `choices` (its error names the valid ones)."""
 
-    def check(value: str | None) -> str | None:
-        if value is not None and value not in choices:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}.")
-        return value
+    def check(value: str) -> None:
+        if value not in choices:
+            raise SubloraError(f"{value!r} is not one of {', '.join(choices)}.")
 
     return check
+
+
+def device_syntax(value: str) -> None:
+    """A device name torch can parse; whether the machine has it is checked when the model is loaded."""
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise SubloraError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
+
+
+def non_negative(value: int) -> None:
+    if value < 0:
+        raise SubloraError(f"{value}: must be 0 or more.")
+
+
+def sweep_budgets_syntax(value: str) -> None:
+    """--budgets errors never depend on the adapter's total rank, so any rank checks the syntax."""
+    parse_budgets(value, total_rank=1)
+
+
+def usage_check(check: Callable[[Any], object]) -> Callable[[Any], Any]:
+    """A Typer callback: a malformed flag value is a usage error (exit 2) carrying the check's message."""
+
+    def callback(value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except SubloraError as e:
+                raise typer.BadParameter(str(e)) from None
+        return value
+
+    return callback
+
+
+def choice_callback(choices: tuple[str, ...]):
+    """Validate an optional string option against `choices` (a usage error, exit 2, names the valid ones)."""
+    return usage_check(one_of(choices))
+
+
+# Syntax checks of prune settings: flags get them as callbacks (exit 2), --config values after the merge (exit 1).
+SETTING_CHECKS: dict[str, Callable[[Any], object]] = {
+    "budget": read_budget,
+    "method": one_of(METHODS),
+    "curvature": one_of(CURVATURES),
+    "min_rank": non_negative,
+    "max_rank": non_negative,
+    "max_loss_increase": read_tolerance,
+    "device": device_syntax,
+    "dtype": one_of(tuple(DTYPES)),
+}
 
 
 def version_callback(value: bool) -> None:
@@ -118,7 +173,7 @@ def inspect(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    table = Table(title=f"{adapter}  ({loaded.format})", title_justify="left")
+    table = Table(title=escape(f"{adapter}  ({loaded.format})"), title_justify="left")
     for column in (
         "module",
         "shape",
@@ -136,7 +191,7 @@ def inspect(
     for m in info["modules"]:
         energy = m["energy_components"]
         table.add_row(
-            m["name"],
+            escape(m["name"]),
             "×".join(map(str, m["shape"])),
             str(m["rank"]),
             f"{m['scale']:.3g}",
@@ -167,8 +222,10 @@ def prune_command(
         typer.Option(
             "--budget",
             "-b",
-            help="Components to keep in total: a rank (50), a percentage (25%) or a fraction (0.25). Required.",
+            help="Components to keep in total: a rank (50), a percentage (25%) or a fraction below 1 (0.25). "
+            "Required.",
             show_default=False,
+            callback=usage_check(read_budget),
         ),
     ] = None,
     out_dir: Annotated[
@@ -205,10 +262,22 @@ def prune_command(
         ),
     ] = None,
     min_rank: Annotated[
-        int | None, typer.Option("--min-rank", help="Every module keeps at least this many.", show_default="0")
+        int | None,
+        typer.Option(
+            "--min-rank",
+            help="Every module keeps at least this many.",
+            show_default="0",
+            callback=usage_check(non_negative),
+        ),
     ] = None,
     max_rank: Annotated[
-        int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
+        int | None,
+        typer.Option(
+            "--max-rank",
+            help="No module keeps more than this.",
+            show_default=False,
+            callback=usage_check(non_negative),
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed of the randomized greedy (sublora-random).", show_default="0")
@@ -220,6 +289,7 @@ def prune_command(
             help="Quality gate: exit 3 when the measured loss grows by more than this (0.05 or 5%, relative to "
             "the loss before). The output is still written.",
             show_default=False,
+            callback=usage_check(read_tolerance),
         ),
     ] = None,
     max_hessian_gb: Annotated[
@@ -231,7 +301,13 @@ def prune_command(
         ),
     ] = None,
     device: Annotated[
-        str | None, typer.Option("--device", help="Torch device for the calibration model.", show_default="cpu")
+        str | None,
+        typer.Option(
+            "--device",
+            help="Torch device for the calibration model.",
+            show_default="cpu",
+            callback=usage_check(device_syntax),
+        ),
     ] = None,
     dtype: Annotated[
         str | None,
@@ -239,6 +315,7 @@ def prune_command(
             "--dtype",
             help=f"Model dtype: {', '.join(DTYPES)}. Curvature accumulates in float64.",
             show_default="float32",
+            callback=choice_callback(tuple(DTYPES)),
         ),
     ] = None,
     config: Annotated[
@@ -269,9 +346,12 @@ def prune_command(
         raise typer.BadParameter("give the adapter directory (or `adapter:` in --config).", param_hint="ADAPTER")
     if settings["budget"] is None:
         raise typer.BadParameter("a budget is required (or `budget:` in --config).", param_hint="--budget")
-    for key, choices in (("method", METHODS), ("curvature", CURVATURES)):
-        if settings[key] is not None and settings[key] not in choices:
-            raise SubloraError(f"--config: {key} {settings[key]!r} is not one of {', '.join(choices)}.")
+    for key, check in SETTING_CHECKS.items():
+        if flags[key] is None and settings[key] is not None:  # flags were checked by their callbacks
+            try:
+                check(settings[key])
+            except SubloraError as e:
+                raise SubloraError(f"--config: {key} {e}") from None
     options = PruneOptions(
         budget=str(settings["budget"]),
         method=settings["method"],
@@ -295,7 +375,7 @@ def prune_command(
             info=info,
         )
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     if as_json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -331,7 +411,7 @@ def live_progress(quiet: bool = False) -> Iterator[tuple]:
 
     def info(message: str) -> None:
         if not quiet:
-            err.print(f"[dim]{message}[/]", highlight=False)
+            err.print(f"[dim]{escape(message)}[/]", highlight=False)
 
     with bar:
         yield progress, info
@@ -344,14 +424,18 @@ def print_prune_summary(report: dict, out_dir: Path) -> None:
     for m in report["modules"]:
         style = "dim" if m["rank_after"] == m["rank_before"] else ("red" if m["rank_after"] == 0 else "")
         table.add_row(
-            m["name"],
+            escape(m["name"]),
             "×".join(map(str, m["shape"])),
             f"{m['rank_before']} → {m['rank_after']}",
             sparkline(m["sigma"], width=30),
             style=style,
         )
     out.print(table)
-    t = report["totals"]
+    budget, t = report["budget"], report["totals"]
+    out.print(
+        f"budget {escape(budget['requested'])}, read as a {budget['reading']}: "
+        f"{budget['resolved']} of {t['rank_before']} components"
+    )
     out.print(
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
         f"[bold]{t['params_after']:,}[/], {human_bytes(t['bytes_before'])} → [bold]{human_bytes(t['bytes_after'])}[/]"
@@ -366,16 +450,25 @@ def print_prune_summary(report: dict, out_dir: Path) -> None:
         )
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():
-            out.print(f"{name} {before:.4g} → [bold]{report['metrics']['after'].get(name, float('nan')):.4g}[/]")
-    out.print(f"wrote {out_dir} (adapter + sublora_report.json, sublora_report.md)")
+            after = report["metrics"]["after"].get(name, float("nan"))
+            out.print(f"{escape(name)} {before:.4g} → [bold]{after:.4g}[/]")
+    out.print(escape(f"wrote {out_dir} (adapter + sublora_report.json, sublora_report.md)"))
 
 
 @app.command(name="eval")
 def eval_command(
     adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
     calib: Annotated[Path, typer.Option("--calib", "-c", help="Calibration script.", show_default=False)],
-    device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="Torch device for the calibration model.", callback=usage_check(device_syntax)
+        ),
+    ] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.", callback=choice_callback(tuple(DTYPES))),
+    ] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """Print ADAPTER's calibration loss and the script's evaluate() metrics."""
@@ -383,10 +476,10 @@ def eval_command(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    out.print(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches")
+    out.print(escape(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches"))
     out.print(f"loss [bold]{result['loss']:.6g}[/]")
     for name, value in (result["metrics"] or {}).items():
-        out.print(f"{name} [bold]{value:.6g}[/]")
+        out.print(f"{escape(name)} [bold]{value:.6g}[/]")
 
 
 @app.command(name="sweep")
@@ -395,25 +488,49 @@ def sweep_command(
     calib: Annotated[Path, typer.Option("--calib", "-c", help="Calibration script.", show_default=False)],
     budgets: Annotated[
         str,
-        typer.Option("--budgets", help="A list (10,20,40 or 10%,25%) or a range start:stop:step (10:100:10)."),
+        typer.Option(
+            "--budgets",
+            help="A list (10,20,40 or 10%,25%) or a range start:stop:step (10:100:10).",
+            callback=usage_check(sweep_budgets_syntax),
+        ),
     ] = "10:90:10",
-    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated, from: {', '.join(METHODS)}.")] = ",".join(
-        DEFAULT_METHODS
-    ),
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods", help=f"Comma-separated, from: {', '.join(METHODS)}.", callback=usage_check(parse_methods)
+        ),
+    ] = ",".join(DEFAULT_METHODS),
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of sublora-random, comma-separated.")] = "0,1,2",
     curvature: Annotated[
         str,
         typer.Option("--curvature", help=CURVATURE_HELP, callback=choice_callback(CURVATURES)),
     ] = DEFAULTS["curvature"],
-    min_rank: Annotated[int, typer.Option("--min-rank", help="Every module keeps at least this many.")] = 0,
+    min_rank: Annotated[
+        int,
+        typer.Option("--min-rank", help="Every module keeps at least this many.", callback=usage_check(non_negative)),
+    ] = 0,
     max_rank: Annotated[
-        int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
+        int | None,
+        typer.Option(
+            "--max-rank",
+            help="No module keeps more than this.",
+            show_default=False,
+            callback=usage_check(non_negative),
+        ),
     ] = None,
     max_hessian_gb: Annotated[float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP)] = DEFAULTS[
         "max_hessian_gb"
     ],
-    device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="Torch device for the calibration model.", callback=usage_check(device_syntax)
+        ),
+    ] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.", callback=choice_callback(tuple(DTYPES))),
+    ] = "float32",
     evaluate: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Run the script's evaluate() for every selection.")
     ] = True,
@@ -446,17 +563,18 @@ def sweep_command(
     with live_progress(quiet=as_json) as (progress, info):
         result = sweep(adapter, options, out_dir=out_dir, overwrite=overwrite, progress=progress, info=info)
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
     if as_json:
         print(json.dumps({**result.meta, "rows": [asdict(r) for r in result.rows]}, indent=2))
         return
     meta = result.meta
     metric_names = sorted({k for r in result.rows for k in (r.metrics_after or {})})
     table = Table(
-        title=f"{adapter}: loss before {meta['loss_before']:.4g}, curvature {meta['curvature']}", title_justify="left"
+        title=escape(f"{adapter}: loss before {meta['loss_before']:.4g}, curvature {meta['curvature']}"),
+        title_justify="left",
     )
     for column in ("budget", "method", "rank", "predicted Δloss", "measured Δloss", "loss after", *metric_names):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(escape(column), justify="left" if column == "method" else "right")
     for r in result.rows:
         predicted = "n/a" if r.predicted_increase is None else f"{r.predicted_increase:.3g}"
         method_name = r.method if r.seed is None else f"{r.method} (seed {r.seed})"
@@ -471,7 +589,7 @@ def sweep_command(
             *metrics,
         )
     out.print(table)
-    out.print("wrote " + ", ".join(str(p) for p in result.written))
+    out.print(escape("wrote " + ", ".join(str(p) for p in result.written)))
 
 
 def main() -> None:
@@ -484,13 +602,14 @@ def main() -> None:
     except SubloraError as e:
         if state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
     except Exception as e:
         if state["debug"]:
             raise
         err.print(
-            f"[bold red]error:[/] unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback.",
+            f"[bold red]error:[/] unexpected {type(e).__name__}: {escape(str(e))}. "
+            "Run again with --debug for the traceback.",
             highlight=False,
         )
         sys.exit(1)

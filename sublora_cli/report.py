@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sublora_cli import __version__
 from sublora_cli.adapters import Adapter, PrunedModule
+from sublora_cli.budget import read_budget
 from sublora_cli.select import Selection
 from sublora_cli.svd import Spectrum
 
@@ -71,7 +72,12 @@ def build_report(
         "curvature": curvature,
         "seed": seed if method == "sublora-random" else None,
         "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format},
-        "budget": {"requested": str(budget_requested), "resolved": budget_resolved, **bounds},
+        "budget": {
+            "requested": str(budget_requested),
+            "reading": read_budget(budget_requested).reading,
+            "resolved": budget_resolved,
+            **bounds,
+        },
         "totals": _totals(pruned),
         "modules": modules,
         "calibration": calibration,
@@ -91,7 +97,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- input: `{report['input']['path']}` (sha256 `{report['input']['sha256'][:16]}…`)",
         f"- method: `{report['method']}`" + (f", curvature `{report['curvature']}`" if report["curvature"] else ""),
-        f"- budget: {report['budget']['requested']} → {report['budget']['resolved']} components",
+        f"- budget: {report['budget']['requested']} (read as a {report['budget']['reading']}) → "
+        f"{report['budget']['resolved']} components",
         f"- rank {t['rank_before']} → {t['rank_after']}, parameters {t['params_before']:,} → {t['params_after']:,}, "
         f"bytes {t['bytes_before']:,} → {t['bytes_after']:,}",
     ]

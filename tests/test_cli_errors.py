@@ -77,10 +77,86 @@ def test_non_finite_factor(tmp_path, run_cli, bad):
     assert_refused(run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o"), "NaN or Inf", out=tmp_path / "o")
 
 
-@pytest.mark.parametrize("budget", ["abc", "0", "-3", "0%", "150%", "1.5", "-0.5", "nan", "5 0"])
+def assert_usage_error(result, *needles):
+    """A malformed flag value: exit 2, click's usage message naming the flag, no traceback."""
+    assert result.code == 2, (result.code, result.stderr)
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle.lower() in message.lower(), message
+
+
+@pytest.mark.parametrize("budget", ["abc", "0", "-3", "0%", "150%", "1.5", "50.5", "-0.5", "nan", "5 0"])
 def test_malformed_or_non_positive_budget(tmp_path, run_cli, budget):
     path = write_adapter(tmp_path / "a")
-    assert_refused(run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o"), "--budget", out=tmp_path / "o")
+    assert_usage_error(run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o"), "--budget")
+    assert not (tmp_path / "o").exists()
+    config = tmp_path / "sublora.yaml"
+    config.write_text(f"budget: {json.dumps(budget)}\n")
+    result = run_cli("prune", path, "--config", config, "--out", tmp_path / "o")
+    assert_refused(result, "--config: budget", repr(budget), out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["prune", "A", "--budget", "1", "--dtype", "int8"], "--dtype"),
+        (["prune", "A", "--budget", "1", "--device", "gpu!"], "--device"),
+        (["prune", "A", "--budget", "1", "--max-loss-increase", "5x"], "--max-loss-increase"),
+        (["prune", "A", "--budget", "1", "--max-loss-increase", "-1%"], "--max-loss-increase"),
+        (["prune", "A", "--budget", "1", "--curvature", "fast"], "--curvature"),
+        (["prune", "A", "--budget", "1", "--min-rank", "-1"], "--min-rank"),
+        (["prune", "A", "--budget", "1", "--max-rank", "-1"], "--max-rank"),
+        (["eval", "A", "--calib", "c.py", "--dtype", "int8"], "--dtype"),
+        (["eval", "A", "--calib", "c.py", "--device", "cuda:x"], "--device"),
+        (["sweep", "A", "--calib", "c.py", "--budgets", "10:abc"], "--budgets"),
+        (["sweep", "A", "--calib", "c.py", "--budgets", "10,x"], "--budgets"),
+        (["sweep", "A", "--calib", "c.py", "--dtype", "int8"], "--dtype"),
+        (["sweep", "A", "--calib", "c.py", "--methods", "foo"], "--methods"),
+        (["sweep", "A", "--calib", "c.py", "--min-rank", "-2"], "--min-rank"),
+    ],
+)
+def test_malformed_flag_values_are_usage_errors(tmp_path, run_cli, args, flag):
+    path = write_adapter(tmp_path / "a")
+    assert_usage_error(run_cli(*[str(path) if a == "A" else a for a in args]), flag)
+
+
+@pytest.mark.parametrize(
+    "setting, needle",
+    [
+        ("dtype: int8", "--config: dtype 'int8'"),
+        ("device: 'gpu!'", "--config: device"),
+        ("max_loss_increase: 5x", "--config: max_loss_increase"),
+        ("min_rank: -1", "--config: min_rank -1"),
+    ],
+)
+def test_malformed_config_values_are_input_errors_naming_the_key(tmp_path, run_cli, setting, needle):
+    path = write_adapter(tmp_path / "a")
+    config = tmp_path / "sublora.yaml"
+    config.write_text(f"budget: 1\n{setting}\n")
+    assert_refused(run_cli("prune", path, "--config", config, "--out", tmp_path / "o"), needle, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "budget, reading, resolved",
+    [("1", "rank", 1), ("1.0", "rank", 1), ("2e0", "rank", 2), ("0.5", "fraction", 1), ("50%", "percentage", 1)],
+)
+def test_budget_reading_is_reported(tmp_path, run_cli, budget, reading, resolved):
+    path = write_adapter(tmp_path / "a")
+    result = run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["budget"] == {**report["budget"], "requested": budget, "reading": reading, "resolved": resolved}
+    summary = run_cli("prune", path, "--budget", budget, "--out", tmp_path / "o", "--overwrite")
+    assert f"budget {budget}, read as a {reading}: {resolved} of 2 components" in " ".join(summary.stdout.split())
+
+
+def test_a_rank_budget_with_a_decimal_point_is_not_a_fraction(tmp_path, run_cli):
+    """`--budget 50.0` is the rank 50, so on a rank-2 adapter it keeps everything instead of failing "at most 1"."""
+    path = write_adapter(tmp_path / "a")
+    result = run_cli("prune", path, "--budget", "50.0", "--out", tmp_path / "o", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["budget"]["reading"] == "rank"
 
 
 @pytest.mark.parametrize("peft_type", ["IA3", "VERA", "LOHA"])
@@ -167,3 +243,54 @@ def test_module_entry_point_version_and_no_traceback(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+
+
+def without_config_keys(path, *keys):
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if k not in keys}))
+    return path
+
+
+def test_config_without_lora_alpha_uses_peft_default_when_reading_and_writing(tmp_path, run_cli):
+    """peft's LoraConfig defaults lora_alpha to 8: the input's scale is 8/2, kept at rank 1 by alpha 4."""
+    path = without_config_keys(write_adapter(tmp_path / "a"), "lora_alpha")
+    result = run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["modules"][0]["scale"] == 4.0
+    written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert (written["lora_alpha"], written["rank_pattern"], written["alpha_pattern"]) == (8, {"lin": 1}, {"lin": 4.0})
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"r": "fifty"}, "r = 'fifty'"),
+        ({"r": 0}, "positive whole number"),
+        ({"r": 2.5}, "positive whole number"),
+        ({"r": True}, "positive whole number"),
+        ({"lora_alpha": "big"}, "lora_alpha = 'big'"),
+        ({"rank_pattern": {"lin": "two"}}, "rank_pattern['lin']"),
+        ({"alpha_pattern": {"lin": None}}, "alpha_pattern['lin']"),
+        ({"rank_pattern": ["lin"]}, "rank_pattern must be an object"),
+    ],
+)
+def test_malformed_ranks_and_alphas_in_the_config(tmp_path, run_cli, config, needle):
+    path = write_adapter(tmp_path / "a", config=config)
+    assert_refused(run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o"), needle, out=tmp_path / "o")
+
+
+def test_config_without_target_modules_is_written_so_peft_loads_it(tmp_path, run_cli):
+    peft = pytest.importorskip("peft")
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+    path = without_config_keys(write_adapter(tmp_path / "a"), "target_modules")
+    result = run_cli("prune", path, "--budget", "1", "--out", tmp_path / "o")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["target_modules"] == ["lin"]
+    model = peft.PeftModel.from_pretrained(Base(), str(tmp_path / "o"))
+    assert model.base_model.model.lin.lora_A["default"].weight.shape == (1, 4)

@@ -150,7 +150,7 @@ def test_max_loss_increase_needs_calibration_and_a_number(problem, tmp_path, run
     adapter, calib = problem
     assert "needs --calib" in run_cli("prune", adapter, "-b", 2, "--max-loss-increase", "5%").stderr
     bad = run_cli("prune", adapter, "--calib", calib, "-b", 2, "-o", tmp_path / "z", "--max-loss-increase", "lots")
-    assert bad.code == 1 and "not a number" in bad.stderr and not (tmp_path / "z").exists()
+    assert bad.code == 2 and "not a number" in bad.stderr and not (tmp_path / "z").exists()
 
 
 def test_config_file_with_flags_overriding(problem, tmp_path, run_cli):
@@ -305,7 +305,7 @@ def test_sweep_writes_csv_json_png_and_matches_prune(problem, tmp_path, run_cli)
 def test_sweep_rejects_bad_budget_lists(problem, tmp_path, run_cli, budgets):
     adapter, calib = problem
     result = run_cli("sweep", adapter, "--calib", calib, "--budgets", budgets, "-o", tmp_path / "s")
-    assert result.code == 1 and "--budget" in result.stderr and not (tmp_path / "s").exists()
+    assert result.code == 2 and "--budget" in result.stderr and not (tmp_path / "s").exists()
 
 
 def test_keeping_fewer_than_the_budget_is_warned(problem, tmp_path, run_cli):

@@ -24,6 +24,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
+# What peft's LoraConfig assumes when adapter_config.json omits r / lora_alpha (peft 0.21): the reader and
+# the writer both use these, so a pruned module's rank and alpha are compared with what peft would load.
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 
 
 def model_tensor_name(key: str) -> str:
@@ -93,7 +96,32 @@ def _load_config(path: Path) -> dict:
     for flag, what in UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise SubloraError(f"{path} uses {what}, which sublora cannot prune faithfully; refusing.")
+    for key, default in PEFT_DEFAULTS.items():
+        if config.get(key) is None:
+            config[key] = default
+    _check_ranks_and_alphas(config, config_path)
     return config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_ranks_and_alphas(config: dict, config_path: Path) -> None:
+    """Ranks are positive whole numbers and alphas finite numbers, globally and in the patterns."""
+    ranks = {"r": config["r"]}
+    alphas = {"lora_alpha": config["lora_alpha"]}
+    for key, into in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise SubloraError(f"{config_path}: {key} must be an object of module pattern → value, got {pattern!r}.")
+        into.update({f"{key}[{name!r}]": value for name, value in pattern.items()})
+    for where, value in ranks.items():
+        if not (_is_number(value) and float(value).is_integer() and value > 0):
+            raise SubloraError(f"{config_path}: {where} = {value!r}; a LoRA rank must be a positive whole number.")
+    for where, value in alphas.items():
+        if not _is_number(value):
+            raise SubloraError(f"{config_path}: {where} = {value!r}; lora_alpha must be a number.")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -171,8 +199,8 @@ def read_peft(path: Path) -> Adapter:
             f"{path / WEIGHTS_FILE} holds no LoRA factors (no keys ending in .lora_A.weight or "
             f".lora_embedding_A); is this a LoRA adapter?"
         )
-    default_r = int(config.get("r", 8))
-    default_alpha = float(config.get("lora_alpha", 8))
+    default_r = int(config["r"])
+    default_alpha = float(config["lora_alpha"])
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
@@ -255,7 +283,8 @@ def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
     peft takes the *first* pattern key that matches the end of a module name, so the input's own keys
     (often short suffixes such as "c_fc") would shadow new ones. Instead every module whose rank or alpha
     differs from the global `r`/`lora_alpha` gets an entry under its full name and the old keys are
-    dropped: the result does not depend on key order.
+    dropped: the result does not depend on key order. A config without target_modules (peft infers them
+    only for architectures it knows) gets the adapted modules' full names, so peft can load the result.
     """
     config = dict(adapter.config)
     rank_pattern: dict[str, int] = {}
@@ -277,6 +306,8 @@ def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
     config["rank_pattern"] = rank_pattern
     config["alpha_pattern"] = alpha_pattern
     config["exclude_modules"] = _merge_exclude(adapter.config.get("exclude_modules"), dropped)
+    if not config.get("target_modules"):
+        config["target_modules"] = sorted(m.name for m in adapter.modules)
     return config
 
 
