@@ -176,8 +176,17 @@ def default_threads(device: torch.device) -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
+def intra_op_threads(kind: str, device: torch.device, threads: int | None = None) -> int:
+    """torch's intra-op thread count while `kind` is computed: 1 while worker threads share the cores (the
+    HVPs of exact and diag on the CPU), else torch's own (the Fisher)."""
+    if kind == "fisher":
+        return torch.get_num_threads()
+    threads = default_threads(device) if threads is None else threads
+    return 1 if threads > 1 else torch.get_num_threads()
+
+
 @contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
+def intra_op_thread_count(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to n for the duration (the workers share the cores instead)."""
     before = torch.get_num_threads()
     if n != before:
@@ -272,7 +281,7 @@ def compute_curvature(
         chunk = CHUNK if device.type == "cpu" else CHUNK_GPU
     if threads is None:
         threads = default_threads(device)
-    with _intra_op_threads(1 if threads > 1 else torch.get_num_threads()):
+    with intra_op_thread_count(intra_op_threads(kind, device, threads)):
         return _exact(sigma_model, batches, kind, progress, chunk, threads)
 
 
@@ -458,5 +467,7 @@ __all__ = [
     "choose_kind",
     "compute_curvature",
     "estimate_cost",
+    "intra_op_thread_count",
+    "intra_op_threads",
     "resolve_kind",
 ]

@@ -117,19 +117,17 @@ def _check_curvature(method: str, curvature: str) -> None:
         )
 
 
-def _announce_curvature(
-    calibrated: Calibrated, kind: str, requested: str, reason: str, loss_seconds: float, info: Info | None
-) -> None:
+def _announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None) -> None:
     """Say up front which curvature is computed, why, and what it will cost, before minutes of work start."""
     if info is None:
         return
     R, n = calibrated.sigma_model.size, len(calibrated.batches)
-    cost = estimate_cost(R, n, kind, loss_seconds)
+    cost = estimate_cost(R, n, kind, calibrated.steady_loss_seconds(kind))
     hvps, passes = cost["hvps"], cost["passes"]
     work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
     info(
         f"curvature {kind}: {work} (R = {R}, {n} batches), {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix, "
-        f"about {_duration(cost['seconds'])} (estimated from the loss evaluation; typically within 2×)"
+        f"about {_duration(cost['seconds'])} (estimated from a timed loss evaluation; typically within 2×)"
     )
     if requested == AUTO:
         info(f"  chosen by --curvature auto: {reason}")
@@ -146,20 +144,13 @@ def _curvature(
     requested: str,
     methods: list[str],
     max_hessian_gb: float,
-    loss_seconds: float,
     info: Info | None,
     progress: Progress | None,
 ) -> tuple[Curvature, str]:
     """The curvature `methods` need (resolving `auto`), with the reason for its kind."""
     kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
-    _announce_curvature(calibrated, kind, requested, reason, loss_seconds, info)
+    _announce_curvature(calibrated, kind, requested, reason, info)
     return calibrated.curvature(kind, max_hessian_gb, progress), reason
-
-
-def _timed_loss(calibrated: Calibrated) -> tuple[float, float]:
-    """The loss of the full adapter, and how long it took: the unit of the curvature's time estimate."""
-    start = time.perf_counter()
-    return calibrated.loss(), time.perf_counter() - start
 
 
 def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
@@ -228,11 +219,11 @@ def prune(
             calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
         try:
             with timings.stage("eval"):
-                loss_before, loss_seconds = _timed_loss(calibrated)
+                loss_before = calibrated.loss()
                 metrics_before = calibrated.metrics()
             with timings.stage("curvature"):
                 curvature, reason = _curvature(
-                    calibrated, options.curvature, [method], options.max_hessian_gb, loss_seconds, info, progress
+                    calibrated, options.curvature, [method], options.max_hessian_gb, info, progress
                 )
             warnings.extend(curvature.notes_for([method]))
             with timings.stage("select"):
@@ -374,11 +365,11 @@ def sweep(
         calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
     try:
         with timings.stage("eval"):
-            loss_before, loss_seconds = _timed_loss(calibrated)
+            loss_before = calibrated.loss()
             metrics_before = calibrated.metrics() if options.evaluate else None
         with timings.stage("curvature"):
             curvature, reason = _curvature(
-                calibrated, options.curvature, options.methods, options.max_hessian_gb, loss_seconds, info, progress
+                calibrated, options.curvature, options.methods, options.max_hessian_gb, info, progress
             )
         with timings.stage("sweep"):
             rows = run_sweep(
