@@ -17,7 +17,7 @@ import torch
 
 from sublora_cli.adapters import Adapter
 from sublora_cli.adapters.peft import model_tensor_name
-from sublora_cli.calibration import CalibrationScript, load_calibration
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, load_calibration
 from sublora_cli.curvature import Curvature, compute_curvature, intra_op_thread_count, intra_op_threads
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.reparam import SigmaModel
@@ -139,14 +139,21 @@ def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
 
 
 def open_calibration(
-    calib: Path, adapter: Adapter, spectra: list[Spectrum], device: str = "cpu", dtype: str = "float32"
+    calib: Path,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Calibrated:
-    """Run the script's load_model() and batches() and hook the adapter's modules into the model."""
+    """Run the script's load_model() and batches() (at most `max_batches`) and hook the adapter's modules into
+    the model."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     script = load_calibration(calib)
     model = script.call_load_model()
     load_carried_tensors(model, adapter)
-    batches = script.call_batches()
+    batches = script.call_batches(max_batches, progress)
     sigma_model = SigmaModel(
         model,
         adapter.modules,

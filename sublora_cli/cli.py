@@ -41,6 +41,7 @@ CURVATURE_HELP = (
     "for --method diag/linear. See docs/curvature.md."
 )
 MATRIX_LIMIT_HELP = "Refuse a Hessian or Fisher matrix (float64) larger than this many GB."
+MAX_BATCHES_HELP = "Stop with an error when batches() yields more than this many batches (an endless generator)."
 
 app = typer.Typer(
     name="sublora",
@@ -87,6 +88,13 @@ def choice_callback(choices: tuple[str, ...]):
         return value
 
     return check
+
+
+def positive_callback(value: float | None) -> float | None:
+    """A size or count flag must be above 0 (a usage error, exit 2)."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value:g} is not positive.")
+    return value
 
 
 def version_callback(value: bool) -> None:
@@ -228,6 +236,16 @@ def prune_command(
             "--max-hessian-gb",
             help=MATRIX_LIMIT_HELP,
             show_default=str(DEFAULTS["max_hessian_gb"]),
+            callback=positive_callback,
+        ),
+    ] = None,
+    max_batches: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batches",
+            help=MAX_BATCHES_HELP,
+            show_default=str(DEFAULTS["max_batches"]),
+            callback=positive_callback,
         ),
     ] = None,
     device: Annotated[
@@ -261,6 +279,7 @@ def prune_command(
         seed=seed,
         max_loss_increase=max_loss_increase,
         max_hessian_gb=max_hessian_gb,
+        max_batches=max_batches,
         device=device,
         dtype=dtype,
     )
@@ -282,6 +301,7 @@ def prune_command(
         seed=settings["seed"],
         max_loss_increase=None if settings["max_loss_increase"] is None else str(settings["max_loss_increase"]),
         max_hessian_gb=float(settings["max_hessian_gb"]),
+        max_batches=settings["max_batches"],
         device=settings["device"],
         dtype=settings["dtype"],
     )
@@ -376,10 +396,16 @@ def eval_command(
     calib: Annotated[Path, typer.Option("--calib", "-c", help="Calibration script.", show_default=False)],
     device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
+    max_batches: Annotated[
+        int, typer.Option("--max-batches", help=MAX_BATCHES_HELP, callback=positive_callback)
+    ] = DEFAULTS["max_batches"],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """Print ADAPTER's calibration loss and the script's evaluate() metrics."""
-    result = evaluate_adapter(adapter, calib, device=device, dtype=dtype)
+    with live_progress(quiet=as_json) as (progress, _):
+        result = evaluate_adapter(
+            adapter, calib, device=device, dtype=dtype, max_batches=max_batches, progress=progress
+        )
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -409,9 +435,12 @@ def sweep_command(
     max_rank: Annotated[
         int | None, typer.Option("--max-rank", help="No module keeps more than this.", show_default=False)
     ] = None,
-    max_hessian_gb: Annotated[float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP)] = DEFAULTS[
-        "max_hessian_gb"
-    ],
+    max_hessian_gb: Annotated[
+        float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP, callback=positive_callback)
+    ] = DEFAULTS["max_hessian_gb"],
+    max_batches: Annotated[
+        int, typer.Option("--max-batches", help=MAX_BATCHES_HELP, callback=positive_callback)
+    ] = DEFAULTS["max_batches"],
     device: Annotated[str, typer.Option("--device", help="Torch device for the calibration model.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.")] = "float32",
     evaluate: Annotated[
@@ -439,6 +468,7 @@ def sweep_command(
         min_rank=min_rank,
         max_rank=max_rank,
         max_hessian_gb=max_hessian_gb,
+        max_batches=max_batches,
         device=device,
         dtype=dtype,
         evaluate=evaluate,

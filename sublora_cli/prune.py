@@ -19,6 +19,7 @@ import torch
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.budget import parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
 from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
@@ -28,7 +29,7 @@ from sublora_cli.spectra import adapter_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
 from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user
 
 
@@ -45,6 +46,7 @@ class PruneOptions:
     seed: int = 0
     max_loss_increase: str | None = None  # "0.05" or "5%", relative to the loss before pruning
     max_hessian_gb: float = 4.0
+    max_batches: int = DEFAULT_MAX_BATCHES
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -216,7 +218,9 @@ def prune(
         warnings.extend(_shortfall(selection, budget, method))
     else:
         with timings.stage("calibrate"):
-            calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
+            calibrated = open_calibration(
+                options.calib, adapter, spectra, options.device, options.dtype, options.max_batches, progress
+            )
         try:
             with timings.stage("eval"):
                 loss_before = calibrated.loss()
@@ -301,10 +305,17 @@ def _calibration_info(options: PruneOptions, curvature: Curvature | None, reason
     }
 
 
-def evaluate_adapter(adapter_path: Path, calib: Path, device: str = "cpu", dtype: str = "float32") -> dict:
+def evaluate_adapter(
+    adapter_path: Path,
+    calib: Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    progress: Progress | None = None,
+) -> dict:
     """`sublora eval`: the calibration loss and evaluate() metrics of an adapter as it is."""
     adapter = read_adapter(adapter_path)
-    calibrated = open_calibration(calib, adapter, adapter_spectra(adapter), device, dtype)
+    calibrated = open_calibration(calib, adapter, adapter_spectra(adapter), device, dtype, max_batches, progress)
     try:
         return {
             "adapter": str(adapter_path),
@@ -328,6 +339,7 @@ class SweepOptions:
     min_rank: int = 0
     max_rank: int | None = None
     max_hessian_gb: float = 4.0
+    max_batches: int = DEFAULT_MAX_BATCHES
     device: str = "cpu"
     dtype: str = "float32"
     evaluate: bool = True
@@ -362,7 +374,9 @@ def sweep(
     with timings.stage("svd"):
         spectra = adapter_spectra(adapter)
     with timings.stage("calibrate"):
-        calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
+        calibrated = open_calibration(
+            options.calib, adapter, spectra, options.device, options.dtype, options.max_batches, progress
+        )
     try:
         with timings.stage("eval"):
             loss_before = calibrated.loss()
