@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from sublora_cli.calibrated import DTYPES
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.prune import PruneOptions, SweepOptions, evaluate_adapter, prune, sweep
+from sublora_cli.report import strict_json
 from sublora_cli.select import METHODS
 from sublora_cli.settings import DEFAULTS, load_config, merge
 from sublora_cli.spectra import adapter_spectra, describe_adapter
@@ -124,7 +124,7 @@ def inspect(
     loaded = read_adapter(adapter)
     info = describe_adapter(loaded, adapter_spectra(loaded))
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(strict_json(info))
         return
     table = Table(title=f"{adapter}  ({loaded.format})", title_justify="left")
     for column in (
@@ -317,7 +317,7 @@ def prune_command(
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
     if as_json:
-        print(json.dumps(result.report, indent=2))
+        print(strict_json(result.report))
     else:
         print_prune_summary(result.report, result.out_dir)
     if result.quality_failure:
@@ -407,7 +407,7 @@ def eval_command(
             adapter, calib, device=device, dtype=dtype, max_batches=max_batches, progress=progress
         )
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
         return
     out.print(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches")
     out.print(f"loss [bold]{result['loss']:.6g}[/]")
@@ -478,7 +478,7 @@ def sweep_command(
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
     if as_json:
-        print(json.dumps({**result.meta, "rows": [asdict(r) for r in result.rows]}, indent=2))
+        print(strict_json({**result.meta, "rows": [asdict(r) for r in result.rows]}))
         return
     meta = result.meta
     metric_names = sorted({k for r in result.rows for k in (r.metrics_after or {})})

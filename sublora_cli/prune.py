@@ -8,6 +8,7 @@ curvature: curvature.py; kept sets, predicted increase and diagnostics: select.p
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
 from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
-from sublora_cli.report import build_report, write_reports
+from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
 from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
@@ -239,6 +240,8 @@ def prune(
             calibrated.close()
         loss = loss_summary(loss_before, loss_after, selection.predicted_increase)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
+        warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
+        warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
     pruned = pruned_modules(adapter, spectra, selection.kept)
 
     quality = None
@@ -418,4 +421,8 @@ def sweep(
     with atomic_output_dir(out_dir) as tmp:
         names = [p.name for p in write_sweep(rows, meta, tmp)]
     written = [out_dir / name for name in names]
-    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"])
+    diverged = {k: v for r in rows for k, v in (r.metrics_after or {}).items() if not math.isfinite(v)}
+    warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
+        diverged, "after pruning in some selections"
+    )
+    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)

@@ -6,7 +6,6 @@ much as one `prune`.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from sublora_cli.budget import parse_budget
 from sublora_cli.calibrated import Calibrated
 from sublora_cli.curvature import Curvature
 from sublora_cli.errors import SubloraError
+from sublora_cli.report import strict_json
 from sublora_cli.select import METHODS, NEEDS_FULL_HESSIAN, RankBounds, predicted_increase, select
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
@@ -146,7 +146,7 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
                 + [_num((r.metrics_after or {}).get(m)) for m in metric_names]
                 + [f"{r.select_seconds:.6f}"]
             )
-    (out_dir / SWEEP_JSON).write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    (out_dir / SWEEP_JSON).write_text(strict_json({**meta, "rows": [asdict(r) for r in rows]}) + "\n")
     written = [out_dir / SWEEP_CSV, out_dir / SWEEP_JSON]
     if plot_sweep(rows, meta, out_dir / SWEEP_PNG, metric_names):
         written.append(out_dir / SWEEP_PNG)
