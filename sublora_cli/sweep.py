@@ -157,6 +157,11 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _log_plottable(value: float | None) -> bool:
+    """A value a log axis can show (a metric that is NaN, Inf or ≤ 0 everywhere gets no panel)."""
+    return value is not None and math.isfinite(value) and value > 0
+
+
 def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
     """Measured loss (and the first evaluate() metric) vs budget, one line per method; False without matplotlib."""
     try:
@@ -166,7 +171,8 @@ def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in metric_names[:1]]
+    plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
+    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in plottable[:1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for method in dict.fromkeys(r.method for r in rows):
