@@ -51,8 +51,10 @@ KINDS = ("exact", "diag", "fisher")
 AUTO = "auto"
 CHUNK = 4  # Hessian rows per batched backward pass on the CPU (see the module docstring for the measurements)
 CHUNK_GPU = 32  # on an accelerator the small ops are launch-bound: more rows per pass
-# Time of the curvature in units of one loss evaluation over all batches, measured on 2 CPU cores: one
-# Hessian row per batch costs 0.95–1.4 (PINN samples) and 1.9 (2-layer GPT-2); the Fisher 1.9–4.5.
+# Time of the curvature in units of one warm loss evaluation over all batches, timed under the curvature's own
+# intra-op thread count (Calibrated.steady_loss_seconds), measured on 2 busy CPU cores: one Hessian row per
+# batch costs 0.8–2.0 (PINN samples); the Fisher 0.5–8 (its 2-thread passes vary most on busy cores).
+# Timing the first, cold evaluation with torch's own thread pool instead made the estimate 20–75× too high.
 SECONDS_PER_HVP_ROW = 1.5
 SECONDS_FISHER = 3.0
 AUTO_MAX_HVPS = 2048  # `auto` computes the exact Hessian up to this many HVPs (R × batches), else the Fisher
