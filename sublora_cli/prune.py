@@ -130,7 +130,7 @@ def _announce_curvature(calibrated: Calibrated, kind: str, requested: str, reaso
     work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
     info(
         f"curvature {kind}: {work} (R = {R}, {n} batches), {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix, "
-        f"about {_duration(cost['seconds'])} (estimated from a timed loss evaluation; typically within 2×)"
+        f"about {_duration(cost['seconds'])} (estimated from the loss evaluation; typically within 2×)"
     )
     if requested == AUTO:
         info(f"  chosen by --curvature auto: {reason}")
