@@ -8,6 +8,7 @@ Every measured figure of the report (loss before/after, evaluate() metrics) come
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 
 from sublora_cli.adapters import Adapter
 from sublora_cli.adapters.peft import model_tensor_name
-from sublora_cli.calibration import CalibrationScript, load_calibration
-from sublora_cli.curvature import Curvature, compute_curvature
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, load_calibration
+from sublora_cli.curvature import Curvature, compute_curvature, intra_op_thread_count, intra_op_threads
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.svd import Spectrum
@@ -68,6 +69,20 @@ class Calibrated:
         """Mean calibration loss with only the `kept` components active."""
         return self.sigma_model.mean_loss(self.masked(kept), self.batches)
 
+    def steady_loss_seconds(self, kind: str) -> float:
+        """Seconds of one loss evaluation over all batches once warm, under the threading the curvature `kind`
+        runs with: the unit of its time estimate.
+
+        Timed on the first batch after an untimed call, so first-call costs (lazy initialisation, thread-pool
+        start-up) are left out, and with the curvature's intra-op thread count: on busy cores torch's own
+        thread pool can be 10-100× slower than the single thread each HVP worker uses.
+        """
+        first = self.batches[:1]
+        with intra_op_thread_count(intra_op_threads(kind, self.sigma.device)):
+            self.sigma_model.mean_loss(self.sigma, first)
+            best = min(_seconds(lambda: self.sigma_model.mean_loss(self.sigma, first)) for _ in range(2))
+        return best * len(self.batches)
+
     def metrics(self, kept: torch.Tensor | None = None) -> dict[str, float] | None:
         """The script's evaluate(model) with only the `kept` components active; None if it defines none."""
         if self.script.evaluate is None:
@@ -95,6 +110,12 @@ class Calibrated:
         self.sigma_model.remove()
 
 
+def _seconds(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
     """Put the adapter's non-LoRA tensors (modules_to_save, trained biases) into the base model, as peft does on
     load, so the calibration loss is the loss of the adapter as users will run it."""
@@ -118,14 +139,21 @@ def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
 
 
 def open_calibration(
-    calib: Path, adapter: Adapter, spectra: list[Spectrum], device: str = "cpu", dtype: str = "float32"
+    calib: Path,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Calibrated:
-    """Run the script's load_model() and batches() and hook the adapter's modules into the model."""
+    """Run the script's load_model() and batches() (at most `max_batches`) and hook the adapter's modules into
+    the model."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     script = load_calibration(calib)
     model = script.call_load_model()
     load_carried_tensors(model, adapter)
-    batches = script.call_batches()
+    batches = script.call_batches(max_batches, progress)
     sigma_model = SigmaModel(
         model,
         adapter.modules,

@@ -3,15 +3,17 @@
 The script is user code. Everything it raises becomes a SubloraError that carries the user's own traceback
 (trimmed to the frames that matter to them), and every value it returns is checked before the pipeline
 relies on it, so a mistake in the script reads as a mistake in the script and not as a crash of the tool.
+What it prints goes to stderr: stdout belongs to the tool (`--json`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import numbers
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch.nn as nn
 from sublora_cli.errors import SubloraError
 
 REQUIRED = ("load_model", "batches", "loss")
+DEFAULT_MAX_BATCHES = 10_000  # --max-batches: a batches() that never ends stops here instead of filling the memory
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
@@ -53,9 +56,11 @@ def _ours(filename: str) -> bool:
 
 
 def run_user(fn: Callable, *args, what: str, script: Path) -> Any:
-    """Call one of the script's functions; anything it raises becomes a UserCodeError with its traceback."""
+    """Call one of the script's functions, its prints sent to stderr; anything it raises becomes a
+    UserCodeError with its traceback."""
     try:
-        return fn(*args)
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args)
     except SubloraError:
         raise
     except (Exception, SystemExit) as e:  # sys.exit() in a script is a script error too; Ctrl-C is not
@@ -147,11 +152,45 @@ class CalibrationScript:
             )
         return model
 
-    def call_batches(self) -> list:
-        """All calibration batches as a list (they are used more than once)."""
-        batches = run_user(lambda: list(self.batches()), what="batches()", script=self.path)
+    def call_batches(
+        self, max_batches: int = DEFAULT_MAX_BATCHES, progress: Callable[[str, int, int | None], None] | None = None
+    ) -> list:
+        """All calibration batches as a list (they are used more than once), collected one at a time with
+        `progress("batches", count, None)`, so that a batches() that never ends stops at `max_batches`."""
+        if max_batches < 1:
+            raise SubloraError(f"--max-batches {max_batches}: must be 1 or more.")
+        returned = run_user(self.batches, what="batches()", script=self.path)
+        try:
+            iterator = iter(returned)
+        except TypeError:
+            raise SubloraError(
+                f"batches() in {self.path} returned a {type(returned).__name__}, which is not iterable; it must "
+                "return (or yield) the calibration batches: a list or generator of the values that "
+                "loss(model, batch) takes, e.g. [tensor_1, tensor_2] or `yield batch` in a loop."
+            ) from None
+        batches = run_user(
+            lambda: self._collect(iterator, max_batches, progress), what="batches()", script=self.path
+        )
         if not batches:
             raise SubloraError(f"batches() in {self.path} yielded no batches; the calibration set must not be empty.")
+        return batches
+
+    def _collect(
+        self, iterator: Iterator, max_batches: int, progress: Callable[[str, int, int | None], None] | None
+    ) -> list:
+        batches: list = []
+        for batch in iterator:
+            if len(batches) == max_batches:
+                raise SubloraError(
+                    f"batches() in {self.path} yielded more than {max_batches:,} batches (--max-batches); does "
+                    "it loop forever (a `while True` generator, an endless data loader)? Make it yield a finite "
+                    "calibration set, e.g. with itertools.islice(loader, 64), or raise --max-batches."
+                )
+            batches.append(batch)
+            if progress:
+                progress("batches", len(batches), None)
+        if progress:
+            progress("batches", len(batches), len(batches))
         return batches
 
     def call_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -191,7 +230,8 @@ def load_calibration(path: str | Path) -> CalibrationScript:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling inside the script look their module up here
     try:
-        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(sys.stderr):
+            spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:
         sys.modules.pop(name, None)
         raise UserCodeError(f"The calibration script {path} raised while being imported:\n{user_traceback(e)}") from e

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from sublora_cli.calibrated import DTYPES
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.prune import PruneOptions, SweepOptions, evaluate_adapter, prune, sweep
+from sublora_cli.report import strict_json
 from sublora_cli.select import METHODS
 from sublora_cli.settings import DEFAULTS, load_config, merge
 from sublora_cli.spectra import adapter_spectra, describe_adapter
@@ -44,6 +44,7 @@ CURVATURE_HELP = (
     "for --method diag/linear. See docs/curvature.md."
 )
 MATRIX_LIMIT_HELP = "Refuse a Hessian or Fisher matrix (float64) larger than this many GB."
+MAX_BATCHES_HELP = "Stop with an error when batches() yields more than this many batches (an endless generator)."
 
 app = typer.Typer(
     name="sublora",
@@ -94,6 +95,12 @@ def one_of(choices: tuple[str, ...]) -> Callable[[str], None]:
     return check
 
 
+def positive(value: float) -> None:
+    """A size or count must be above 0."""
+    if value <= 0:
+        raise SubloraError(f"{value:g} is not positive.")
+
+
 def device_syntax(value: str) -> None:
     """A device name torch can parse; whether the machine has it is checked when the model is loaded."""
     try:
@@ -141,7 +148,10 @@ SETTING_CHECKS: dict[str, Callable[[Any], object]] = {
     "max_loss_increase": read_tolerance,
     "device": device_syntax,
     "dtype": one_of(tuple(DTYPES)),
+    "max_hessian_gb": positive,
+    "max_batches": positive,
 }
+positive_callback = usage_check(positive)
 
 
 def version_callback(value: bool) -> None:
@@ -171,7 +181,7 @@ def inspect(
     loaded = read_adapter(adapter)
     info = describe_adapter(loaded, adapter_spectra(loaded))
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(strict_json(info))
         return
     table = Table(title=escape(f"{adapter}  ({loaded.format})"), title_justify="left")
     for column in (
@@ -298,6 +308,16 @@ def prune_command(
             "--max-hessian-gb",
             help=MATRIX_LIMIT_HELP,
             show_default=str(DEFAULTS["max_hessian_gb"]),
+            callback=positive_callback,
+        ),
+    ] = None,
+    max_batches: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batches",
+            help=MAX_BATCHES_HELP,
+            show_default=str(DEFAULTS["max_batches"]),
+            callback=positive_callback,
         ),
     ] = None,
     device: Annotated[
@@ -338,6 +358,7 @@ def prune_command(
         seed=seed,
         max_loss_increase=max_loss_increase,
         max_hessian_gb=max_hessian_gb,
+        max_batches=max_batches,
         device=device,
         dtype=dtype,
     )
@@ -362,6 +383,7 @@ def prune_command(
         seed=settings["seed"],
         max_loss_increase=None if settings["max_loss_increase"] is None else str(settings["max_loss_increase"]),
         max_hessian_gb=float(settings["max_hessian_gb"]),
+        max_batches=settings["max_batches"],
         device=settings["device"],
         dtype=settings["dtype"],
     )
@@ -377,7 +399,7 @@ def prune_command(
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     if as_json:
-        print(json.dumps(result.report, indent=2))
+        print(strict_json(result.report))
     else:
         print_prune_summary(result.report, result.out_dir)
     if result.quality_failure:
@@ -469,12 +491,18 @@ def eval_command(
         str,
         typer.Option("--dtype", help=f"Model dtype: {', '.join(DTYPES)}.", callback=choice_callback(tuple(DTYPES))),
     ] = "float32",
+    max_batches: Annotated[
+        int, typer.Option("--max-batches", help=MAX_BATCHES_HELP, callback=positive_callback)
+    ] = DEFAULTS["max_batches"],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """Print ADAPTER's calibration loss and the script's evaluate() metrics."""
-    result = evaluate_adapter(adapter, calib, device=device, dtype=dtype)
+    with live_progress(quiet=as_json) as (progress, _):
+        result = evaluate_adapter(
+            adapter, calib, device=device, dtype=dtype, max_batches=max_batches, progress=progress
+        )
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
         return
     out.print(escape(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches"))
     out.print(f"loss [bold]{result['loss']:.6g}[/]")
@@ -518,9 +546,12 @@ def sweep_command(
             callback=usage_check(non_negative),
         ),
     ] = None,
-    max_hessian_gb: Annotated[float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP)] = DEFAULTS[
-        "max_hessian_gb"
-    ],
+    max_hessian_gb: Annotated[
+        float, typer.Option("--max-hessian-gb", help=MATRIX_LIMIT_HELP, callback=positive_callback)
+    ] = DEFAULTS["max_hessian_gb"],
+    max_batches: Annotated[
+        int, typer.Option("--max-batches", help=MAX_BATCHES_HELP, callback=positive_callback)
+    ] = DEFAULTS["max_batches"],
     device: Annotated[
         str,
         typer.Option(
@@ -556,6 +587,7 @@ def sweep_command(
         min_rank=min_rank,
         max_rank=max_rank,
         max_hessian_gb=max_hessian_gb,
+        max_batches=max_batches,
         device=device,
         dtype=dtype,
         evaluate=evaluate,
@@ -565,7 +597,7 @@ def sweep_command(
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
     if as_json:
-        print(json.dumps({**result.meta, "rows": [asdict(r) for r in result.rows]}, indent=2))
+        print(strict_json({**result.meta, "rows": [asdict(r) for r in result.rows]}))
         return
     meta = result.meta
     metric_names = sorted({k for r in result.rows for k in (r.metrics_after or {})})

@@ -51,8 +51,10 @@ KINDS = ("exact", "diag", "fisher")
 AUTO = "auto"
 CHUNK = 4  # Hessian rows per batched backward pass on the CPU (see the module docstring for the measurements)
 CHUNK_GPU = 32  # on an accelerator the small ops are launch-bound: more rows per pass
-# Time of the curvature in units of one loss evaluation over all batches, measured on 2 CPU cores: one
-# Hessian row per batch costs 0.95–1.4 (PINN samples) and 1.9 (2-layer GPT-2); the Fisher 1.9–4.5.
+# Time of the curvature in units of one warm loss evaluation over all batches, timed under the curvature's own
+# intra-op thread count (Calibrated.steady_loss_seconds), measured on 2 busy CPU cores: one Hessian row per
+# batch costs 0.8–2.0 (PINN samples); the Fisher 0.5–8 (its 2-thread passes vary most on busy cores).
+# Timing the first, cold evaluation with torch's own thread pool instead made the estimate 20–75× too high.
 SECONDS_PER_HVP_ROW = 1.5
 SECONDS_FISHER = 3.0
 AUTO_MAX_HVPS = 2048  # `auto` computes the exact Hessian up to this many HVPs (R × batches), else the Fisher
@@ -176,8 +178,17 @@ def default_threads(device: torch.device) -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
+def intra_op_threads(kind: str, device: torch.device, threads: int | None = None) -> int:
+    """torch's intra-op thread count while `kind` is computed: 1 while worker threads share the cores (the
+    HVPs of exact and diag on the CPU), else torch's own (the Fisher)."""
+    if kind == "fisher":
+        return torch.get_num_threads()
+    threads = default_threads(device) if threads is None else threads
+    return 1 if threads > 1 else torch.get_num_threads()
+
+
 @contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
+def intra_op_thread_count(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to n for the duration (the workers share the cores instead)."""
     before = torch.get_num_threads()
     if n != before:
@@ -272,7 +283,7 @@ def compute_curvature(
         chunk = CHUNK if device.type == "cpu" else CHUNK_GPU
     if threads is None:
         threads = default_threads(device)
-    with _intra_op_threads(1 if threads > 1 else torch.get_num_threads()):
+    with intra_op_thread_count(intra_op_threads(kind, device, threads)):
         return _exact(sigma_model, batches, kind, progress, chunk, threads)
 
 
@@ -458,5 +469,7 @@ __all__ = [
     "choose_kind",
     "compute_curvature",
     "estimate_cost",
+    "intra_op_thread_count",
+    "intra_op_threads",
     "resolve_kind",
 ]

@@ -8,6 +8,7 @@ curvature: curvature.py; kept sets, predicted increase and diagnostics: select.p
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,16 +20,17 @@ import torch
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.budget import parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
 from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
-from sublora_cli.report import build_report, write_reports
+from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
 from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
 from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user
 
 
@@ -45,6 +47,7 @@ class PruneOptions:
     seed: int = 0
     max_loss_increase: str | None = None  # "0.05" or "5%", relative to the loss before pruning
     max_hessian_gb: float = 4.0
+    max_batches: int = DEFAULT_MAX_BATCHES
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -117,14 +120,12 @@ def _check_curvature(method: str, curvature: str) -> None:
         )
 
 
-def _announce_curvature(
-    calibrated: Calibrated, kind: str, requested: str, reason: str, loss_seconds: float, info: Info | None
-) -> None:
+def _announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None) -> None:
     """Say up front which curvature is computed, why, and what it will cost, before minutes of work start."""
     if info is None:
         return
     R, n = calibrated.sigma_model.size, len(calibrated.batches)
-    cost = estimate_cost(R, n, kind, loss_seconds)
+    cost = estimate_cost(R, n, kind, calibrated.steady_loss_seconds(kind))
     hvps, passes = cost["hvps"], cost["passes"]
     work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
     info(
@@ -146,20 +147,13 @@ def _curvature(
     requested: str,
     methods: list[str],
     max_hessian_gb: float,
-    loss_seconds: float,
     info: Info | None,
     progress: Progress | None,
 ) -> tuple[Curvature, str]:
     """The curvature `methods` need (resolving `auto`), with the reason for its kind."""
     kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
-    _announce_curvature(calibrated, kind, requested, reason, loss_seconds, info)
+    _announce_curvature(calibrated, kind, requested, reason, info)
     return calibrated.curvature(kind, max_hessian_gb, progress), reason
-
-
-def _timed_loss(calibrated: Calibrated) -> tuple[float, float]:
-    """The loss of the full adapter, and how long it took: the unit of the curvature's time estimate."""
-    start = time.perf_counter()
-    return calibrated.loss(), time.perf_counter() - start
 
 
 def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
@@ -225,14 +219,16 @@ def prune(
         warnings.extend(_shortfall(selection, budget, method))
     else:
         with timings.stage("calibrate"):
-            calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
+            calibrated = open_calibration(
+                options.calib, adapter, spectra, options.device, options.dtype, options.max_batches, progress
+            )
         try:
             with timings.stage("eval"):
-                loss_before, loss_seconds = _timed_loss(calibrated)
+                loss_before = calibrated.loss()
                 metrics_before = calibrated.metrics()
             with timings.stage("curvature"):
                 curvature, reason = _curvature(
-                    calibrated, options.curvature, [method], options.max_hessian_gb, loss_seconds, info, progress
+                    calibrated, options.curvature, [method], options.max_hessian_gb, info, progress
                 )
             warnings.extend(curvature.notes_for([method]))
             with timings.stage("select"):
@@ -244,6 +240,8 @@ def prune(
             calibrated.close()
         loss = loss_summary(loss_before, loss_after, selection.predicted_increase)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
+        warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
+        warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
     pruned = pruned_modules(adapter, spectra, selection.kept)
 
     quality = None
@@ -310,10 +308,17 @@ def _calibration_info(options: PruneOptions, curvature: Curvature | None, reason
     }
 
 
-def evaluate_adapter(adapter_path: Path, calib: Path, device: str = "cpu", dtype: str = "float32") -> dict:
+def evaluate_adapter(
+    adapter_path: Path,
+    calib: Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    progress: Progress | None = None,
+) -> dict:
     """`sublora eval`: the calibration loss and evaluate() metrics of an adapter as it is."""
     adapter = read_adapter(adapter_path)
-    calibrated = open_calibration(calib, adapter, adapter_spectra(adapter), device, dtype)
+    calibrated = open_calibration(calib, adapter, adapter_spectra(adapter), device, dtype, max_batches, progress)
     try:
         return {
             "adapter": str(adapter_path),
@@ -337,6 +342,7 @@ class SweepOptions:
     min_rank: int = 0
     max_rank: int | None = None
     max_hessian_gb: float = 4.0
+    max_batches: int = DEFAULT_MAX_BATCHES
     device: str = "cpu"
     dtype: str = "float32"
     evaluate: bool = True
@@ -371,14 +377,16 @@ def sweep(
     with timings.stage("svd"):
         spectra = adapter_spectra(adapter)
     with timings.stage("calibrate"):
-        calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
+        calibrated = open_calibration(
+            options.calib, adapter, spectra, options.device, options.dtype, options.max_batches, progress
+        )
     try:
         with timings.stage("eval"):
-            loss_before, loss_seconds = _timed_loss(calibrated)
+            loss_before = calibrated.loss()
             metrics_before = calibrated.metrics() if options.evaluate else None
         with timings.stage("curvature"):
             curvature, reason = _curvature(
-                calibrated, options.curvature, options.methods, options.max_hessian_gb, loss_seconds, info, progress
+                calibrated, options.curvature, options.methods, options.max_hessian_gb, info, progress
             )
         with timings.stage("sweep"):
             rows = run_sweep(
@@ -413,4 +421,8 @@ def sweep(
     with atomic_output_dir(out_dir) as tmp:
         names = [p.name for p in write_sweep(rows, meta, tmp)]
     written = [out_dir / name for name in names]
-    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"])
+    diverged = {k: v for r in rows for k, v in (r.metrics_after or {}).items() if not math.isfinite(v)}
+    warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
+        diverged, "after pruning in some selections"
+    )
+    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)

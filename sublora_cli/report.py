@@ -6,7 +6,9 @@ Keys of the JSON report are stable: add freely, rename never.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from sublora_cli import __version__
 from sublora_cli.adapters import Adapter, PrunedModule
@@ -16,6 +18,30 @@ from sublora_cli.svd import Spectrum
 
 JSON_REPORT = "sublora_report.json"
 MD_REPORT = "sublora_report.md"
+
+
+def strict_json(value: Any) -> str:
+    """JSON that strict parsers accept: NaN and ±Infinity (e.g. a metric that diverged) are written as null."""
+    return json.dumps(_finite_or_none(value), indent=2, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def non_finite_metric_warnings(metrics: dict[str, float] | None, when: str) -> list[str]:
+    """A warning per NaN/Inf metric of evaluate(), which the JSON outputs record as null."""
+    return [
+        f"evaluate(model) returned {name} = {value} {when}; it is written as null in the JSON output."
+        for name, value in (metrics or {}).items()
+        if not math.isfinite(value)
+    ]
 
 
 def _totals(pruned: list[PrunedModule]) -> dict:
@@ -146,5 +172,5 @@ def render_markdown(report: dict) -> str:
 
 
 def write_reports(report: dict, out_dir: Path) -> None:
-    (out_dir / JSON_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / JSON_REPORT).write_text(strict_json(report) + "\n")
     (out_dir / MD_REPORT).write_text(render_markdown(report))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.errors import SubloraError
 
 # key → accepted Python types (after YAML parsing); the set of keys is the contract of the config file.
@@ -21,15 +22,18 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "max_loss_increase": (str, int, float),
     "max_hessian_gb": (int, float),
+    "max_batches": (int,),
     "device": (str,),
     "dtype": (str,),
 }
 PATH_KEYS = ("adapter", "calib", "out")
+POSITIVE_KEYS = ("max_hessian_gb", "max_batches")
 DEFAULTS: dict = {
     "curvature": "auto",
     "min_rank": 0,
     "seed": 0,
     "max_hessian_gb": 4.0,
+    "max_batches": DEFAULT_MAX_BATCHES,
     "device": "cpu",
     "dtype": "float32",
 }
@@ -51,6 +55,8 @@ def load_config(path: Path) -> dict:
             raise SubloraError(f"--config {path}: unknown key {key!r}. Known keys: {known}.")
         if value is not None and (isinstance(value, bool) or not isinstance(value, CONFIG_KEYS[key])):
             raise SubloraError(f"--config {path}: {key} = {value!r} has the wrong type.")
+        if key in POSITIVE_KEYS and value is not None and value <= 0:
+            raise SubloraError(f"--config {path}: {key} = {value!r} must be positive.")
     for key in PATH_KEYS:
         if data.get(key) is not None:
             data[key] = str((path.parent / data[key]).resolve()) if not Path(data[key]).is_absolute() else data[key]

@@ -6,7 +6,6 @@ much as one `prune`.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from sublora_cli.budget import parse_budget
 from sublora_cli.calibrated import Calibrated
 from sublora_cli.curvature import Curvature
 from sublora_cli.errors import SubloraError
+from sublora_cli.report import strict_json
 from sublora_cli.select import METHODS, NEEDS_FULL_HESSIAN, RankBounds, predicted_increase, select
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
@@ -146,7 +146,7 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
                 + [_num((r.metrics_after or {}).get(m)) for m in metric_names]
                 + [f"{r.select_seconds:.6f}"]
             )
-    (out_dir / SWEEP_JSON).write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    (out_dir / SWEEP_JSON).write_text(strict_json({**meta, "rows": [asdict(r) for r in rows]}) + "\n")
     written = [out_dir / SWEEP_CSV, out_dir / SWEEP_JSON]
     if plot_sweep(rows, meta, out_dir / SWEEP_PNG, metric_names):
         written.append(out_dir / SWEEP_PNG)
@@ -155,6 +155,11 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
+
+
+def _log_plottable(value: float | None) -> bool:
+    """A value a log axis can show (a metric that is NaN, Inf or ≤ 0 everywhere gets no panel)."""
+    return value is not None and math.isfinite(value) and value > 0
 
 
 def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
@@ -166,7 +171,8 @@ def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in metric_names[:1]]
+    plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
+    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in plottable[:1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for method in dict.fromkeys(r.method for r in rows):
