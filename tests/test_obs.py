@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sublora_cli.obs import compensated_increase, damped, downdate_, obs_select
+from sublora_cli.obs import DAMPING, compensated_increase, damped, downdate_, obs_select
 from sublora_cli.refit import psd_part
 from sublora_cli.select import RankBounds
 
@@ -71,7 +71,7 @@ def test_predicted_increase_and_refit_are_the_direct_solution(seed, n, shift):
     assume(bool((torch.linalg.eigvalsh(hessian) > 0).any()))
     budget = 1 + seed % (n - 1)
     result = obs_select(sigma, budget, RankBounds.from_ranks([n]), gradient, hessian)
-    matrix = damped(psd_part(hessian), 1e-2)
+    matrix = damped(psd_part(hessian), DAMPING)
     kept = result.kept
     assert int(kept.sum()) == budget and len(result.removed) == n - budget
     direct = compensated_increase(sigma, kept, gradient, matrix)
@@ -89,7 +89,7 @@ def test_separable_problem_gives_the_optimum(seed):
     sigma, gradient, _ = problem(seed, 9)
     hessian = torch.diag(torch.rand(9, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1)
     bounds = RankBounds.from_ranks([9])
-    matrix = damped(hessian, 1e-2)
+    matrix = damped(hessian, DAMPING)
     for budget in (2, 5, 8):
         result = obs_select(sigma, budget, bounds, gradient, hessian)
         best = brute_force(sigma, gradient, matrix, budget, bounds)
@@ -106,7 +106,7 @@ def test_general_problems_stay_close_to_the_optimum():
         budget = 2 + seed % 5
         result = obs_select(sigma, budget, bounds, gradient, hessian)
         assert within_bounds(result.kept, bounds)
-        matrix = damped(psd_part(hessian), 1e-2)
+        matrix = damped(psd_part(hessian), DAMPING)
         floor = compensated_increase(sigma, torch.ones(8, dtype=torch.bool), gradient, matrix)
         best = brute_force(sigma, gradient, matrix, budget, bounds)
         exact += result.predicted_increase <= best + 1e-9 * abs(best)
@@ -126,7 +126,7 @@ def test_bounds_hold_and_the_count_is_the_budget(ranks, min_rank, max_rank, budg
     result = obs_select(sigma, budget, bounds, gradient, hessian)
     assert within_bounds(result.kept, bounds)
     assert int(result.kept.sum()) == min(budget, int(bounds.upper.sum()))
-    matrix = damped(psd_part(hessian), 1e-2)
+    matrix = damped(psd_part(hessian), DAMPING)
     assert result.predicted_increase == pytest.approx(
         compensated_increase(sigma, result.kept, gradient, matrix), rel=1e-8
     )
@@ -138,7 +138,7 @@ def test_compacted_inverse_gives_the_direct_solution():
     sigma, gradient, hessian = problem(3, n, shift=2.0)
     hessian = hessian @ hessian.T / n
     result = obs_select(sigma, 20, RankBounds.from_ranks([100, 200]), gradient, hessian, psd=True)
-    matrix = damped(hessian, 1e-2)
+    matrix = damped(hessian, DAMPING)
     assert result.predicted_increase == pytest.approx(
         compensated_increase(sigma, result.kept, gradient, matrix), rel=1e-7
     )
