@@ -161,3 +161,18 @@ def test_negative_refit_sigma_is_written_with_a_flipped_u_column():
     B, A = balanced_factors(written, list(range(3)), scale=2.0)
     assert torch.allclose(2.0 * B @ A, expected)
     assert torch.allclose(B.norm(dim=0), A.norm(dim=1))
+
+
+def test_fisher_passed_as_psd_with_a_dropped_gradient():
+    """The Fisher is PSD already (psd=True skips the eigendecomposition) and the caller drops g: the refit is
+    then pure compensation, and still guarded by the measured loss."""
+    sigma, _, hessian, kept = problem(2, 8, shift=0.0)
+    kept[:3] = True
+    fisher = hessian @ hessian.T
+    zero = torch.zeros_like(sigma)
+    measure = quadratic(sigma, zero, fisher)
+    before = measure(masked(sigma, kept))
+    fast = refit(sigma, kept, zero, fisher, measure, before, psd=True)
+    clipped = refit(sigma, kept, zero, fisher, measure, before)
+    assert fast.accepted and fast.loss_after_refit < before
+    assert torch.allclose(fast.sigma, clipped.sigma, rtol=1e-6, atol=1e-9)
