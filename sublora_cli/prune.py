@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
+from sublora_cli.adapters.peft import storage_factors
 from sublora_cli.budget import parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
@@ -24,7 +25,7 @@ from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, write_reports
 from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
-from sublora_cli.spectra import adapter_spectra
+from sublora_cli.spectra import adapter_spectra, stored_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
 from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
@@ -87,14 +88,15 @@ def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBo
 
 
 def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.Tensor) -> list[PrunedModule]:
-    """Split the global kept mask into modules and build each module's balanced factors."""
+    """Split the global kept mask into modules and build each module's balanced factors, rounded to the storage
+    dtype as they will be written (so that what is measured is what is written)."""
     result = []
     offset = 0
     for module, spectrum in zip(adapter.modules, spectra, strict=True):
         kept = torch.nonzero(kept_mask[offset : offset + module.rank]).flatten().tolist()
         offset += module.rank
         if 0 < len(kept) < module.rank:
-            B, A = balanced_factors(spectrum, kept, module.scale)
+            B, A = storage_factors(module, *balanced_factors(spectrum, kept, module.scale))
         else:
             B = A = None
         result.append(PrunedModule(module=module, kept=kept, B=B, A=A))
@@ -223,6 +225,7 @@ def prune(
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, budget, bounds, None, options.seed)
         warnings.extend(_shortfall(selection, budget, method))
+        pruned = pruned_modules(adapter, spectra, selection.kept)
     else:
         with timings.stage("calibrate"):
             calibrated = open_calibration(options.calib, adapter, spectra, options.device, options.dtype)
@@ -238,13 +241,14 @@ def prune(
             with timings.stage("select"):
                 selection = _select(method, sigma, budget, bounds, curvature, options.seed)
             warnings.extend(_shortfall(selection, budget, method))
+            pruned = pruned_modules(adapter, spectra, selection.kept)
             with timings.stage("eval"):
-                loss_after, metrics_after = calibrated.loss(selection.kept), calibrated.metrics(selection.kept)
+                written = stored_spectra(pruned, spectra)
+                loss_after, metrics_after = calibrated.loss_of(written), calibrated.metrics_of(written)
         finally:
             calibrated.close()
         loss = loss_summary(loss_before, loss_after, selection.predicted_increase)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
-    pruned = pruned_modules(adapter, spectra, selection.kept)
 
     quality = None
     if threshold is not None:
