@@ -22,12 +22,31 @@ from sublora_cli.prune import PruneOptions, prune
 peft = pytest.importorskip("peft")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "elliptic"
-CALIB = SAMPLE / "calib_k2.py"
 WEIGHTS = "adapter_model.safetensors"
+# The shipped calib_k2.py on its first batch only, to keep the test fast (a PINN loss takes second derivatives).
+CALIB_ONE_BATCH = f"""
+import importlib.util
+
+spec = importlib.util.spec_from_file_location("calib_k2_shipped", {str(SAMPLE / "calib_k2.py")!r})
+shipped = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shipped)
+load_model, loss, evaluate = shipped.load_model, shipped.loss, shipped.evaluate
 
 
-def load_calib():
-    spec = importlib.util.spec_from_file_location("calib_faithful_k2", CALIB)
+def batches():
+    return list(shipped.batches())[:1]
+"""
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib_k2_one_batch.py"
+    path.write_text(CALIB_ONE_BATCH)
+    return path
+
+
+def load_calib(path: Path):
+    spec = importlib.util.spec_from_file_location(f"calib_faithful_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,17 +60,18 @@ def adapter_in(dtype: torch.dtype, path: Path) -> Path:
     return path
 
 
-def reloaded_loss(path: Path, dtype: torch.dtype) -> float:
-    """The calibration loss of the written adapter as users run it: peft on the script's base model."""
-    calib = load_calib()
+def reloaded(path: Path, calib_path: Path, dtype: torch.dtype) -> tuple[float, dict]:
+    """The calibration loss and metrics of an adapter as users run it: peft on the script's base model."""
+    calib = load_calib(calib_path)
     model = peft.PeftModel.from_pretrained(calib.load_model(), str(path)).eval().to(dtype)
     batches = list(calib.batches())
     with torch.enable_grad():  # the PINN loss differentiates the model w.r.t. its inputs
-        return sum(float(calib.loss(model, b).detach()) for b in batches) / len(batches)
+        loss = sum(float(calib.loss(model, b).detach()) for b in batches) / len(batches)
+    return loss, calib.evaluate(model)
 
 
-def pruned(adapter: Path, out: Path, dtype: str):
-    options = PruneOptions(budget="50", calib=CALIB, max_loss_increase="50%", dtype=dtype)
+def pruned(adapter: Path, out: Path, calib: Path, dtype: str):
+    options = PruneOptions(budget="50", calib=calib, method="linear", max_loss_increase="50%", dtype=dtype)
     return prune(adapter, options, out_dir=out)
 
 
@@ -65,24 +85,26 @@ TOLERANCE = {"float64": 1e-5, "float32": 5e-4}
     [(torch.float32, "float64"), (torch.float16, "float64"), (torch.bfloat16, "float64"), (torch.bfloat16, "float32")],
     ids=str,
 )
-def test_reported_loss_after_is_the_loss_of_the_written_adapter(storage, compute, tmp_path):
+def test_reported_loss_after_is_the_loss_of_the_written_adapter(storage, compute, calib, tmp_path):
     adapter = adapter_in(storage, tmp_path / "adapter")
-    result = pruned(adapter, tmp_path / "out", compute)
-    loss, rel = result.report["loss"], TOLERANCE[compute]
-    assert loss["before"] == pytest.approx(reloaded_loss(adapter, DTYPES[compute]), rel=rel)
-    after = reloaded_loss(result.out_dir, DTYPES[compute])
-    assert loss["after"] == pytest.approx(after, rel=rel)
+    result = pruned(adapter, tmp_path / "out", calib, compute)
+    report, rel = result.report, TOLERANCE[compute]
+    loss_before, metrics_before = reloaded(adapter, calib, DTYPES[compute])
+    loss_after, metrics_after = reloaded(result.out_dir, calib, DTYPES[compute])
+    assert report["loss"]["before"] == pytest.approx(loss_before, rel=rel)
+    assert report["loss"]["after"] == pytest.approx(loss_after, rel=rel)
+    assert report["metrics"]["after"]["rel_l2"] == pytest.approx(metrics_after["rel_l2"], rel=rel)
     written = json.loads((result.out_dir / "sublora_report.json").read_text())
-    assert written["loss"]["after"] == loss["after"]
-    increase = (after - loss["before"]) / loss["before"]
-    assert result.report["quality"]["passed"] == (increase <= 0.5)
+    assert written["loss"]["after"] == report["loss"]["after"]
+    increase = (loss_after - report["loss"]["before"]) / report["loss"]["before"]
+    assert report["quality"]["passed"] == (increase <= 0.5)
     assert (result.quality_failure is None) == (increase <= 0.5)
 
 
-def test_quality_gate_fails_a_bf16_adapter_whose_rounding_breaks_it(tmp_path):
-    """The reproduction of issue 9: measured before rounding, this case gave +40.6 % and passed a 50 % gate;
-    the written adapter's loss is +737 %."""
-    result = pruned(adapter_in(torch.bfloat16, tmp_path / "adapter"), tmp_path / "out", "float32")
+def test_quality_gate_fails_a_bf16_adapter_whose_rounding_breaks_it(calib, tmp_path):
+    """The reproduction of issue 9: measured before rounding, this case gave a small increase and passed a 50 %
+    gate while the written adapter's loss is several times the original's."""
+    result = pruned(adapter_in(torch.bfloat16, tmp_path / "adapter"), tmp_path / "out", calib, "float32")
     assert not result.report["quality"]["passed"]
-    assert result.report["loss"]["relative_increase"] > 5
+    assert result.report["loss"]["relative_increase"] > 2
     assert "exceeds --max-loss-increase 50%" in result.quality_failure
