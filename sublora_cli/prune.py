@@ -84,6 +84,11 @@ def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBo
         raise SubloraError(f"--min-rank {min_rank}: must be 0 or more.")
     if max_rank is not None and max_rank < max(min_rank, 0):
         raise SubloraError(f"--max-rank {max_rank} is below --min-rank {min_rank}.")
+    if max_rank == 0:
+        raise SubloraError(
+            "--max-rank 0 leaves no component in any module: the pruned adapter would be empty, which peft cannot "
+            "load. Use --max-rank 1 or more."
+        )
     return RankBounds.from_ranks([m.rank for m in adapter.modules], min_rank=min_rank, max_rank=max_rank)
 
 
@@ -167,9 +172,21 @@ def _timed_loss(calibrated: Calibrated) -> tuple[float, float]:
 def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
     inputs = curvature.selection_inputs(method) if curvature is not None else {}
     try:
-        return select(method, sigma, budget, bounds, seed=seed, **inputs)
+        selection = select(method, sigma, budget, bounds, seed=seed, **inputs)
     except ValueError as e:
         raise SubloraError(f"{e}.") from e
+    _check_not_empty(selection, method)
+    return selection
+
+
+def _check_not_empty(selection: Selection, method: str) -> None:
+    """An adapter with no component left is one peft cannot load: refuse it rather than write it."""
+    if not bool(selection.kept.any()):
+        raise SubloraError(
+            f"--method {method} kept no component at all (its model predicts that every component increases the "
+            "loss): the pruned adapter would be empty, which peft cannot load. Raise --min-rank to 1 to keep "
+            "at least one component per module, or choose another --method."
+        )
 
 
 def _shortfall(selection: Selection, budget: int, method: str) -> list[str]:

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_adapter
 from safetensors.torch import load_file, save_file
 
 from sublora_cli.calibrated import DTYPES
+from sublora_cli.errors import SubloraError
 from sublora_cli.prune import PruneOptions, prune
+from sublora_cli.select import Selection
 
 peft = pytest.importorskip("peft")
 
@@ -109,3 +112,26 @@ def test_quality_gate_fails_a_bf16_adapter_whose_rounding_breaks_it(calib, tmp_p
     assert not result.report["quality"]["passed"]
     assert result.report["loss"]["relative_increase"] > 10
     assert "exceeds --max-loss-increase 500%" in result.quality_failure
+
+
+def test_max_rank_zero_is_refused_before_any_work(tmp_path, run_cli):
+    """Issue 9: --max-rank 0 wrote an empty adapter (every module excluded) that peft cannot load, with exit 0."""
+    adapter = save_adapter("conv", tmp_path / "adapter")
+    result = run_cli("prune", adapter, "--budget", "2", "--max-rank", "0", "--out", tmp_path / "out")
+    assert result.code == 1
+    assert "--max-rank 0" in result.stderr and "empty" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_selection_with_no_component_is_refused(tmp_path, monkeypatch):
+    """Methods that may keep fewer than the budget (exhaustive, sublora-random) must not write an empty adapter."""
+    import sublora_cli.prune as pipeline
+
+    def nothing_kept(method, sigma, budget, bounds, **_):
+        return Selection(torch.zeros_like(sigma, dtype=torch.bool), [], None, None)
+
+    monkeypatch.setattr(pipeline, "select", nothing_kept)
+    adapter = save_adapter("conv", tmp_path / "adapter")
+    with pytest.raises(SubloraError, match="--method magnitude kept no component"):
+        prune(adapter, PruneOptions(budget="2"), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
