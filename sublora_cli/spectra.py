@@ -43,6 +43,7 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
                 "alpha": module.alpha,
                 "scale": module.scale,
                 "sigma": [float(s) for s in spectrum.sigma],
+                "dead": not bool(spectrum.sigma.any()),  # ΔW = 0: the module's update is zero
                 **asdict(stats),
                 "params": module.params,
                 "bytes": module.params * module.element_size,
@@ -51,6 +52,7 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
     return {
         "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format},
         "modules": modules,
+        "warnings": dead_module_warnings([m["name"] for m in modules if m["dead"]]),
         "totals": {
             "modules": len(modules),
             "rank": adapter.total_rank,
@@ -58,3 +60,12 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
             "bytes": sum(m["bytes"] for m in modules),
         },
     }
+
+
+def dead_module_warnings(dead: list[str]) -> list[str]:
+    """Say which modules have an all-zero update (e.g. lora_B never trained): pruning drops them first."""
+    return [
+        f"module {name}: every σ is 0, this module's update is zero (lora_B or lora_A all zero); it adds nothing "
+        "to the model and pruning removes it first."
+        for name in dead
+    ]

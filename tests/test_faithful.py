@@ -135,3 +135,30 @@ def test_a_selection_with_no_component_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SubloraError, match="--method magnitude kept no component"):
         prune(adapter, PruneOptions(budget="2"), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def with_dead_module(path: Path) -> tuple[Path, str]:
+    """The conv family's adapter with its first module's lora_B set to zero (as before any training step)."""
+    adapter = save_adapter("conv", path)
+    tensors = load_file(str(adapter / WEIGHTS))
+    key = sorted(k for k in tensors if ".lora_B." in k)[0]
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(adapter / WEIGHTS))
+    return adapter, key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+
+
+def test_inspect_warns_about_a_module_whose_update_is_zero(tmp_path, run_cli):
+    adapter, dead = with_dead_module(tmp_path / "adapter")
+    table = run_cli("inspect", adapter)
+    assert table.code == 0
+    assert f"module {dead}: every σ is 0, this module's update is zero" in table.stderr
+    info = json.loads(run_cli("inspect", adapter, "--json").stdout)
+    assert [m["name"] for m in info["modules"] if m["dead"]] == [dead]
+    assert len(info["warnings"]) == 1 and dead in info["warnings"][0]
+
+
+def test_pruning_drops_a_dead_module_before_any_live_component(tmp_path):
+    adapter, dead = with_dead_module(tmp_path / "adapter")
+    result = prune(adapter, PruneOptions(budget="2"), out_dir=tmp_path / "out")
+    ranks = {m["name"]: m["rank_after"] for m in result.report["modules"]}
+    assert ranks[dead] == 0
