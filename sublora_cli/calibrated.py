@@ -1,15 +1,16 @@
 """The calibration stage: the user's script, its base model re-parametrised in SVD form, and the loss and
 metrics of the adapter with any subset of its components kept.
 
-Every measured figure of the report (loss before/after, evaluate() metrics) comes from `Calibrated.loss` and
-`Calibrated.metrics`: pruning is a σ mask on the re-parametrised model, so "after" needs no file round trip
-(tests check that it equals the loss of the written adapter reloaded).
+Every measured figure of the report (loss before/after, evaluate() metrics) comes from here. A σ mask
+(`loss(kept)`) is what the selection reasons about; the written adapter is that mask after its factors are
+rounded to the storage dtype, so "after" is measured with `loss_of(spectra)` on the SVD of the factors exactly as
+they are written (tests check that it equals the loss of the written adapter reloaded in peft).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,19 @@ class Calibrated:
         if self.script.evaluate is None:
             return None
         return self.sigma_model.evaluate(self.masked(kept), self.script.call_evaluate)
+
+    def loss_of(self, spectra: Sequence[Spectrum]) -> float:
+        """Mean calibration loss with each module replaced by its spectrum in `spectra` (e.g. the SVD of the
+        factors as they will be stored); a spectrum may have fewer components than the module."""
+        with self.sigma_model.using(spectra) as sigma:
+            return self.sigma_model.mean_loss(sigma, self.batches)
+
+    def metrics_of(self, spectra: Sequence[Spectrum]) -> dict[str, float] | None:
+        """The script's evaluate(model) with each module replaced by its spectrum in `spectra`."""
+        if self.script.evaluate is None:
+            return None
+        with self.sigma_model.using(spectra) as sigma:
+            return self.sigma_model.evaluate(sigma, self.script.call_evaluate)
 
     def curvature(
         self, kind: str, max_hessian_gb: float, progress: Callable[[str, int, int], None] | None = None

@@ -220,6 +220,8 @@ def inspect(
         f"{t['params']:,} parameters, {human_bytes(t['bytes'])}.  "
         "Columns 50/90/99%: components needed for that share of ‖ΔW‖F²."
     )
+    for warning in info["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}")
 
 
 @app.command(name="prune")

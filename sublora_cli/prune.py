@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
+from sublora_cli.adapters.peft import storage_factors
 from sublora_cli.budget import parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
@@ -26,7 +27,7 @@ from sublora_cli.errors import SubloraError
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
 from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
-from sublora_cli.spectra import adapter_spectra
+from sublora_cli.spectra import adapter_spectra, stored_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
 from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
@@ -86,18 +87,24 @@ def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBo
         raise SubloraError(f"--min-rank {min_rank}: must be 0 or more.")
     if max_rank is not None and max_rank < max(min_rank, 0):
         raise SubloraError(f"--max-rank {max_rank} is below --min-rank {min_rank}.")
+    if max_rank == 0:
+        raise SubloraError(
+            "--max-rank 0 leaves no component in any module: the pruned adapter would be empty, which peft cannot "
+            "load. Use --max-rank 1 or more."
+        )
     return RankBounds.from_ranks([m.rank for m in adapter.modules], min_rank=min_rank, max_rank=max_rank)
 
 
 def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.Tensor) -> list[PrunedModule]:
-    """Split the global kept mask into modules and build each module's balanced factors."""
+    """Split the global kept mask into modules and build each module's balanced factors, rounded to the storage
+    dtype as they will be written (so that what is measured is what is written)."""
     result = []
     offset = 0
     for module, spectrum in zip(adapter.modules, spectra, strict=True):
         kept = torch.nonzero(kept_mask[offset : offset + module.rank]).flatten().tolist()
         offset += module.rank
         if 0 < len(kept) < module.rank:
-            B, A = balanced_factors(spectrum, kept, module.scale)
+            B, A = storage_factors(module, *balanced_factors(spectrum, kept, module.scale))
         else:
             B = A = None
         result.append(PrunedModule(module=module, kept=kept, B=B, A=A))
@@ -159,9 +166,21 @@ def _curvature(
 def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
     inputs = curvature.selection_inputs(method) if curvature is not None else {}
     try:
-        return select(method, sigma, budget, bounds, seed=seed, **inputs)
+        selection = select(method, sigma, budget, bounds, seed=seed, **inputs)
     except ValueError as e:
         raise SubloraError(f"{e}.") from e
+    _check_not_empty(selection, method)
+    return selection
+
+
+def _check_not_empty(selection: Selection, method: str) -> None:
+    """An adapter with no component left is one peft cannot load: refuse it rather than write it."""
+    if not bool(selection.kept.any()):
+        raise SubloraError(
+            f"--method {method} kept no component at all (its model predicts that every component increases the "
+            "loss): the pruned adapter would be empty, which peft cannot load. Raise --min-rank to 1 to keep "
+            "at least one component per module, or choose another --method."
+        )
 
 
 def _shortfall(selection: Selection, budget: int, method: str) -> list[str]:
@@ -217,6 +236,7 @@ def prune(
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, budget, bounds, None, options.seed)
         warnings.extend(_shortfall(selection, budget, method))
+        pruned = pruned_modules(adapter, spectra, selection.kept)
     else:
         with timings.stage("calibrate"):
             calibrated = open_calibration(
@@ -234,15 +254,16 @@ def prune(
             with timings.stage("select"):
                 selection = _select(method, sigma, budget, bounds, curvature, options.seed)
             warnings.extend(_shortfall(selection, budget, method))
+            pruned = pruned_modules(adapter, spectra, selection.kept)
             with timings.stage("eval"):
-                loss_after, metrics_after = calibrated.loss(selection.kept), calibrated.metrics(selection.kept)
+                written = stored_spectra(pruned, spectra)
+                loss_after, metrics_after = calibrated.loss_of(written), calibrated.metrics_of(written)
         finally:
             calibrated.close()
         loss = loss_summary(loss_before, loss_after, selection.predicted_increase)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
         warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
-    pruned = pruned_modules(adapter, spectra, selection.kept)
 
     quality = None
     if threshold is not None:

@@ -7,7 +7,8 @@ the curvature code differentiates it with plain autograd, and pruning is `sigma 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -113,14 +114,14 @@ class SigmaModel:
         self.device, self.dtype = torch.device(device), dtype
         self.sigma = torch.cat([s.sigma for s in spectra]).to(device=device, dtype=dtype)
         self.offsets: list[int] = []
+        self.modules = modules
         self._current = self.sigma  # the σ the hooks read
+        self._bases = [self._basis(m, s) for m, s in zip(modules, spectra, strict=True)]  # the (U, V) hooks read
         self._handles = [self.model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)]
         offset = 0
-        for module, spectrum in zip(modules, spectra, strict=True):
+        for index, (module, spectrum) in enumerate(zip(modules, spectra, strict=True)):
             layer = find_layer(self.model, module)
-            U = spectrum.U.to(device=device, dtype=dtype)
-            V = spectrum.V.to(device=device, dtype=dtype)
-            hook = self._hook(module, layer, U, V, offset, offset + spectrum.rank)
+            hook = self._hook(index, module, layer, offset, offset + spectrum.rank)
             self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
             self.offsets.append(offset)
             offset += spectrum.rank
@@ -143,23 +144,51 @@ class SigmaModel:
 
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
-    def _hook(self, module: LoraModule, layer: nn.Module, U, V, start: int, stop: int):
-        # U, V are closed over rather than registered on the layer, so the user's model keeps its state dict
+    def _basis(self, module: LoraModule, spectrum: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) as the hooks use them (V as conv kernels for a convolution), padded with zero components to
+        the module's rank so that a spectrum of lower rank fits the module's slice of σ."""
+        pad = module.rank - spectrum.rank
+        if pad < 0:
+            raise ValueError(f"module {module.name}: a spectrum of rank {spectrum.rank} exceeds rank {module.rank}")
+        U = F.pad(spectrum.U, (0, pad)).to(device=self.device, dtype=self.dtype)
+        V = F.pad(spectrum.V, (0, pad)).to(device=self.device, dtype=self.dtype)
+        if module.kind == "conv":
+            V = V.T.reshape(module.rank, *module.a_shape[1:]).contiguous()  # (r, in_ch, *k)
+        return U, V
+
+    @contextmanager
+    def using(self, spectra: Sequence[Spectrum]) -> Iterator[torch.Tensor]:
+        """Let the modules use other spectra, one per module (each of at most the module's rank), e.g. the SVD
+        of the factors exactly as they will be written; yields their σ as one R-vector for `loss`/`evaluate`."""
+        if len(spectra) != len(self.modules):
+            raise ValueError(f"{len(self.modules)} modules but {len(spectra)} spectra")
+        previous = self._bases
+        self._bases = [self._basis(m, s) for m, s in zip(self.modules, spectra, strict=True)]
+        try:
+            yield torch.cat(
+                [F.pad(s.sigma, (0, m.rank - s.rank)) for m, s in zip(self.modules, spectra, strict=True)]
+            ).to(device=self.device, dtype=self.dtype)
+        finally:
+            self._bases = previous
+
+    def _hook(self, index: int, module: LoraModule, layer: nn.Module, start: int, stop: int):
+        # U, V are read from self._bases rather than registered on the layer, so the user's model keeps its
+        # state dict (and `using` can swap them)
         kind = module.kind
         if kind == "conv":
             conv = CONV_FN[len(module.a_shape) - 2]
-            kernel = V.T.reshape(module.rank, *module.a_shape[1:]).contiguous()  # (r, in_ch, *k)
             stride, padding = layer.stride, layer.padding
 
         def hook(_layer, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
+            U, V = self._bases[index]
             s = self._current[start:stop]
             if kind == "linear":  # nn.Linear and GPT-2 Conv1D alike: x (…, in)
                 h = x @ V
             elif kind == "embedding":  # token ids → rows of V
                 h = V[x]
             else:  # conv with V's columns as kernels, scaled per channel, then a 1×1 conv with U
-                h = conv(x, kernel, stride=stride, padding=padding)
+                h = conv(x, V, stride=stride, padding=padding)
             if self._capture is not None:  # one σ copy per row of dim 0: the per-sample gradients' leaves
                 s = self._capture_leaf(module.name, h, s, start, stop, kind)
             elif kind == "conv":

@@ -188,19 +188,29 @@ def _greedy(gains, budget, bounds, sigma=None, hessian=None, submodular=False):
     gains with one row of it: −σ_j H_jk σ_k, clamped at 0 for Ĥ (an entry whose term is negative is one the
     projection zeroes), so Ĥ is never formed. Without one the gains never change (the sorted methods).
     The greedy keeps adding when the best gain is negative: the budget is a count users ask for, and
-    `monotone` reports it. Ties go to the lower index (argmax returns the first maximum)."""
+    `monotone` reports it. Ties go to the lower index (argmax returns the first maximum). Components with
+    σ = 0 add nothing to the adapter, so they come last whatever their gain: never kept while a σ ≠ 0 one is
+    eligible."""
     gains = gains.clone()
     book = _Budget(bounds, gains)
+    dead = sigma == 0
     order, picked = [], []
     for step in range(budget):
         scores = gains.masked_fill(~book.needy, -math.inf) if book.forced(budget - step) else gains
-        j = int(torch.argmax(scores))
+        j = _best_live(scores, dead)
         order.append(j)
         picked.append(float(gains[j]))
         if hessian is not None:
             _drop_interactions(gains, hessian, sigma, j, submodular)
         book.take(j, gains)
     return order, picked
+
+
+def _best_live(scores: torch.Tensor, dead: torch.Tensor) -> int:
+    """The highest-scoring element with σ ≠ 0; a σ = 0 one (which adds nothing) only when no other is eligible."""
+    live = scores.masked_fill(dead, -math.inf)
+    j = int(torch.argmax(live))
+    return j if live[j] > -math.inf else int(torch.argmax(scores))
 
 
 def _drop_interactions(gains, hessian, sigma, j, submodular):
@@ -230,8 +240,10 @@ def _random_greedy(gains, budget, bounds, sigma, hessian, seed):
     order, picked = [], []
     for step in range(budget):
         draw = int(torch.randint(budget, (1,), generator=generator))
-        if book.forced(budget - step):  # no room for a dummy: pick among the needy modules' best
+        if book.forced(budget - step):  # no room for a dummy: pick among the needy modules' best, σ ≠ 0 first
             scores = gains.masked_fill(~book.needy, -math.inf)
+            live = scores.masked_fill(sigma == 0, -math.inf)
+            scores = live if bool(torch.isfinite(live).any()) else scores
             finite = int(torch.isfinite(scores).sum())
             k = min(budget, finite)
             draw = int(torch.randint(k, (1,), generator=generator))
@@ -322,7 +334,20 @@ def _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive):
         i = int(torch.argmax(values))
         if float(values[i]) > best_value:
             best_value, best = float(values[i]), batch[i]
-    return sorted(best)
+    return sorted(best), len(best) == budget
+
+
+def _without_dead(kept: list[int], sigma: torch.Tensor, bounds: RankBounds) -> list[int]:
+    """Drop σ = 0 components (they add nothing to f) except where a module's lower bound needs them."""
+    counts = torch.bincount(bounds.group[kept], minlength=bounds.lower.numel()).tolist()
+    result = []
+    for i in kept:
+        m = int(bounds.group[i])
+        if sigma[i] == 0 and counts[m] > bounds.lower[m]:
+            counts[m] -= 1
+            continue
+        result.append(i)
+    return result
 
 
 def select(
@@ -385,8 +410,9 @@ def select(
         if method == "exhaustive":
             diagnostics["monotone"] = True
     elif method == "exhaustive":
-        order = _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive)
-        diagnostics["monotone"] = len(order) == budget
+        order, full = _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive)
+        order = _without_dead(order, sigma, bounds)
+        diagnostics["monotone"] = full
     else:
         if method == "magnitude":
             start = sigma.clone()
@@ -405,7 +431,7 @@ def select(
         elif method in ("hessian", "sublora"):
             order, gains = _greedy(start, budget, bounds, sigma, hessian, submodular=method == "sublora")
         else:
-            order, gains = _greedy(start, budget, bounds)
+            order, gains = _greedy(start, budget, bounds, sigma)
         if diagnostics is not None:
             tolerance = 1e-10 * float(start.abs().max()) if n else 0.0
             diagnostics["monotone"] = all(gain >= -tolerance for gain in gains)

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sublora_cli.adapters import Adapter
+from sublora_cli.adapters import Adapter, PrunedModule
 from sublora_cli.svd import Spectrum, factor_svd, spectrum_stats
 
 
 def adapter_spectra(adapter: Adapter) -> list[Spectrum]:
     """The SVD form of every module, in the adapter's module order."""
     return [factor_svd(m.B, m.A, m.scale) for m in adapter.modules]
+
+
+def stored_spectra(pruned: list[PrunedModule], spectra: list[Spectrum]) -> list[Spectrum]:
+    """The SVD form of every module as written: unchanged modules keep their spectrum, modules pruned to rank 0
+    have none, and the others are the SVD of their factors after rounding to the storage dtype, which is what
+    peft loads (σ and directions can differ from the kept part of the original spectrum in half precision)."""
+    result = []
+    for p, spectrum in zip(pruned, spectra, strict=True):
+        if p.unchanged:
+            result.append(spectrum)
+        elif p.rank_after == 0:
+            empty = spectrum.sigma.new_zeros(0)
+            result.append(Spectrum(U=spectrum.U[:, :0], sigma=empty, V=spectrum.V[:, :0]))
+        else:
+            result.append(factor_svd(p.B, p.A, p.module.scale))
+    return result
 
 
 def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
@@ -27,6 +43,7 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
                 "alpha": module.alpha,
                 "scale": module.scale,
                 "sigma": [float(s) for s in spectrum.sigma],
+                "dead": not bool(spectrum.sigma.any()),  # ΔW = 0: the module's update is zero
                 **asdict(stats),
                 "params": module.params,
                 "bytes": module.params * module.element_size,
@@ -35,6 +52,7 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
     return {
         "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format},
         "modules": modules,
+        "warnings": dead_module_warnings([m["name"] for m in modules if m["dead"]]),
         "totals": {
             "modules": len(modules),
             "rank": adapter.total_rank,
@@ -42,3 +60,12 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
             "bytes": sum(m["bytes"] for m in modules),
         },
     }
+
+
+def dead_module_warnings(dead: list[str]) -> list[str]:
+    """Say which modules have an all-zero update (e.g. lora_B never trained): pruning drops them first."""
+    return [
+        f"module {name}: every σ is 0, this module's update is zero (lora_B or lora_A all zero); it adds nothing "
+        "to the model and pruning removes it first."
+        for name in dead
+    ]

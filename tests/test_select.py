@@ -343,3 +343,35 @@ def test_predicted_increase_matches_direct_formula():
     kept = torch.tensor([True, False, True, False, False, True])
     expected = q({1, 3, 4}, sigma, gradient, hessian)
     assert predicted_increase(kept, sigma, gradient, hessian) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_modules=st.integers(1, 4), extra=st.integers(0, 3))
+def test_sigma_zero_components_are_kept_only_when_no_other_is_left(method, seed, n_modules, extra):
+    """σ = 0 adds nothing (issue 9: an all-zero lora_B module was written at full rank with σ = 0): a dead component
+    is kept only once every live one its module bounds allow is kept, for every method and gain sign."""
+    ranks = random_ranks(seed, n_modules, 1, 4)
+    inputs, sigma = all_inputs(seed, sum(ranks))
+    rng = np.random.default_rng(seed)
+    dead = torch.as_tensor(rng.uniform(size=sigma.numel()) < 0.4)
+    dead[: ranks[0]] = True  # a whole module with lora_B = 0
+    sigma = sigma.masked_fill(dead, 0.0)
+    bounds = RankBounds.from_ranks(ranks, max_rank=1 + extra)
+    budget = int(rng.integers(1, sum(ranks) + 1))
+    kept = select(method, sigma, budget, bounds, **inputs).kept
+    counts = module_counts(kept, bounds)
+    room = [counts[m] < bounds.upper[m] for m in bounds.group.tolist()]
+    open_live = [i for i in range(sigma.numel()) if not dead[i] and not kept[i] and room[i]]
+    if bool((kept & dead).any()):
+        assert open_live == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_all_zero_module_is_left_out_while_live_components_remain(method):
+    sigma = torch.tensor([0.0, 0.0, 0.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    gradient = torch.tensor([0.5, -0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
+    hessian = torch.eye(6, dtype=torch.float64)
+    bounds = RankBounds.from_ranks([3, 3])
+    selection = select(method, sigma, 3, bounds, gradient=gradient, hessian=hessian)
+    assert not bool(selection.kept[:3].any())

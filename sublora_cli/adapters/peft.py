@@ -253,12 +253,19 @@ def alpha_for_rank(scale: float, rank: int, use_rslora: bool) -> float:
     return scale * (math.sqrt(rank) if use_rslora else rank)
 
 
+def storage_factors(module: LoraModule, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix factors rounded to the dtype the input stored them in, as write_peft stores them: the pipeline
+    measures these, so the reported loss is the loss of the file peft will load."""
+    dtype = module.A.dtype
+    return B.to(dtype), A.to(dtype)
+
+
 def _stored(module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Matrix factors → tensors in the layout and dtype the input stored them in."""
     r = A.shape[0]
-    dtype = module.A.dtype
-    A = A.reshape(r, *module.a_shape[1:]).to(dtype).contiguous()
-    B = B.reshape(module.b_shape[0], r, *module.b_shape[2:]).to(dtype).contiguous()
+    B, A = storage_factors(module, B, A)
+    A = A.reshape(r, *module.a_shape[1:]).contiguous()
+    B = B.reshape(module.b_shape[0], r, *module.b_shape[2:]).contiguous()
     return A, B
 
 
