@@ -96,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="where to write the observations (JSON)")
     parser.add_argument("--compare", type=Path, help="observations of an earlier run to compare with")
+    parser.add_argument("--only", default="", help="only keys containing this, e.g. elliptic/adapter_k2")
     args = parser.parse_args()
     observations = {}
     start = time.perf_counter()
@@ -104,12 +105,14 @@ def main() -> None:
             for method in METHODS:
                 for budget in BUDGETS:
                     key = f"{adapter.parent.name}/{adapter.name}/{method}/{budget}"
+                    if args.only not in key:
+                        continue
                     observations[key] = observe(adapter, calib, method, budget, Path(tmp))
                     print(f"{key}: exit {observations[key]['exit_code']}", flush=True)
     args.out.write_text(json.dumps(observations, indent=1, sort_keys=True) + "\n")
     print(f"{len(observations)} runs in {time.perf_counter() - start:.0f} s -> {args.out}")
     if args.compare:
-        before = json.loads(args.compare.read_text())
+        before = {k: v for k, v in json.loads(args.compare.read_text()).items() if args.only in k}
         found = differences(before, observations)
         print(f"compared with {args.compare}: {len(found)} difference(s)")
         for line in found[:50]:
