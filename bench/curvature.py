@@ -87,11 +87,11 @@ def mib(x: float) -> str:
     return f"{x / 2**20:.0f} MiB"
 
 
-def pinn_sample(family: str, name: str, dtype: str = "float64"):
+def pinn_sample(family: str, name: str, dtype: str = "float64", device: str = "cpu"):
     directory = SAMPLES / family
     adapter = read_adapter(directory / f"adapter_{name}")
     spectra = adapter_spectra(adapter)
-    calibrated = open_calibration(directory / f"calib_{name}.py", adapter, spectra, "cpu", dtype)
+    calibrated = open_calibration(directory / f"calib_{name}.py", adapter, spectra, device, dtype)
     return adapter, calibrated
 
 
@@ -99,7 +99,7 @@ def pinn_sample(family: str, name: str, dtype: str = "float64"):
 
 
 def bench_exact(args) -> dict:
-    _, cal = pinn_sample("elliptic", "k2", "float64")
+    _, cal = pinn_sample("elliptic", "k2", "float64", args.device)
     sm, batches = cal.sigma_model, cal.batches
 
     def mean_loss(s):
@@ -119,12 +119,14 @@ def bench_exact(args) -> dict:
         results["strategy"] = curv.strategy
         t, curv1 = timed(compute_curvature, sm, batches, "exact", threads=1)
         rows["sublora exact, 1 thread"].append(t)
-    H_ref = (H_ref.double() + H_ref.double().T) / 2
+    H_ref = H_ref.double().cpu()
+    H_ref = (H_ref + H_ref.T) / 2
     rel = float((curv.hessian - H_ref).norm() / H_ref.norm())
     best = {k: min(v) for k, v in rows.items()}
     results.update(
         {
             "workload": "elliptic/adapter_k2, R = 100, 4 batches of 320 points, float64",
+            "device": args.device,
             "torch_threads": torch.get_num_threads(),
             "seconds": rows,
             "best_seconds": best,
@@ -176,7 +178,7 @@ def lm_loss(model, batch):
     return lm_per_sample_loss(model, batch).mean()
 
 
-def gpt2_sigma_model(n_layer, n_embd, n_head, vocab, positions, rank, dtype=torch.float32):
+def gpt2_sigma_model(n_layer, n_embd, n_head, vocab, positions, rank, dtype=torch.float32, device="cpu"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -187,7 +189,9 @@ def gpt2_sigma_model(n_layer, n_embd, n_head, vocab, positions, rank, dtype=torc
     model = GPT2LMHeadModel(config).eval()
     modules = gpt2_lora(model, rank)
     spectra = [factor_svd(m.B, m.A, m.scale) for m in modules]
-    return SigmaModel(model, modules, spectra, lm_loss, dtype=dtype, per_sample_loss_fn=lm_per_sample_loss)
+    return SigmaModel(
+        model, modules, spectra, lm_loss, device=device, dtype=dtype, per_sample_loss_fn=lm_per_sample_loss
+    )
 
 
 def bench_fisher(args) -> dict:
@@ -197,7 +201,7 @@ def bench_fisher(args) -> dict:
     else:
         shape = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": 50257, "positions": 128, "rank": 16}
         n_seq, per_batch = 64, 8
-    sm = gpt2_sigma_model(**shape)
+    sm = gpt2_sigma_model(**shape, device=args.device)
     g = torch.Generator().manual_seed(0)
     batches = [
         {"input_ids": torch.randint(0, shape["vocab"], (per_batch, 128), generator=g)}
@@ -210,7 +214,7 @@ def bench_fisher(args) -> dict:
         with torch.enable_grad():
             for batch in batches:
                 s = sm.sigma.detach().clone().requires_grad_(True)
-                grad += torch.autograd.grad(sm.loss(s, batch), s)[0].double()
+                grad += torch.autograd.grad(sm.loss(s, batch), s)[0].double().cpu()
         return grad / len(batches)
 
     times = {"forward+backward": [], "fisher": []}
@@ -228,6 +232,7 @@ def bench_fisher(args) -> dict:
     rel_grad = float((curv.gradient - grad).norm() / grad.norm())
     result = {
         "workload": f"GPT-2 shape {shape}, R = {sm.size}, {n_seq} sequences x 128 tokens in {len(batches)} batches",
+        "device": args.device,
         "seconds": times,
         "best_seconds": best,
         "ratio": best["fisher"] / best["forward+backward"],
@@ -451,6 +456,7 @@ def main() -> None:
     parser.add_argument("--all-samples", action="store_true", help="agreement on all 9 PINN adapters, not 3")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--device", default="cpu", help="device of the exact and fisher sections (e.g. cuda)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
