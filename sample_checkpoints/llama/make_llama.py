@@ -2,7 +2,8 @@
 calib.py (copy task), then a LoRA adapter (peft, r = 16 on all seven projections) fine-tuned on the shifted task.
 
     python sample_checkpoints/llama/make_llama.py               # writes config.json, base.safetensors, adapter/,
-                                                               # results.json next to this file (~3 min, 1 thread)
+                                                               # results.json next to this file (~10 min on one
+                                                               # thread of a busy 2-core machine)
     python sample_checkpoints/llama/make_llama.py --out /tmp/llama
 
 Deterministic on one machine (fixed seeds, one thread by default); `--out` elsewhere copies calib.py along.
