@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sublora_cli.adapters import Adapter
 from sublora_cli.adapters.peft import model_tensor_name
@@ -46,6 +48,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise SubloraError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}.")
     return DTYPES[name]
+
+
+def attention_kernel_for(kind: str) -> AbstractContextManager:
+    """The scaled-dot-product attention kernels a curvature pass of `kind` may use.
+
+    Second derivatives (exact, diag, and auto, which may pick them) need the math kernel: the fused CPU and
+    CUDA kernels have no double backward, and they are what a stock transformers model uses by default
+    (attn_implementation="sdpa"). The math kernel computes the same attention from plain ops, so the model
+    needs no change. The Fisher needs first derivatives only and keeps the fast kernels.
+    """
+    return nullcontext() if kind == "fisher" else sdpa_kernel(SDPBackend.MATH)
 
 
 @dataclass
@@ -107,9 +120,10 @@ class Calibrated:
         self, kind: str, max_hessian_gb: float, progress: Callable[[str, int, int], None] | None = None
     ) -> Curvature:
         """Gradient and Hessian (or an approximation) of the loss over σ; refuses a loss blind to the adapter."""
-        curvature = compute_curvature(
-            self.sigma_model, self.batches, kind, max_hessian_gb=max_hessian_gb, progress=progress
-        )
+        with attention_kernel_for(kind):
+            curvature = compute_curvature(
+                self.sigma_model, self.batches, kind, max_hessian_gb=max_hessian_gb, progress=progress
+            )
         if curvature.is_zero:
             raise SubloraError(
                 f"The calibration loss of {self.script.path} does not depend on the adapter: its gradient and "
