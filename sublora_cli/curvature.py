@@ -332,9 +332,9 @@ def _exact(sigma_model, batches, kind, progress, chunk, threads) -> Curvature:
         engine.close()
 
     n, gradient, hessian = totals["batches"], totals["gradient"], totals.get("hessian")
-    gradient /= n  # in place: no second R×R matrix
+    gradient /= n
     if hessian is not None:
-        hessian /= n
+        hessian /= n  # in place: no second R×R matrix
         symmetrize_(hessian)
         diag = hessian.diagonal().clone()
     else:
