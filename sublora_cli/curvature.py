@@ -6,8 +6,10 @@ Three kinds (docs/curvature.md has the user-facing description and the `auto` ru
 * `diag`: its diagonal, from the same HVPs (there is no cheaper exact diagonal for a general loss); saves the
   R×R memory, not time.
 * `fisher`: the empirical Fisher F = mean_n g_n g_nᵀ over per-sample σ-gradients g_n, full R×R with the
-  cross-layer terms. One forward and one backward pass per batch (reparam.SigmaModel.per_sample_gradients
-  reads the per-sample gradients off per-row copies of σ in the adapted layers), so it scales to LLM adapters.
+  cross-layer terms. One forward and one backward pass per batch (fisher.per_sample_gradients reads the
+  per-sample gradients off per-row copies of σ in the adapted layers), so it scales to LLM adapters.
+
+All three run through batchloop.over_batches: per-batch sums in float64, reduced once, then divided.
 
 How the exact H is computed: reverse-over-reverse with plain autograd. Per batch, g = ∂L/∂σ is taken with
 create_graph=True and the Hessian rows come from backward passes through g's retained graph, a chunk of unit
@@ -42,8 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sublora_cli.batchloop import Meter, Sums, over_batches
 from sublora_cli.calibration import check_loss
 from sublora_cli.errors import SubloraError
+from sublora_cli.fisher import per_sample_gradients
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.select import NEEDS_FULL_HESSIAN
 
@@ -288,64 +292,58 @@ def compute_curvature(
 
 
 def _exact(sigma_model, batches, kind, progress, chunk, threads) -> Curvature:
+    """Sums over batches of the loss, g and H's rows (diag: their diagonal entries), one batch's HVPs at a time."""
     start_time = time.perf_counter()
     R = sigma_model.size
     device = sigma_model.sigma.device
-    gradient = torch.zeros(R, dtype=torch.float64, device=device)
-    hessian = torch.zeros(R, R, dtype=torch.float64, device=device) if kind == "exact" else None
-    diag = torch.zeros(R, dtype=torch.float64, device=device)
-    total_loss = 0.0
-    done, total = 0, len(batches) * R
+    matrix = (
+        {"hessian": torch.zeros(R, R, dtype=torch.float64, device=device)}
+        if kind == "exact"
+        else {"diag": torch.zeros(R, dtype=torch.float64, device=device)}
+    )
+    sums = Sums(loss=0.0, batches=0, gradient=torch.zeros(R, dtype=torch.float64, device=device), **matrix)
     engine = _RowEngine(chunk, threads)
-    if progress:
-        progress("curvature", done, total)
 
-    def consume(a: int, b: int, rows: torch.Tensor) -> None:
-        nonlocal done
-        rows = rows.detach().to(torch.float64)
-        if hessian is not None:
-            hessian[a:b] += rows
-        else:
-            diag[a:b] += rows[torch.arange(b - a), torch.arange(a, b)]
-        done += b - a
-        if progress:
-            progress("curvature", done, total)
+    def step(index: int, batch, sums: Sums, meter: Meter) -> None:
+        def consume(a: int, b: int, rows: torch.Tensor) -> None:
+            rows = rows.detach().to(torch.float64)
+            if kind == "exact":
+                sums.add("hessian", rows, at=slice(a, b))
+            else:
+                sums.add("diag", rows[torch.arange(b - a), torch.arange(a, b)], at=slice(a, b))
+            meter.advance(b - a)
+
+        s = sigma_model.sigma.detach().clone().requires_grad_(True)
+        loss = check_loss(sigma_model.loss(s, batch), index)
+        sums.add("loss", float(loss.detach()))
+        sums.add("batches", 1)
+        if not loss.requires_grad:
+            return
+        with _differentiating("the gradient", index):
+            (g,) = torch.autograd.grad(loss, s, create_graph=True, allow_unused=True, materialize_grads=True)
+        sums.add("gradient", g.detach().to(torch.float64))
+        if g.requires_grad:  # else the loss is linear in σ: H = 0 on this batch
+            engine.run(g, s, R, index, consume)
 
     try:
         with torch.enable_grad():
-            for b, batch in enumerate(batches):
-                s = sigma_model.sigma.detach().clone().requires_grad_(True)
-                loss = check_loss(sigma_model.loss(s, batch), b)
-                total_loss += float(loss.detach())
-                g = None
-                if loss.requires_grad:
-                    with _differentiating("the gradient", b):
-                        (g,) = torch.autograd.grad(
-                            loss, s, create_graph=True, allow_unused=True, materialize_grads=True
-                        )
-                    gradient += g.detach().to(torch.float64)
-                if g is None or not g.requires_grad:  # the loss is constant or linear in σ: H = 0 on this batch
-                    done += R
-                    if progress:
-                        progress("curvature", done, total)
-                    continue
-                engine.run(g, s, R, b, consume)
-                del g, loss  # free this batch's graph before building the next
+            totals = over_batches(batches, step, sums, progress=progress, work_per_batch=R)
     finally:
         engine.close()
 
-    n = len(batches)
+    n, gradient, hessian = totals["batches"], totals["gradient"], totals.get("hessian")
     gradient /= n
     if hessian is not None:
-        hessian /= n
+        hessian /= n  # in place: no second R×R matrix
         symmetrize_(hessian)
         diag = hessian.diagonal().clone()
     else:
+        diag = totals["diag"]
         diag /= n
     batched = "batched backward passes" if engine.batched and engine.chunk > 1 else "one backward pass per row"
     return Curvature(  # on the CPU, whatever device the model ran on: selection is cheap next to this
         kind=kind,
-        loss=total_loss / n,
+        loss=totals["loss"] / n,
         gradient=gradient.cpu(),
         hessian=hessian.cpu() if hessian is not None else None,
         hessian_diag=diag.cpu(),
@@ -360,9 +358,6 @@ def _fisher(sigma_model: SigmaModel, batches: list, progress) -> Curvature:
     start_time = time.perf_counter()
     R = sigma_model.size
     device = sigma_model.sigma.device
-    fisher = torch.zeros(R, R, dtype=torch.float64, device=device)
-    gradient = torch.zeros(R, dtype=torch.float64, device=device)
-    total_loss, count = 0.0, 0
     per_sample = sigma_model.has_per_sample_loss
     notes: tuple[str, ...] = (
         "With the Fisher, the selection drops the first-order term (all methods but linear) and the predicted "
@@ -375,43 +370,51 @@ def _fisher(sigma_model: SigmaModel, batches: list, progress) -> Curvature:
             f"{len(batches)} per-batch gradients: a matrix of rank at most {len(batches)}, a poor stand-in for "
             "the Hessian. Define per_sample_loss (docs/curvature.md) or use --curvature exact.",
         )
-    if progress:
-        progress("curvature", 0, len(batches))
-    for b, batch in enumerate(batches):
+
+    def step(index: int, batch, sums: Sums, _meter: Meter) -> None:
         if per_sample:
-            with _differentiating("the per-sample gradients", b, order="once"):
-                losses, G = sigma_model.per_sample_gradients(batch, b)
-            total_loss += float(losses.double().sum())
+            with _differentiating("the per-sample gradients", index, order="once"):
+                losses, G = per_sample_gradients(sigma_model, batch, index)
+            sums.add("loss", float(losses.double().sum()))
         else:
             with torch.enable_grad():
                 s = sigma_model.sigma.detach().clone().requires_grad_(True)
-                loss = check_loss(sigma_model.loss(s, batch), b)
+                loss = check_loss(sigma_model.loss(s, batch), index)
                 g = torch.zeros_like(s)
                 if loss.requires_grad:
-                    with _differentiating("the gradient", b, order="once"):
+                    with _differentiating("the gradient", index, order="once"):
                         (g,) = torch.autograd.grad(loss, s, allow_unused=True, materialize_grads=True)
-            total_loss += float(loss.detach())
+            sums.add("loss", float(loss.detach()))
             G = g.detach()[None]
         G = G.to(torch.float64)
-        fisher.addmm_(G.T, G)
-        gradient += G.sum(0)
-        count += G.shape[0]
-        del G
-        if progress:
-            progress("curvature", b + 1, len(batches))
+        sums.add_gram("fisher", G)
+        sums.add("gradient", G.sum(0))
+        sums.add("samples", G.shape[0])
+        sums.add("batches", 1)
+
+    sums = Sums(
+        loss=0.0,
+        samples=0,
+        batches=0,
+        gradient=torch.zeros(R, dtype=torch.float64, device=device),
+        fisher=torch.zeros(R, R, dtype=torch.float64, device=device),
+    )
+    totals = over_batches(batches, step, sums, progress=progress)
+    count = totals["samples"]
     if count == 0:
         raise SubloraError("per_sample_loss returned no samples on any batch; the Fisher needs at least one.")
-    fisher /= count
+    fisher, gradient = totals["fisher"], totals["gradient"]
+    fisher /= count  # in place: no second R×R matrix
     gradient /= count
     symmetrize_(fisher)
     return Curvature(
         kind="fisher",
-        loss=total_loss / count,
+        loss=totals["loss"] / count,
         gradient=gradient.cpu(),
         hessian=fisher.cpu(),
         hessian_diag=fisher.diagonal().clone().cpu(),
         seconds=time.perf_counter() - start_time,
-        n_batches=len(batches),
+        n_batches=totals["batches"],
         n_samples=count,
         strategy="per-sample σ-gradients from one forward+backward pass per batch"
         if per_sample

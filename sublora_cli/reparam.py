@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sublora_cli.adapters.base import LoraModule
+from sublora_cli.batchloop import Sums, over_batches
 from sublora_cli.calibration import check_loss
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.svd import Spectrum
+
+if TYPE_CHECKING:
+    from sublora_cli.fisher import Capture
 
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -110,7 +115,7 @@ class SigmaModel:
             p.requires_grad_(False)
         self.loss_fn = loss_fn
         self.per_sample_loss_fn = per_sample_loss_fn
-        self._capture: list | None = None  # per-sample mode: (start, stop, leaf) of every adapted layer call
+        self._capture: Capture | None = None  # per-sample mode: hands each adapted layer call its σ leaf
         self.device, self.dtype = torch.device(device), dtype
         self.sigma = torch.cat([s.sigma for s in spectra]).to(device=device, dtype=dtype)
         self.offsets: list[int] = []
@@ -190,7 +195,7 @@ class SigmaModel:
             else:  # conv with V's columns as kernels, scaled per channel, then a 1×1 conv with U
                 h = conv(x, V, stride=stride, padding=padding)
             if self._capture is not None:  # one σ copy per row of dim 0: the per-sample gradients' leaves
-                s = self._capture_leaf(module.name, h, s, start, stop, kind)
+                s = self._capture.leaf(module.name, h, s, start, stop, kind)
             elif kind == "conv":
                 s = s.reshape(-1, *([1] * (h.dim() - 2)))
             h = h * s
@@ -202,65 +207,18 @@ class SigmaModel:
 
         return hook
 
-    def _capture_leaf(self, name: str, h: torch.Tensor, s: torch.Tensor, start: int, stop: int, kind: str):
-        """A fresh leaf holding σ once per row of h's dim 0, recorded so its gradient can be read back."""
-        if h.dim() < 2:
-            raise SubloraError(
-                f"Module {name} was called on an unbatched input; per-sample gradients need the samples along "
-                "dim 0 of every adapted layer's input."
-            )
-        rows, r = h.shape[0], stop - start
-        leaf = s.detach().expand(rows, r).clone().requires_grad_(True)
-        self._capture.append((name, start, stop, leaf))
-        if kind == "conv":  # h: (rows, r, *spatial)
-            return leaf.reshape(rows, r, *([1] * (h.dim() - 2)))
-        return leaf.reshape(rows, *([1] * (h.dim() - 2)), r)  # h: (rows, …, r)
-
     @property
     def has_per_sample_loss(self) -> bool:
         return self.per_sample_loss_fn is not None
 
-    def per_sample_gradients(self, batch, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample losses ℓ (N,) and σ-gradients G (N, R) of one batch, from one forward and one backward pass.
-
-        Every call of an adapted layer gets its own copy of σ per row of its input's dim 0 (a leaf of shape
-        rows × r). Backpropagating Σ_n ℓ_n gives each leaf row Σ_t (u_iᵀ δ_t)(v_iᵀ x_t) over that row's positions
-        t, i.e. its share of ∂ℓ_n/∂σ (samples do not interact); rows are mapped to samples as N contiguous blocks
-        (rows = N, or N·m for an input flattened from (N, m, …)), and the blocks of all calls are summed.
-        """
-        from sublora_cli.calibration import check_per_sample_loss
-
-        if self.per_sample_loss_fn is None:
-            raise SubloraError("The calibration script defines no per_sample_loss(model, batch).")
-        self._capture = []
+    @contextmanager
+    def capturing(self, capture: Capture) -> Iterator[None]:
+        """Let every adapted layer call take its σ from `capture` (fisher.per_sample_gradients) meanwhile."""
+        self._capture = capture
         try:
-            with torch.enable_grad():
-                losses = check_per_sample_loss(self.per_sample_loss_fn(self.model, batch), batch_index)
-                captured, self._capture = self._capture, None
-                leaves = [leaf for *_, leaf in captured]
-                grads = (
-                    torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
-                    if leaves and losses.requires_grad
-                    else [torch.zeros_like(leaf) for leaf in leaves]
-                )
+            yield
         finally:
             self._capture = None
-        n = losses.numel()
-        G = torch.zeros(n, self.size, dtype=grads[0].dtype if grads else self.dtype, device=self.device)
-        for (name, start, stop, _), grad in zip(captured, grads, strict=True):
-            rows = grad.shape[0]
-            if rows % n:
-                if not grad.any():  # a call that does not reach the loss (e.g. a side output)
-                    continue
-                where = f" on batch {batch_index}" if batch_index is not None else ""
-                raise SubloraError(
-                    f"per_sample_loss returned {n} losses{where}, but module {name} was called on an input with "
-                    f"{rows} rows along dim 0, not a multiple of {n}: sublora cannot tell which sample each row "
-                    "belongs to. Return one loss per sample of the batch (the batch dimension first), and call the "
-                    "model on all samples at once (e.g. concatenate the inputs of several model calls)."
-                )
-            G[:, start:stop] += grad.reshape(n, rows // n, stop - start).sum(1)
-        return losses.detach(), G
 
     def remove(self) -> None:
         """Take the hooks off the model again."""
@@ -282,14 +240,16 @@ class SigmaModel:
         Autograd stays enabled: a PINN-style loss takes derivatives w.r.t. its inputs inside `loss`.
         """
         sigma = sigma.detach().to(device=self.device, dtype=self.dtype)
-        total, n = 0.0, 0
+
+        def step(index: int, batch, sums: Sums, _meter) -> None:
+            sums.add("loss", float(check_loss(self.loss(sigma, batch), index).detach()))
+            sums.add("batches", 1)
+
         with torch.enable_grad():
-            for i, batch in enumerate(batches):
-                total += float(check_loss(self.loss(sigma, batch), i).detach())
-                n += 1
-        if n == 0:
+            totals = over_batches(batches, step, Sums(loss=0.0, batches=0))
+        if totals["batches"] == 0:
             raise SubloraError("No calibration batches to average the loss over.")
-        return total / n
+        return totals["loss"] / totals["batches"]
 
     def evaluate(self, sigma: torch.Tensor, evaluate_fn: Callable[[nn.Module], dict]) -> dict[str, float]:
         """Run the user's evaluate(model) with the adapted modules using `sigma`."""
