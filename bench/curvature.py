@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "sample_checkpoints"))
 
 from sublora_cli.adapters import read_adapter  # noqa: E402
 from sublora_cli.adapters.base import LoraModule  # noqa: E402
+from sublora_cli.budget import Budget  # noqa: E402
 from sublora_cli.calibrated import open_calibration  # noqa: E402
 from sublora_cli.curvature import compute_curvature, symmetrize_  # noqa: E402
 from sublora_cli.reparam import SigmaModel  # noqa: E402
@@ -264,7 +265,7 @@ def bench_greedy(args) -> dict:
     bounds = RankBounds.from_ranks([R // 200] * 200)
     result = {"R": R, "budget": b, "seconds": {}}
     for method in ("sublora", "hessian", "diag", "linear", "sublora-random"):
-        t, _ = timed(select, method, sigma, b, bounds, gradient=grad, hessian=H)
+        t, _ = timed(select, method, sigma, Budget.ranks(b, sigma.numel()), bounds, gradient=grad, hessian=H)
         result["seconds"][method] = t
     print(
         f"greedy R={R}, b={b}: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["seconds"].items()),
@@ -328,13 +329,14 @@ def compare(sm, batches, kept_loss, R_bounds, budgets, method="sublora") -> list
         row = {"budget": budget, "exact_seconds": t_exact, "fisher_seconds": t_fisher}
         kept = {}
         for name, curv in (("exact", exact), ("fisher", fisher)):
-            sel = select(method, sigma, budget, R_bounds, **curv.selection_inputs(method))
+            sel = select(method, sigma, Budget.ranks(budget, sigma.numel()), R_bounds, **curv.selection_inputs(method))
             kept[name] = sel.kept
             row[f"loss_after_{name}"] = kept_loss(sel.kept)
-        sel = select(method, sigma, budget, R_bounds, gradient=fisher.gradient, hessian=fisher.hessian)
+        allowance = Budget.ranks(budget, sigma.numel())
+        sel = select(method, sigma, allowance, R_bounds, gradient=fisher.gradient, hessian=fisher.hessian)
         row["loss_after_fisher_with_gradient"] = kept_loss(sel.kept)
         row["overlap_with_gradient"] = int((kept["exact"] & sel.kept).sum()) / budget
-        kept["magnitude"] = select("magnitude", sigma, budget, R_bounds).kept
+        kept["magnitude"] = select("magnitude", sigma, Budget.ranks(budget, sigma.numel()), R_bounds).kept
         row["loss_after_magnitude"] = kept_loss(kept["magnitude"])
         row["overlap"] = int((kept["exact"] & kept["fisher"]).sum()) / budget
         row["loss_before"] = exact.loss

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import read_adapter
+from sublora_cli.budget import Budget
 from sublora_cli.calibrated import open_calibration
 from sublora_cli.select import RankBounds, predicted_increase, project_submodular, select
 from sublora_cli.spectra import adapter_spectra
@@ -151,7 +152,8 @@ def run_adapter(family: str, name: str, args) -> dict:
         f_hat_all = predicted_increase(none, sigma, g, projected)  # f̂(N) − f̂(∅) on Ĥ: the most any set can gain
         records = []
         for row in rows:
-            selection = select(row.method, sigma, row.budget, bounds, gradient=g, hessian=H, seed=row.seed or 0)
+            allowance = Budget.ranks(row.budget, sigma.numel())
+            selection = select(row.method, sigma, allowance, bounds, gradient=g, hessian=H, seed=row.seed or 0)
             assert int(selection.kept.sum()) == row.rank_after
             records.append(
                 {
@@ -171,7 +173,8 @@ def run_adapter(family: str, name: str, args) -> dict:
         for budget in budgets:
             shares = []
             for seed in range(args.guarantee_seeds):
-                kept = select("sublora-random", sigma, budget, bounds, gradient=g, hessian=H, seed=1000 + seed).kept
+                allowance = Budget.ranks(budget, sigma.numel())
+                kept = select("sublora-random", sigma, allowance, bounds, gradient=g, hessian=H, seed=1000 + seed).kept
                 shares.append((f_hat_all - predicted_increase(kept, sigma, g, projected)) / f_hat_all)
             random_shares[str(budget)] = {"mean": statistics.fmean(shares), "min": min(shares), "max": max(shares)}
 

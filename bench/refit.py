@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import read_adapter
+from sublora_cli.budget import Budget
 from sublora_cli.calibrated import open_calibration
 from sublora_cli.obs import DAMPING as OBS_DAMPING
 from sublora_cli.obs import obs_select
@@ -86,7 +87,8 @@ def run_adapter(family: str, name: str, budgets: list[int], dtype: str) -> dict:
                     chosen = obs_select(sigma, budget, bounds, g, tilde, psd=True)
                     kept, predicted, seconds = chosen.kept, chosen.predicted_increase, chosen.seconds
                 else:
-                    chosen = select(method, sigma, budget, bounds, gradient=g, hessian=hessian)
+                    allowance = Budget.ranks(budget, sigma.numel())
+                    chosen = select(method, sigma, allowance, bounds, gradient=g, hessian=hessian)
                     kept, predicted, seconds = chosen.kept, chosen.predicted_increase, None
                 after_selection = measure(torch.where(kept, sigma, torch.zeros_like(sigma)))
                 result = refit(sigma, kept, g, tilde, measure, after_selection, psd=True)

@@ -1,4 +1,5 @@
-"""Budgets and tolerances as users write them: a count (`50`), a percentage (`25%`) or a fraction (`0.25`).
+"""Budgets: what selection may spend (`Budget`), and budgets and tolerances as users write them: a count (`50`),
+a percentage (`25%`) or a fraction (`0.25`).
 
 `read_*` check the syntax only (nothing depends on the adapter), so the CLI can report a malformed flag as a
 usage error; `parse_*` add the flag name and, for budgets, resolve against the adapter's total rank.
@@ -9,9 +10,40 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from sublora_cli.errors import SubloraError
 
 BUDGET_FORMS = "give a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter's total rank"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a selection may spend: keeping component k costs cost[k] (float64, length R), the kept set's total
+    cost is at most capacity, both in `unit`. A rank budget costs 1 per component ("rank"); later kinds (bytes,
+    parameters) cost the same within a module, which keeps the lower-bound reasoning of select.py exact.
+    """
+
+    cost: torch.Tensor
+    capacity: float
+    unit: str = "rank"
+
+    def __post_init__(self) -> None:
+        if self.cost.dim() != 1 or self.cost.dtype != torch.float64:
+            raise ValueError("a budget's costs are one float64 per component")
+        if not bool(torch.isfinite(self.cost).all()) or bool((self.cost <= 0).any()):
+            raise ValueError("a budget's costs must be positive and finite")
+        if not math.isfinite(self.capacity) or self.capacity < 0:
+            raise ValueError(f"budget {self.capacity:g}: must be 0 or more")
+
+    @staticmethod
+    def ranks(count: int, total_rank: int) -> Budget:
+        """Keep at most `count` of `total_rank` components."""
+        return Budget(torch.ones(total_rank, dtype=torch.float64), float(count))
+
+    def amount(self, value: float) -> str:
+        """`value` in this budget's unit, as messages print it ("12 components", "1.5e+06 bytes")."""
+        return f"{value:g} components" if self.unit == "rank" else f"{value:g} {self.unit}"
 
 
 @dataclass(frozen=True)

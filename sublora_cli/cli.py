@@ -30,9 +30,9 @@ from sublora_cli.budget import read_budget, read_tolerance
 from sublora_cli.calibrated import DTYPES
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import QualityGateFailed, SubloraError
+from sublora_cli.methods import METHODS
 from sublora_cli.prune import PruneOptions, SweepOptions, evaluate_adapter, prune, sweep
 from sublora_cli.report import strict_json
-from sublora_cli.select import METHODS
 from sublora_cli.settings import DEFAULTS, load_config, merge
 from sublora_cli.spectra import adapter_spectra, describe_adapter
 from sublora_cli.sweep import DEFAULT_METHODS, parse_budgets, parse_methods

@@ -48,8 +48,8 @@ from sublora_cli.batchloop import Meter, Sums, over_batches
 from sublora_cli.calibration import check_loss
 from sublora_cli.errors import SubloraError
 from sublora_cli.fisher import per_sample_gradients
+from sublora_cli.methods import Need, lookup, most_demanding
 from sublora_cli.reparam import SigmaModel
-from sublora_cli.select import NEEDS_FULL_HESSIAN
 
 KINDS = ("exact", "diag", "fisher")
 AUTO = "auto"
@@ -77,23 +77,24 @@ class Curvature:
     strategy: str = ""  # how it was computed, for the report (e.g. "reverse-over-reverse, chunks of 4, 2 threads")
     notes: tuple[str, ...] = ()  # warnings for the user (e.g. a Fisher over per-batch gradients)
 
-    def selection_inputs(self, method: str) -> dict[str, torch.Tensor | None]:
-        """The (gradient, hessian, hessian_diag) the selection of `method` models the loss with.
+    def selection_inputs(self, name: str) -> dict[str, torch.Tensor | None]:
+        """The (gradient, hessian, hessian_diag) the selection of method `name` models the loss with.
 
-        With the Fisher, every method but `linear` gets a zero gradient: F shrinks with the squared residuals
-        while g shrinks only with the residuals, so next to the true g the quadratic term is on the wrong scale
-        and −gᵀσ_P dominates the model. Dropping g is the stationarity the paper assumes; measured, it lifts
-        the kept-set overlap with `exact` from 0.38–0.70 to 0.75–1.00 (docs/curvature.md).
+        With the Fisher, every method that uses the curvature (not only the gradient) gets a zero gradient: F
+        shrinks with the squared residuals while g shrinks only with the residuals, so next to the true g the
+        quadratic term is on the wrong scale and −gᵀσ_P dominates the model. Dropping g is the stationarity the
+        paper assumes; measured, it lifts the kept-set overlap with `exact` from 0.38–0.70 to 0.75–1.00
+        (docs/curvature.md).
         """
         gradient = self.gradient
-        if self.kind == "fisher" and method != "linear":
+        if self.kind == "fisher" and lookup(name).needs_at_least("diagonal"):
             gradient = torch.zeros_like(gradient)
         return {"gradient": gradient, "hessian": self.hessian, "hessian_diag": self.hessian_diag}
 
-    def notes_for(self, methods: list[str]) -> list[str]:
-        """The notes that matter to `methods`: linear selects on the gradient alone, so caveats about the
-        matrix (the Fisher's) do not apply to it."""
-        return list(self.notes) if any(m != "linear" for m in methods) else []
+    def notes_for(self, names: list[str]) -> list[str]:
+        """The notes that matter to the methods `names`: those about the matrix (the Fisher's) concern only the
+        methods that use it, not those that select on σ or the gradient alone."""
+        return list(self.notes) if any(lookup(n).needs_at_least("diagonal") for n in names) else []
 
     @property
     def is_zero(self) -> bool:
@@ -123,43 +124,50 @@ def estimate_cost(R: int, n_batches: int, kind: str, loss_seconds: float | None 
     return cost
 
 
-def choose_kind(R: int, n_batches: int, method: str) -> tuple[str, str]:
-    """The curvature `--curvature auto` computes for `method`, with a one-sentence reason (docs/curvature.md).
+def choose_kind(R: int, n_batches: int, name: str) -> tuple[str, str]:
+    """The curvature `--curvature auto` computes for method `name`, with a one-sentence reason
+    (docs/curvature.md); the method's entry in methods.py says what it needs."""
+    return _auto_kind(R, n_batches, lookup(name).needs, name)
 
-    magnitude needs none ("none"); linear needs only the gradient, which the Fisher's single pass per batch
-    gives; diag and the full-Hessian methods get the exact curvature while it costs at most AUTO_MAX_HVPS
-    Hessian-vector products (R × batches), else the Fisher (for diag: its diagonal, the same single pass).
-    """
-    if method == "magnitude":
-        return "none", "magnitude is data-free: no curvature is computed."
-    if method == "linear":
-        return "fisher", "linear needs only the gradient, which one forward+backward pass per batch gives (fisher)."
+
+def _auto_kind(R: int, n_batches: int, need: Need, who: str) -> tuple[str, str]:
+    """The cheapest curvature that meets `need` under the auto rule: none for a data-free selection; the Fisher's
+    single pass per batch for the gradient alone; the exact diagonal or matrix while it costs at most
+    AUTO_MAX_HVPS Hessian-vector products (R × batches), else the Fisher (for a diagonal: its diagonal)."""
+    if need == "none":
+        return "none", f"{who} is data-free: no curvature is computed."
+    if need == "gradient":
+        return "fisher", f"{who} needs only the gradient, which one forward+backward pass per batch gives (fisher)."
     hvps = R * n_batches
-    if hvps <= AUTO_MAX_HVPS:
-        return "exact" if method != "diag" else "diag", (
-            f"R = {R} over {n_batches} batches is {hvps:,} Hessian-vector products, within the {AUTO_MAX_HVPS:,} "
-            "that auto computes exactly."
+    if hvps > AUTO_MAX_HVPS:
+        return "fisher", (
+            f"R = {R} over {n_batches} batches would take {hvps:,} Hessian-vector products for the exact "
+            f"{'diagonal' if need == 'diagonal' else 'Hessian'} (auto's limit is {AUTO_MAX_HVPS:,}); the empirical "
+            "Fisher needs one forward+backward pass per batch."
         )
-    return "fisher", (
-        f"R = {R} over {n_batches} batches would take {hvps:,} Hessian-vector products for the exact "
-        f"{'diagonal' if method == 'diag' else 'Hessian'} (auto's limit is {AUTO_MAX_HVPS:,}); the empirical Fisher "
-        "needs one forward+backward pass per batch."
+    if need == "diagonal":
+        return "diag", (
+            f"{who} needs only the Hessian's diagonal: R = {R} over {n_batches} batches is {hvps:,} Hessian-vector "
+            f"products, within auto's limit of {AUTO_MAX_HVPS:,}, so the exact diagonal is computed (not the matrix)."
+        )
+    return "exact", (
+        f"R = {R} over {n_batches} batches is {hvps:,} Hessian-vector products, within the {AUTO_MAX_HVPS:,} "
+        "that auto computes exactly."
     )
 
 
 def resolve_kind(requested: str, R: int, n_batches: int, methods: list[str]) -> tuple[str, str]:
     """The curvature to compute for `methods` (one for prune, several for sweep), with the reason to print.
 
-    `auto` follows choose_kind for the most demanding method: any full-Hessian method, else diag, else linear
-    (magnitude alone in a sweep gets the cheap Fisher pass, for its predicted increases).
+    `auto` meets the most demanding need among them (methods.py). Data-free methods alone get no curvature,
+    whatever was requested: they would not use it.
     """
+    need = most_demanding(methods)
+    if need == "none":
+        return _auto_kind(R, n_batches, need, " and ".join(methods))
     if requested != AUTO:
         return requested, f"--curvature {requested} was asked for."
-    if any(m in NEEDS_FULL_HESSIAN for m in methods):
-        demanding = "sublora"
-    else:
-        demanding = "diag" if "diag" in methods else "linear"
-    return choose_kind(R, n_batches, demanding)
+    return _auto_kind(R, n_batches, need, " and ".join(m for m in methods if lookup(m).needs == need))
 
 
 def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batched: bool) -> torch.Tensor:

@@ -19,14 +19,15 @@ import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.adapters.peft import storage_factors
-from sublora_cli.budget import parse_budget, parse_tolerance
+from sublora_cli.budget import Budget, parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
 from sublora_cli.errors import SubloraError
+from sublora_cli.methods import lookup
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
-from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
+from sublora_cli.select import RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
 from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
@@ -112,15 +113,14 @@ def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.T
 
 
 def _check_method(method: str, calib: Path | None, curvature: str) -> None:
-    if method in NEEDS_CALIBRATION and calib is None:
+    """A data-free method may be given --calib (the loss before and after is then measured); the others need it."""
+    if lookup(method).needs_calibration and calib is None:
         raise SubloraError(f"--method {method} needs a calibration script (--calib calib.py); magnitude does not.")
-    if calib is not None and method not in NEEDS_CALIBRATION:
-        raise SubloraError(f"--method {method} is data-free; drop --calib or choose a calibrated method.")
     _check_curvature(method, curvature)
 
 
 def _check_curvature(method: str, curvature: str) -> None:
-    if method in NEEDS_FULL_HESSIAN and curvature == "diag":
+    if lookup(method).needs == "matrix" and curvature == "diag":
         raise SubloraError(
             f"--method {method} needs the full Hessian but --curvature diag computes only its diagonal; "
             "use --curvature exact, or --method diag / linear."
@@ -156,14 +156,18 @@ def _curvature(
     max_hessian_gb: float,
     info: Info | None,
     progress: Progress | None,
-) -> tuple[Curvature, str]:
-    """The curvature `methods` need (resolving `auto`), with the reason for its kind."""
+) -> tuple[Curvature | None, str]:
+    """The curvature `methods` need (resolving `auto`), with the reason for its kind; None for data-free methods."""
     kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
+    if kind == "none":
+        return None, reason
     _announce_curvature(calibrated, kind, requested, reason, info)
     return calibrated.curvature(kind, max_hessian_gb, progress), reason
 
 
-def _select(method: str, sigma: torch.Tensor, budget: int, bounds: RankBounds, curvature: Curvature | None, seed: int):
+def _select(
+    method: str, sigma: torch.Tensor, budget: Budget, bounds: RankBounds, curvature: Curvature | None, seed: int
+) -> Selection:
     inputs = curvature.selection_inputs(method) if curvature is not None else {}
     try:
         selection = select(method, sigma, budget, bounds, seed=seed, **inputs)
@@ -183,17 +187,17 @@ def _check_not_empty(selection: Selection, method: str) -> None:
         )
 
 
-def _shortfall(selection: Selection, budget: int, method: str) -> list[str]:
-    """A warning when fewer components are kept than the budget allows, so a smaller file is not a surprise."""
-    kept = int(selection.kept.sum())
-    if kept >= budget:
+def _shortfall(selection: Selection, budget: Budget, method: str) -> list[str]:
+    """A warning when less is kept than the budget allows, so a smaller file is not a surprise."""
+    spent = float(budget.cost[selection.kept.cpu()].sum())
+    if spent >= budget.capacity:
         return []
     why = {
         "sublora-random": "the randomized greedy picks a zero-gain 'dummy' in a step when that is among its draws "
         "(by design, for its guarantee on non-monotone objectives); use --method sublora for the full budget",
         "exhaustive": "a smaller set has a lower predicted loss under the quadratic model",
     }.get(method, "--max-rank caps the modules below it")
-    return [f"{method} kept {kept} of the {budget} components the budget allows: {why}."]
+    return [f"{method} kept {spent:g} of the {budget.amount(budget.capacity)} the budget allows: {why}."]
 
 
 def prune(
@@ -226,6 +230,7 @@ def prune(
             f"{adapter.total_rank}: nothing to prune, the adapter is written unchanged."
         )
     budget = min(budget, adapter.total_rank)
+    allowance = Budget.ranks(budget, adapter.total_rank)
 
     with timings.stage("svd"):
         spectra = adapter_spectra(adapter)
@@ -234,8 +239,8 @@ def prune(
     curvature = loss = metrics = reason = None
     if options.calib is None:
         with timings.stage("select"):
-            selection: Selection = _select(method, sigma, budget, bounds, None, options.seed)
-        warnings.extend(_shortfall(selection, budget, method))
+            selection: Selection = _select(method, sigma, allowance, bounds, None, options.seed)
+        warnings.extend(_shortfall(selection, allowance, method))
         pruned = pruned_modules(adapter, spectra, selection.kept)
     else:
         with timings.stage("calibrate"):
@@ -250,17 +255,17 @@ def prune(
                 curvature, reason = _curvature(
                     calibrated, options.curvature, [method], options.max_hessian_gb, info, progress
                 )
-            warnings.extend(curvature.notes_for([method]))
+            warnings.extend(curvature.notes_for([method]) if curvature is not None else [])
             with timings.stage("select"):
-                selection = _select(method, sigma, budget, bounds, curvature, options.seed)
-            warnings.extend(_shortfall(selection, budget, method))
+                selection = _select(method, sigma, allowance, bounds, curvature, options.seed)
+            warnings.extend(_shortfall(selection, allowance, method))
             pruned = pruned_modules(adapter, spectra, selection.kept)
             with timings.stage("eval"):
                 written = stored_spectra(pruned, spectra)
                 loss_after, metrics_after = calibrated.loss_of(written), calibrated.metrics_of(written)
         finally:
             calibrated.close()
-        loss = loss_summary(loss_before, loss_after, selection.predicted_increase)
+        loss = loss_summary(loss_before, loss_after, selection.predicted_increase, curvature)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
         warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
@@ -300,14 +305,16 @@ def prune(
     return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)
 
 
-def loss_summary(before: float, after: float, predicted: float | None) -> dict:
-    """Loss before/after with the measured and predicted increases (relative to |before|, 0 → inf-safe)."""
+def loss_summary(before: float, after: float, predicted: float | None, curvature: Curvature | None) -> dict:
+    """Loss before/after with the measured and predicted increases (relative to |before|, 0 → inf-safe); the
+    prediction is labelled with the curvature its model used (None when the method has no model of the loss)."""
     increase = after - before
     relative = increase / abs(before) if before != 0 else (0.0 if increase == 0 else float("inf"))
     return {
         "before": before,
         "after": after,
         "predicted_increase": predicted,
+        "predicted_with": curvature.kind if predicted is not None and curvature is not None else None,
         "increase": increase,
         "relative_increase": relative,
     }
@@ -428,9 +435,9 @@ def sweep(
         "adapter": str(adapter_path),
         "sha256": adapter.sha256,
         "calib": str(options.calib),
-        "curvature": curvature.kind,
+        "curvature": curvature.kind if curvature is not None else None,
         "curvature_reason": reason,
-        "curvature_notes": curvature.notes_for(options.methods),
+        "curvature_notes": curvature.notes_for(options.methods) if curvature is not None else [],
         "total_rank": adapter.total_rank,
         "budgets": budgets,
         "methods": options.methods,

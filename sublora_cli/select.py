@@ -8,27 +8,23 @@ maximise f(S) = −q(N∖S) one element at a time with the incremental gains
 
 which start at −g_kσ_k − ½H_kkσ_k² + σ_k(Hσ)_k and drop by σ_j H_jk σ_k when j is kept, so a greedy run
 costs O(b·R) once H is known (one row of H per step). H is assumed symmetric, as a Hessian is.
+
+What a method needs and predicts is its entry in methods.py; this module runs the entry's gain rule
+(START_GAINS) and search (SEARCHES). Selection spends a `Budget` (a cost per component and a capacity): the
+searches stop when nothing eligible is affordable, never after a fixed number of steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
-METHODS: tuple[str, ...] = (
-    "magnitude",
-    "linear",
-    "diag",
-    "hessian",
-    "sublora",
-    "sublora-random",
-    "exhaustive",
-)
-NEEDS_CALIBRATION: frozenset[str] = frozenset(METHODS) - {"magnitude"}
-NEEDS_FULL_HESSIAN: frozenset[str] = frozenset({"hessian", "sublora", "sublora-random", "exhaustive"})
+from sublora_cli.budget import Budget
+from sublora_cli.methods import Method, lookup
 
 
 @dataclass(frozen=True)
@@ -147,57 +143,107 @@ def _members(bounds: RankBounds, device: torch.device) -> list[torch.Tensor]:
     return [part.to(device) for part in torch.split(order, counts)]
 
 
-class _Budget:
-    """Bookkeeping of per-module counts so that every pick leaves the lower bounds reachable.
+def _per_module(values: torch.Tensor, bounds: RankBounds, reduce: str) -> list[float]:
+    """The `reduce` ("amin"/"amax") of `values` within each module (0 for a module without components)."""
+    modules = bounds.lower.numel()
+    out = torch.zeros(modules, dtype=values.dtype).scatter_reduce_(
+        0, bounds.group.cpu(), values.cpu(), reduce, include_self=False
+    )
+    return out.tolist()
 
-    An element is eligible if its module is below its upper bound and taking it leaves enough of the
-    budget for the remaining lower-bound deficits; once the deficit equals what is left, only modules
-    still below their lower bound may grow (taking one of those reduces the deficit by one).
+
+def _reserve(bounds: RankBounds, cheapest: list[float], counts: list[int] | None = None) -> float:
+    """What the modules below their lower bound must still spend, at least: each missing component at its
+    module's cheapest cost (exact when a module's components cost the same, as they do for every budget unit)."""
+    lower = bounds.lower.tolist()
+    counts = counts or [0] * len(lower)
+    return sum((lo - c) * cost for lo, c, cost in zip(lower, counts, cheapest, strict=True) if c < lo)
+
+
+def _spendable(budget: Budget, bounds: RankBounds) -> Budget:
+    """The budget capped at what the upper bounds let be spent at all (each module's upper bound of its dearest
+    components), so that the lower-bound reasoning sees the capacity that can really be used."""
+    dearest = _per_module(budget.cost, bounds, "amax")
+    most = sum(u * c for u, c in zip(bounds.upper.tolist(), dearest, strict=True))
+    return replace(budget, capacity=min(budget.capacity, most))
+
+
+class _Ledger:
+    """Bookkeeping of what is spent and of per-module counts, so that every pick is affordable and leaves the
+    lower bounds reachable.
+
+    An element is eligible if its module is below its upper bound and it is affordable: its cost leaves at
+    least the reserve (what the modules still below their lower bound must spend), or it belongs to such a
+    module (then it reduces the reserve by its module's cheapest cost). `needy` marks those modules' elements.
     """
 
-    def __init__(self, bounds: RankBounds, gains: torch.Tensor):
+    def __init__(self, bounds: RankBounds, budget: Budget, gains: torch.Tensor):
         self.group = bounds.group.tolist()
         self.lower = bounds.lower.tolist()
         self.upper = bounds.upper.tolist()
         self.counts = [0] * len(self.lower)
-        self.deficit = sum(self.lower)
+        self.cost = budget.cost.to(gains.device)
+        self.costs = budget.cost.tolist()
+        self.largest_cost = max(self.costs, default=0.0)
+        self.cheapest = _per_module(budget.cost, bounds, "amin")
+        self.remaining = budget.capacity
+        self.reserve = _reserve(bounds, self.cheapest)
         self.members = _members(bounds, gains.device)
         group = bounds.group.to(gains.device)
         self.needy = (bounds.lower.to(gains.device) > 0)[group]
         gains.masked_fill_((bounds.upper.to(gains.device) == 0)[group], -math.inf)
 
-    def forced(self, steps_left: int) -> bool:
-        """True when every remaining step must go to a module below its lower bound."""
-        return self.deficit >= steps_left
+    def forced(self) -> bool:
+        """True when some element's cost would eat into the reserve: then not every element is eligible."""
+        return self.reserve + self.largest_cost > self.remaining
+
+    def eligible(self) -> torch.Tensor:
+        """Mask of the elements that are affordable under the reserve rule (module bounds aside: gains mark those)."""
+        return (self.cost <= self.remaining - self.reserve) | (self.needy & (self.cost <= self.remaining))
+
+    def scores(self, gains: torch.Tensor) -> torch.Tensor:
+        """What the greedy maximises: the gain of every eligible element, −inf elsewhere. The one place where a
+        cost-aware rule (gain per cost, for budgets whose components cost differently) would go; with rank
+        budgets every cost is 1 and the gain is the score."""
+        return gains.masked_fill(~self.eligible(), -math.inf) if self.forced() else gains
 
     def take(self, j: int, gains: torch.Tensor) -> None:
         """Record keeping j; mark j and, when its module is full, the whole module as unavailable."""
         m = self.group[j]
         self.counts[m] += 1
+        self.remaining -= self.costs[j]
         if self.counts[m] <= self.lower[m]:
-            self.deficit -= 1
+            self.reserve -= self.cheapest[m]
             if self.counts[m] == self.lower[m]:
                 self.needy[self.members[m]] = False
         gains[j] = -math.inf
         if self.counts[m] >= self.upper[m]:
             gains[self.members[m]] = -math.inf
 
+    def skip(self, cost: float) -> None:
+        """Spend `cost` on nothing (the randomized greedy's dummy element)."""
+        self.remaining -= cost
+
 
 def _greedy(gains, budget, bounds, sigma=None, hessian=None, submodular=False):
-    """Add the eligible element with the largest gain, budget times. With a Hessian, each step updates the
-    gains with one row of it: −σ_j H_jk σ_k, clamped at 0 for Ĥ (an entry whose term is negative is one the
-    projection zeroes), so Ĥ is never formed. Without one the gains never change (the sorted methods).
-    The greedy keeps adding when the best gain is negative: the budget is a count users ask for, and
+    """Add the eligible element with the largest score until nothing eligible is affordable. With a Hessian, each
+    step updates the gains with one row of it: −σ_j H_jk σ_k, clamped at 0 for Ĥ (an entry whose term is
+    negative is one the projection zeroes), so Ĥ is never formed. Without one the gains never change (the sorted
+    methods). The greedy keeps adding when the best gain is negative: the budget is what users ask to keep, and
     `monotone` reports it. Ties go to the lower index (argmax returns the first maximum). Components with
     σ = 0 add nothing to the adapter, so they come last whatever their gain: never kept while a σ ≠ 0 one is
     eligible."""
-    gains = gains.clone()
-    book = _Budget(bounds, gains)
-    dead = sigma == 0
     order, picked = [], []
-    for step in range(budget):
-        scores = gains.masked_fill(~book.needy, -math.inf) if book.forced(budget - step) else gains
+    if gains.numel() == 0:
+        return order, picked
+    gains = gains.clone()
+    book = _Ledger(bounds, budget, gains)
+    dead = sigma == 0
+    while True:
+        scores = book.scores(gains)
         j = _best_live(scores, dead)
+        if scores[j] == -math.inf:
+            break
         order.append(j)
         picked.append(float(gains[j]))
         if hessian is not None:
@@ -230,29 +276,47 @@ def _top_members(scores: torch.Tensor, k: int, finite: int) -> torch.Tensor:
     return torch.sort(torch.cat([above, tied])).values
 
 
+def _uniform_cost(budget: Budget, method: str) -> float:
+    """The one cost every component has; ValueError otherwise. The randomized greedy and the exhaustive count are
+    defined by the number of picks, which only a budget of equal costs (a rank budget) fixes."""
+    costs = budget.cost
+    if costs.numel() and not bool((costs == costs[0]).all()):
+        raise ValueError(f"method {method} needs a budget whose components all cost the same (a rank budget)")
+    return float(costs[0]) if costs.numel() else 1.0
+
+
+def _max_picks(budget: Budget, unit: float) -> int:
+    """How many components of cost `unit` the budget affords."""
+    return int(budget.capacity // unit)
+
+
 def _random_greedy(gains, budget, bounds, sigma, hessian, seed):
-    """Randomized greedy of Buchbinder et al. (2014), the 1/e guarantee for non-monotone f: budget steps,
-    each picking uniformly among the `budget` best gains padded with zero-gain dummies (a dummy adds
-    nothing that step), so elements with negative gain are never picked unless a lower bound forces it."""
+    """Randomized greedy of Buchbinder et al. (2014), the 1/e guarantee for non-monotone f: k = the number of
+    components the budget affords, and each step, until nothing is affordable, picks uniformly among the k best
+    gains padded with zero-gain dummies (a dummy spends one component's cost on nothing), so elements with
+    negative gain are never picked unless a lower bound forces it."""
+    unit = _uniform_cost(budget, "sublora-random")
+    picks = _max_picks(budget, unit)
     gains = gains.clone()
-    book = _Budget(bounds, gains)
+    book = _Ledger(bounds, budget, gains)
     generator = torch.Generator().manual_seed(seed)
     order, picked = [], []
-    for step in range(budget):
-        draw = int(torch.randint(budget, (1,), generator=generator))
-        if book.forced(budget - step):  # no room for a dummy: pick among the needy modules' best, σ ≠ 0 first
+    while book.remaining >= unit:
+        draw = int(torch.randint(picks, (1,), generator=generator))
+        if book.forced():  # no room for a dummy: pick among the needy modules' best, σ ≠ 0 first
             scores = gains.masked_fill(~book.needy, -math.inf)
             live = scores.masked_fill(sigma == 0, -math.inf)
             scores = live if bool(torch.isfinite(live).any()) else scores
             finite = int(torch.isfinite(scores).sum())
-            k = min(budget, finite)
+            k = min(picks, finite)
             draw = int(torch.randint(k, (1,), generator=generator))
         else:
             scores = gains.masked_fill(gains <= 0, -math.inf)
             finite = int(torch.isfinite(scores).sum())
-            k = min(budget, finite)
+            k = min(picks, finite)
             if draw >= k:
-                continue  # a dummy
+                book.skip(unit)  # a dummy
+                continue
         j = int(_top_members(scores, k, finite)[draw])
         order.append(j)
         picked.append(float(gains[j]))
@@ -261,18 +325,18 @@ def _random_greedy(gains, budget, bounds, sigma, hessian, seed):
     return order, picked
 
 
-def _count_subsets(bounds: RankBounds, budget: int, limit: int) -> tuple[int, bool]:
-    """Number of kept sets with |S| ≤ budget within bounds, and whether it is exact. When counting exactly
-    would be slow (large R and budget) it stops at the first partial count above limit: a lower bound,
+def _count_subsets(bounds: RankBounds, picks: int, limit: int) -> tuple[int, bool]:
+    """Number of kept sets of at most `picks` components within bounds, and whether it is exact. When counting
+    exactly would be slow (large R and picks) it stops at the first partial count above limit: a lower bound,
     since every partial set counted extends to at least one feasible set."""
     sizes = torch.bincount(bounds.group.cpu(), minlength=bounds.lower.numel()).tolist()
     lower, upper = bounds.lower.tolist(), bounds.upper.tolist()
-    exact = (budget + 1) * (len(sizes) + sum(sizes)) <= 10**6
+    exact = (picks + 1) * (len(sizes) + sum(sizes)) <= 10**6
     rest_lower = sum(lower)
     poly = [1]  # poly[d]: number of partial sets of size d
     for r, lo, hi in zip(sizes, lower, upper, strict=True):
         rest_lower -= lo
-        cap = budget - rest_lower
+        cap = picks - rest_lower
         new = [0] * (min(cap, len(poly) - 1 + hi) + 1)
         total = 0
         for k in range(lo, min(hi, cap) + 1):
@@ -288,14 +352,16 @@ def _count_subsets(bounds: RankBounds, budget: int, limit: int) -> tuple[int, bo
 
 
 def _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive):
-    """Exact optimum of f over all kept sets with |S| ≤ budget within bounds. f need not be monotone, so
-    smaller sets are candidates too; among equal values the set found first (larger sets first) wins.
-    Uses f(S) − f(∅) = Σ_{i∈S} a_i − ½ Σ_{i,j∈S} Q_ij with a = −gσ + σ(Hσ) and Q = diag(σ) H diag(σ)."""
-    count, exact = _count_subsets(bounds, budget, max_exhaustive)
+    """Exact optimum of f over all affordable kept sets within bounds. f need not be monotone, so smaller sets
+    are candidates too; among equal values the set found first (larger sets first) wins. Uses
+    f(S) − f(∅) = Σ_{i∈S} a_i − ½ Σ_{i,j∈S} Q_ij with a = −gσ + σ(Hσ) and Q = diag(σ) H diag(σ).
+    Returns the kept indices ascending and whether the set is maximal (nothing eligible was still affordable)."""
+    picks = _max_picks(budget, _uniform_cost(budget, "exhaustive"))
+    count, exact = _count_subsets(bounds, picks, max_exhaustive)
     if count > max_exhaustive:
         raise ValueError(
             f"exhaustive search would evaluate {'' if exact else 'more than '}{count:,} subsets "
-            f"(R={sigma.numel()}, budget={budget}), over the limit of {max_exhaustive:,}; "
+            f"(R={sigma.numel()}, budget={picks}), over the limit of {max_exhaustive:,}; "
             "use --method sublora or hessian instead"
         )
     n = sigma.numel()
@@ -306,25 +372,33 @@ def _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive):
 
     lower, upper = bounds.lower.tolist(), bounds.upper.tolist()
     members = [m.tolist() for m in _members(bounds, torch.device("cpu"))]
-    later_lower = [sum(lower[m + 1 :]) for m in range(len(lower))]
-    spare = budget - sum(lower)
-    options = [  # each module's allowed kept sets, larger first
-        [c for k in range(min(hi, spare + lo), lo - 1, -1) for c in itertools.combinations(idx, k)]
-        for idx, lo, hi in zip(members, lower, upper, strict=True)
+    cheapest = _per_module(budget.cost, bounds, "amin")
+    costs = budget.cost.tolist()
+    reserves = [lo * c for lo, c in zip(lower, cheapest, strict=True)]
+    later_reserve = [sum(reserves[m + 1 :]) for m in range(len(lower))]
+    spare = budget.capacity - sum(reserves)
+    options = [  # each module's allowed kept sets, larger first, with their cost
+        [
+            (c, cost)
+            for k in range(min(hi, _affordable_count(spare + reserve, cheap)), lo - 1, -1)
+            for c in itertools.combinations(idx, k)
+            if (cost := sum(costs[i] for i in c)) <= spare + reserve
+        ]
+        for idx, lo, hi, reserve, cheap in zip(members, lower, upper, reserves, cheapest, strict=True)
     ]
 
     def subsets():
-        stack = [(0, 0, ())]
+        stack = [(0, 0.0, ())]
         while stack:
-            m, size, chosen = stack.pop()
+            m, spent, chosen = stack.pop()
             if m == len(options):
                 yield chosen
                 continue
-            for c in reversed(options[m]):  # reversed: the stack pops options in their listed order
-                if size + len(c) + later_lower[m] <= budget:
-                    stack.append((m + 1, size + len(c), chosen + c))
+            for c, cost in reversed(options[m]):  # reversed: the stack pops options in their listed order
+                if spent + cost + later_reserve[m] <= budget.capacity:
+                    stack.append((m + 1, spent + cost, chosen + c))
 
-    width = max(budget, 1)
+    width = max(picks, 1)
     chunk = max(1, 2**22 // (width * width))
     best_value, best = -math.inf, ()
     batches = iter(subsets())
@@ -334,7 +408,21 @@ def _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive):
         i = int(torch.argmax(values))
         if float(values[i]) > best_value:
             best_value, best = float(values[i]), batch[i]
-    return sorted(best), len(best) == budget
+    return sorted(best), not _any_affordable(list(best), budget, bounds)
+
+
+def _affordable_count(money: float, cheapest: float) -> int:
+    """At most how many components costing at least `cheapest` each `money` buys (a module without any: 0)."""
+    return int(money // cheapest) if cheapest > 0 else 0
+
+
+def _any_affordable(kept: list[int], budget: Budget, bounds: RankBounds) -> bool:
+    """Whether some component could still be added to `kept`: its module below its upper bound, its cost affordable."""
+    counts = torch.bincount(bounds.group[kept], minlength=bounds.lower.numel())
+    remaining = budget.capacity - float(budget.cost[kept].sum())
+    open_ = (counts < bounds.upper)[bounds.group]
+    open_[kept] = False
+    return bool((open_ & (budget.cost <= remaining)).any())
 
 
 def _without_dead(kept: list[int], sigma: torch.Tensor, bounds: RankBounds) -> list[int]:
@@ -350,10 +438,79 @@ def _without_dead(kept: list[int], sigma: torch.Tensor, bounds: RankBounds) -> l
     return result
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """What a gain rule or a search works on (the inputs already checked, on σ's device and dtype)."""
+
+    sigma: torch.Tensor
+    budget: Budget
+    bounds: RankBounds
+    gradient: torch.Tensor | None
+    hessian: torch.Tensor | None
+    hessian_diag: torch.Tensor | None
+    interactions: torch.Tensor | None  # Σ_{i≠k} max(σ_k H_ki σ_i, 0), for the gains on Ĥ
+    seed: int
+
+
+def _diagonal(p: _Problem) -> torch.Tensor:
+    return p.hessian_diag if p.hessian_diag is not None else torch.diagonal(p.hessian)
+
+
+START_GAINS: dict[str, Callable[[_Problem], torch.Tensor]] = {  # a method's `gain`: its first greedy gains
+    "magnitude": lambda p: p.sigma.clone(),
+    "linear": lambda p: (p.gradient * p.sigma).abs(),
+    "diag": lambda p: -p.gradient * p.sigma + 0.5 * _diagonal(p) * p.sigma.square(),
+    "hessian": lambda p: (
+        -p.gradient * p.sigma - 0.5 * torch.diagonal(p.hessian) * p.sigma.square() + p.sigma * (p.hessian @ p.sigma)
+    ),
+    # on Ĥ, whose diagonal is H's: σ_k(Ĥσ)_k = H_kk σ_k² + the kept interactions
+    "submodular": lambda p: -p.gradient * p.sigma + 0.5 * torch.diagonal(p.hessian) * p.sigma.square() + p.interactions,
+}
+SEARCHES: dict[str, Callable[[torch.Tensor, _Problem], tuple[list[int], list[float]]]] = {  # a method's `search`
+    "sorted": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma),
+    "greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian),
+    "submodular-greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian, submodular=True),
+    "random-greedy": lambda start, p: _random_greedy(start, p.budget, p.bounds, p.sigma, p.hessian, p.seed),
+}
+ENUMERATING = frozenset({"random-greedy", "exhaustive"})  # searches that keep everything when everything is affordable
+
+
+def _check_inputs(spec: Method, sigma, budget: Budget, bounds: RankBounds, gradient, hessian, hessian_diag) -> None:
+    n = sigma.numel()
+    if bounds.group.numel() != n:
+        raise ValueError(f"bounds cover {bounds.group.numel()} components but sigma has {n}")
+    if budget.cost.numel() != n:
+        raise ValueError(f"the budget prices {budget.cost.numel()} components but sigma has {n}")
+    if bool((bounds.lower > bounds.upper).any()):
+        raise ValueError("a module's minimum rank exceeds its maximum rank")
+    floor = _reserve(bounds, _per_module(budget.cost, bounds, "amin"))
+    if floor > budget.capacity:
+        raise ValueError(
+            f"the per-module minimum ranks need {budget.amount(floor)} in total, more than the budget of "
+            f"{budget.capacity:g}; lower --min-rank or raise --budget"
+        )
+    if spec.needs_at_least("gradient") and gradient is None:
+        raise ValueError(f"method {spec.name} needs the gradient")
+    if spec.needs == "matrix" and hessian is None:
+        raise ValueError(f"method {spec.name} needs the full Hessian")
+    if spec.needs == "diagonal" and hessian is None and hessian_diag is None:
+        raise ValueError(f"method {spec.name} needs the Hessian diagonal")
+
+
+def _predicted(spec: Method, kept: torch.Tensor, p: _Problem) -> float | None:
+    """The loss increase of pruning ~kept under the model the method selected with (methods.py `prediction`)."""
+    if spec.prediction == "quadratic":
+        return predicted_increase(kept, p.sigma, p.gradient, p.hessian)
+    if spec.prediction == "diagonal":
+        pruned = torch.where(kept, torch.zeros_like(p.sigma), p.sigma)
+        return float(-(p.gradient @ pruned) + 0.5 * (_diagonal(p) @ pruned.square()))
+    return None
+
+
 def select(
     method: str,
     sigma: torch.Tensor,
-    budget: int,
+    budget: Budget,
     bounds: RankBounds,
     gradient: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
@@ -361,89 +518,50 @@ def select(
     seed: int = 0,
     max_exhaustive: int = 2_000_000,
 ) -> Selection:
-    """Choose which components to keep: `budget` of them in total (fewer only where the upper bounds or,
-    for sublora-random and exhaustive, the objective say so), every module within its bounds.
+    """Choose which components to keep within the budget (for a rank budget: that many in total; fewer only where
+    the upper bounds or, for sublora-random and exhaustive, the objective say so), every module within its bounds.
 
     diagnostics["monotone"]: whether every gain was ≥ 0 when its element was picked (up to rounding);
     False means the budget forced in elements that the model says hurt, or, for exhaustive, that a set
-    smaller than the budget was optimal.
+    smaller than the budget was optimal. predicted_increase: from the method's own model of the loss, or None.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    n = sigma.numel()
-    if bounds.group.numel() != n:
-        raise ValueError(f"bounds cover {bounds.group.numel()} components but sigma has {n}")
-    if budget < 0:
-        raise ValueError(f"budget {budget}: must be 0 or more")
-    if bool((bounds.lower > bounds.upper).any()):
-        raise ValueError("a module's minimum rank exceeds its maximum rank")
-    floor = int(bounds.lower.sum())
-    if floor > budget:
-        raise ValueError(
-            f"the per-module minimum ranks need {floor} components in total, more than the budget of "
-            f"{budget}; lower --min-rank or raise --budget"
-        )
-    budget = min(budget, n, int(bounds.upper.sum()))
-    if method in NEEDS_CALIBRATION and gradient is None:
-        raise ValueError(f"method {method} needs the gradient")
-    if method in NEEDS_FULL_HESSIAN and hessian is None:
-        raise ValueError(f"method {method} needs the full Hessian")
-    if method == "diag" and hessian is None and hessian_diag is None:
-        raise ValueError("method diag needs the Hessian diagonal")
+    spec = lookup(method)
+    _check_inputs(spec, sigma, budget, bounds, gradient, hessian, hessian_diag)
+    budget = _spendable(budget, bounds)
     inputs = {"sigma": sigma, "gradient": gradient, "hessian": hessian, "hessian_diag": hessian_diag}
     inputs = {name: t if t is None else t.to(sigma) for name, t in inputs.items()}  # no copy if already alike
-    gradient, hessian, hessian_diag = inputs["gradient"], inputs["hessian"], inputs["hessian_diag"]
     for name, t in inputs.items():  # a sum is non-finite iff an entry is (barring overflow); no temporaries
         if t is not None and not bool(torch.isfinite(t.sum())):
             raise ValueError(f"{name} has non-finite entries")
+    n = sigma.numel()
 
-    diagnostics = None
-    gains = None
-    if hessian is not None and method not in ("magnitude", "linear"):
-        interactions, clipped_fraction, clipped_mass = _submodular_pass(hessian, sigma)
+    diagnostics = interactions = None
+    if spec.needs_at_least("diagonal"):
+        clipped_fraction = clipped_mass = None
+        if inputs["hessian"] is not None:
+            interactions, clipped_fraction, clipped_mass = _submodular_pass(inputs["hessian"], sigma)
         diagnostics = {"clipped_fraction": clipped_fraction, "clipped_mass": clipped_mass, "monotone": None}
-    elif method == "diag":
-        diagnostics = {"clipped_fraction": None, "clipped_mass": None, "monotone": None}
+    problem = _Problem(budget=budget, bounds=bounds, interactions=interactions, seed=seed, **inputs)
 
-    if budget == n and method in ("sublora-random", "exhaustive"):  # nothing to choose
+    gains = None
+    if spec.search in ENUMERATING and budget.capacity >= float(budget.cost.sum()):  # nothing to choose
         order = list(range(n))
-        if method == "exhaustive":
+        if spec.search == "exhaustive":
             diagnostics["monotone"] = True
-    elif method == "exhaustive":
-        order, full = _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive)
+    elif spec.search == "exhaustive":
+        order, full = _exhaustive(sigma, problem.gradient, problem.hessian, budget, bounds, max_exhaustive)
         order = _without_dead(order, sigma, bounds)
         diagnostics["monotone"] = full
     else:
-        if method == "magnitude":
-            start = sigma.clone()
-        elif method == "linear":
-            start = (gradient * sigma).abs()
-        elif method == "diag":
-            diag = hessian_diag if hessian_diag is not None else torch.diagonal(hessian)
-            start = -gradient * sigma + 0.5 * diag * sigma.square()
-        elif method == "hessian":
-            diag = torch.diagonal(hessian)
-            start = -gradient * sigma - 0.5 * diag * sigma.square() + sigma * (hessian @ sigma)
-        else:  # on Ĥ, whose diagonal is H's: σ_k(Ĥσ)_k = H_kk σ_k² + the kept interactions
-            start = -gradient * sigma + 0.5 * torch.diagonal(hessian) * sigma.square() + interactions
-        if method == "sublora-random":
-            order, gains = _random_greedy(start, budget, bounds, sigma, hessian, seed)
-        elif method in ("hessian", "sublora"):
-            order, gains = _greedy(start, budget, bounds, sigma, hessian, submodular=method == "sublora")
-        else:
-            order, gains = _greedy(start, budget, bounds, sigma)
+        start = START_GAINS[spec.gain](problem)
+        order, gains = SEARCHES[spec.search](start, problem)
         if diagnostics is not None:
             tolerance = 1e-10 * float(start.abs().max()) if n else 0.0
             diagnostics["monotone"] = all(gain >= -tolerance for gain in gains)
-        if method in ("magnitude", "linear"):
+        if spec.prediction == "none":
             gains = None
 
     kept = torch.zeros(n, dtype=torch.bool, device=sigma.device)
     kept[order] = True
-    increase = None
-    if gradient is not None and hessian is not None:
-        increase = predicted_increase(kept, sigma, gradient, hessian)
-    elif gradient is not None and hessian_diag is not None:
-        pruned = torch.where(kept, torch.zeros_like(sigma), sigma)
-        increase = float(-(gradient @ pruned) + 0.5 * (hessian_diag @ pruned.square()))
+    increase = _predicted(spec, kept, problem)
     return Selection(kept, order, predicted_increase=increase, diagnostics=diagnostics, gains=gains)

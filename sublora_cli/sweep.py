@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.budget import parse_budget
+from sublora_cli.budget import Budget, parse_budget
 from sublora_cli.calibrated import Calibrated
 from sublora_cli.curvature import Curvature
 from sublora_cli.errors import SubloraError
+from sublora_cli.methods import METHODS, REGISTRY
 from sublora_cli.report import strict_json
-from sublora_cli.select import METHODS, NEEDS_FULL_HESSIAN, RankBounds, predicted_increase, select
+from sublora_cli.select import RankBounds, select
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "exhaustive")  # exhaustive only when asked: it enumerates
+DEFAULT_METHODS = tuple(m.name for m in REGISTRY.values() if m.in_default_sweep)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class SweepRow:
     method: str
     seed: int | None  # sublora-random only
     rank_after: int
-    predicted_increase: float | None  # the quadratic model's q(P) for the kept set
+    predicted_increase: float | None  # from the method's own model of the loss (as prune reports it), else None
     loss_after: float  # measured on the calibration batches with the pruned σ
     increase: float  # loss_after − loss before
     metrics_after: dict[str, float] | None
@@ -72,7 +73,7 @@ def parse_methods(text: str) -> list[str]:
 def run_sweep(
     calibrated: Calibrated,
     sigma: torch.Tensor,
-    curvature: Curvature,
+    curvature: Curvature | None,
     bounds: RankBounds,
     budgets: list[int],
     methods: list[str],
@@ -83,10 +84,11 @@ def run_sweep(
 ) -> list[SweepRow]:
     """Every budget × method (× seed for sublora-random), measured on the re-parametrised model.
 
-    `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy.
+    `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
+    None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
     """
-    if curvature.hessian is None:
-        needing = [m for m in methods if m in NEEDS_FULL_HESSIAN]
+    if curvature is not None and curvature.hessian is None:
+        needing = [m for m in methods if REGISTRY[m].needs == "matrix"]
         if needing:
             raise SubloraError(
                 f"--curvature {curvature.kind} gives no full Hessian, which {', '.join(needing)} need; "
@@ -101,14 +103,12 @@ def run_sweep(
         for method, seed in runs:
             start = time.perf_counter()
             try:
-                inputs = curvature.selection_inputs(method)
-                selection = select(method, sigma, budget, bounds, seed=seed or 0, **inputs)
+                inputs = curvature.selection_inputs(method) if curvature is not None else {}
+                allowance = Budget.ranks(budget, sigma.numel())
+                selection = select(method, sigma, allowance, bounds, seed=seed or 0, **inputs)
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
             seconds = time.perf_counter() - start
-            predicted = selection.predicted_increase
-            if predicted is None and curvature.hessian is not None:
-                predicted = predicted_increase(selection.kept, sigma, inputs["gradient"], inputs["hessian"])
             loss_after = calibrated.loss(selection.kept)
             rows.append(
                 SweepRow(
@@ -116,7 +116,7 @@ def run_sweep(
                     method=method,
                     seed=seed,
                     rank_after=int(selection.kept.sum()),
-                    predicted_increase=predicted,
+                    predicted_increase=selection.predicted_increase,
                     loss_after=loss_after,
                     increase=loss_after - loss_before,
                     metrics_after=calibrated.metrics(selection.kept) if evaluate else None,

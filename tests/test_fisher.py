@@ -265,7 +265,7 @@ def test_resolve_kind_follows_the_most_demanding_method():
     assert resolve_kind("diag", 10**6, 9, ["sublora"]) == ("diag", "--curvature diag was asked for.")
     assert resolve_kind("auto", 100, 4, ["magnitude", "linear", "sublora-random"])[0] == "exact"
     assert resolve_kind("auto", 100, 4, ["linear", "diag"])[0] == "diag"
-    assert resolve_kind("auto", 100, 4, ["magnitude"])[0] == "fisher"  # a sweep of magnitude alone: one pass
+    assert resolve_kind("auto", 100, 4, ["magnitude"])[0] == "none"  # a sweep of magnitude alone: nothing to predict
     assert resolve_kind("auto", AUTO_MAX_HVPS, 2, ["exhaustive"])[0] == "fisher"
 
 

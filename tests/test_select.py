@@ -12,10 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sublora_cli.budget import Budget
+from sublora_cli.methods import METHODS, lookup
 from sublora_cli.select import (
-    METHODS,
-    NEEDS_CALIBRATION,
-    NEEDS_FULL_HESSIAN,
     RankBounds,
     predicted_increase,
     project_submodular,
@@ -24,6 +23,11 @@ from sublora_cli.select import (
 
 torch.set_num_threads(1)
 FEW = settings(max_examples=40, deadline=None)
+
+
+def select_ranks(method, sigma, budget, bounds, *args, **kwargs):
+    """select() under a rank budget of `budget` components (cost 1 each), as these tests state their budgets."""
+    return select(method, sigma, Budget.ranks(budget, sigma.numel()), bounds, *args, **kwargs)
 
 
 def problem(seed: int, n: int, kind: str = "general"):
@@ -132,7 +136,7 @@ def test_incremental_gains_equal_brute_force_marginal_gains(seed, n_modules, met
         "sublora": project_submodular(hessian, sigma)[0],
         "diag": torch.diag(torch.diagonal(hessian)),
     }[method]
-    selection = select(method, sigma, budget, bounds, gradient, hessian)
+    selection = select_ranks(method, sigma, budget, bounds, gradient, hessian)
     assert len(selection.order) == len(selection.gains) == budget
     kept: list[int] = []
     for k, gain in zip(selection.order, selection.gains, strict=True):
@@ -145,16 +149,17 @@ def test_incremental_gains_equal_brute_force_marginal_gains(seed, n_modules, met
         assert gain == pytest.approx(gains[k], abs=1e-9)
         assert gain >= max(gains.values()) - 1e-9
         kept.append(k)
-    expected = q(set(range(n)) - set(kept), sigma, gradient, hessian)
+    # the prediction is the method's own model of the loss: diag's diagonal one, the others' full quadratic on H
+    expected = q(set(range(n)) - set(kept), sigma, gradient, model if method == "diag" else hessian)
     assert selection.predicted_increase == pytest.approx(expected)
 
 
 def test_greedy_order_is_nested_across_budgets():
     sigma, gradient, hessian = problem(3, 12)
     bounds = RankBounds.from_ranks([12])
-    full = select("sublora", sigma, 12, bounds, gradient, hessian).order
+    full = select_ranks("sublora", sigma, 12, bounds, gradient, hessian).order
     for budget in (1, 5, 9):
-        assert select("sublora", sigma, budget, bounds, gradient, hessian).order == full[:budget]
+        assert select_ranks("sublora", sigma, budget, bounds, gradient, hessian).order == full[:budget]
 
 
 @FEW
@@ -171,7 +176,7 @@ def test_exhaustive_equals_brute_force_optimum(seed, n_modules, with_bounds):
         for kept in itertools.combinations(range(n), size):
             if feasible_counts(module_counts(torch.tensor(kept, dtype=torch.long), bounds), bounds, 0):
                 best = min(best, q(set(range(n)) - set(kept), sigma, gradient, hessian))
-    selection = select("exhaustive", sigma, budget, bounds, gradient, hessian)
+    selection = select_ranks("exhaustive", sigma, budget, bounds, gradient, hessian)
     assert selection.predicted_increase == pytest.approx(best, abs=1e-9)
     assert q(set(range(n)) - set(selection.order), sigma, gradient, hessian) == pytest.approx(best, abs=1e-9)
     assert selection.order == sorted(selection.order)
@@ -181,12 +186,12 @@ def test_exhaustive_equals_brute_force_optimum(seed, n_modules, with_bounds):
 def test_exhaustive_refuses_too_many_subsets():
     sigma, gradient, hessian = problem(0, 30)
     with pytest.raises(ValueError, match="evaluate 614,429,672 subsets"):  # Σ_{k≤15} C(30, k)
-        select("exhaustive", sigma, 15, RankBounds.from_ranks([30]), gradient, hessian, max_exhaustive=1000)
+        select_ranks("exhaustive", sigma, 15, RankBounds.from_ranks([30]), gradient, hessian, max_exhaustive=1000)
     n = 2000  # too big to count exactly in good time: says "more than"
     sigma, gradient = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     hessian = torch.eye(n)  # float32: select converts to sigma's dtype
     with pytest.raises(ValueError, match="more than"):
-        select("exhaustive", sigma, 1000, RankBounds.from_ranks([n // 2] * 2), gradient, hessian)
+        select_ranks("exhaustive", sigma, 1000, RankBounds.from_ranks([n // 2] * 2), gradient, hessian)
 
 
 @settings(max_examples=60, deadline=None)
@@ -198,9 +203,9 @@ def test_greedy_is_within_one_minus_one_over_e_when_monotone_submodular(seed, n)
     budget = int(np.random.default_rng(seed).integers(1, n))
     bounds = RankBounds.from_ranks([n])
     everything = q(set(range(n)), sigma, gradient, hessian)
-    optimum = everything - select("exhaustive", sigma, budget, bounds, gradient, hessian).predicted_increase
+    optimum = everything - select_ranks("exhaustive", sigma, budget, bounds, gradient, hessian).predicted_increase
     for method in ("sublora", "hessian"):
-        selection = select(method, sigma, budget, bounds, gradient, hessian)
+        selection = select_ranks(method, sigma, budget, bounds, gradient, hessian)
         assert selection.diagnostics == {"clipped_fraction": 0.0, "clipped_mass": 0.0, "monotone": True}
         assert everything - selection.predicted_increase >= (1 - 1 / math.e) * optimum - 1e-9
 
@@ -227,7 +232,7 @@ def test_every_method_honours_bounds(method, seed, n_modules, min_rank, extra):
     bounds = RankBounds.from_ranks(ranks, min_rank=min_rank, max_rank=min_rank + extra)
     floor, ceiling = int(bounds.lower.sum()), int(bounds.upper.sum())
     budget = int(np.random.default_rng(seed).integers(floor, sum(ranks) + 2))
-    selection = select(method, sigma, budget, bounds, **inputs)
+    selection = select_ranks(method, sigma, budget, bounds, **inputs)
     counts = module_counts(selection.kept, bounds)
     limits = zip(counts, bounds.lower.tolist(), bounds.upper.tolist(), strict=True)
     assert all(lo <= c <= hi for c, lo, hi in limits)
@@ -240,30 +245,33 @@ def test_every_method_honours_bounds(method, seed, n_modules, min_rank, extra):
 
 def test_lower_bounds_above_budget_raise():
     with pytest.raises(ValueError, match="minimum ranks need 6"):
-        select("magnitude", torch.rand(9).double(), 5, RankBounds.from_ranks([3, 3, 3], min_rank=2))
+        select_ranks("magnitude", torch.rand(9).double(), 5, RankBounds.from_ranks([3, 3, 3], min_rank=2))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_at_least_total_rank_keeps_everything(method):
     inputs, sigma = all_inputs(1, 7)
     for budget in (7, 100):
-        selection = select(method, sigma, budget, RankBounds.from_ranks([3, 4]), **inputs)
+        selection = select_ranks(method, sigma, budget, RankBounds.from_ranks([3, 4]), **inputs)
         assert bool(selection.kept.all())
-        assert selection.predicted_increase == pytest.approx(0.0)
+        if lookup(method).prediction == "none":  # magnitude and linear have no model of the loss to predict with
+            assert selection.predicted_increase is None
+        else:
+            assert selection.predicted_increase == pytest.approx(0.0)
 
 
 def test_magnitude_keeps_the_largest_sigma():
     sigma = torch.tensor([0.9, 0.5, 0.1, 2.0, 0.7, 0.3, 1.2, 0.05], dtype=torch.float64)
     bounds = RankBounds.from_ranks([3, 3, 2])
     for budget in range(9):
-        selection = select("magnitude", sigma, budget, bounds)
+        selection = select_ranks("magnitude", sigma, budget, bounds)
         assert set(selection.order) == set(torch.topk(sigma, budget).indices.tolist())
         assert selection.predicted_increase is None and selection.diagnostics is None
 
 
 def test_sorted_methods_break_ties_by_index():
     sigma = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0], dtype=torch.float64)
-    assert select("magnitude", sigma, 3, RankBounds.from_ranks([5])).order == [1, 3, 0]
+    assert select_ranks("magnitude", sigma, 3, RankBounds.from_ranks([5])).order == [1, 3, 0]
 
 
 def test_linear_and_diag_scores():
@@ -272,8 +280,8 @@ def test_linear_and_diag_scores():
     hessian_diag = torch.tensor([0.1, 0.5, 0.0], dtype=torch.float64)
     bounds = RankBounds.from_ranks([3])
     # |gσ| = 0.5, 0.2, 0.15;  −gσ + ½hσ² = 0.55, 0.8, −0.15
-    assert select("linear", sigma, 2, bounds, gradient).order == [0, 1]
-    diag = select("diag", sigma, 2, bounds, gradient, hessian_diag=hessian_diag)
+    assert select_ranks("linear", sigma, 2, bounds, gradient).order == [0, 1]
+    diag = select_ranks("diag", sigma, 2, bounds, gradient, hessian_diag=hessian_diag)
     assert diag.order == [1, 0]
     assert diag.gains == pytest.approx([0.8, 0.55])
     assert diag.predicted_increase == pytest.approx(-0.15)  # pruning 2 is modelled to help
@@ -286,7 +294,7 @@ def test_randomized_greedy_is_reproducible_per_seed_and_varies_across_seeds():
     bounds = RankBounds.from_ranks([8, 8])
 
     def run(seed):
-        return select("sublora-random", sigma, 6, bounds, gradient, hessian, seed=seed).order
+        return select_ranks("sublora-random", sigma, 6, bounds, gradient, hessian, seed=seed).order
 
     runs = {seed: run(seed) for seed in range(6)}
     assert all(run(seed) == order for seed, order in runs.items())
@@ -297,10 +305,10 @@ def test_randomized_greedy_takes_dummies_over_losses_unless_a_lower_bound_forces
     sigma, _, hessian = problem(2, 8, "submodular")
     gradient = torch.full((8,), 100.0, dtype=torch.float64)  # every gain negative: pruning all helps
     for seed in range(5):
-        free = select("sublora-random", sigma, 4, RankBounds.from_ranks([4, 4]), gradient, hessian, seed=seed)
+        free = select_ranks("sublora-random", sigma, 4, RankBounds.from_ranks([4, 4]), gradient, hessian, seed=seed)
         assert free.order == [] and free.gains == []
         bounded = RankBounds.from_ranks([4, 4], min_rank=1)
-        forced = select("sublora-random", sigma, 4, bounded, gradient, hessian, seed=seed)
+        forced = select_ranks("sublora-random", sigma, 4, bounded, gradient, hessian, seed=seed)
         assert module_counts(forced.kept, bounded) == [1, 1]
         assert forced.diagnostics["monotone"] is False
 
@@ -309,9 +317,9 @@ def test_monotone_is_false_when_the_budget_forces_losses():
     sigma = torch.tensor([1.0, 1.0], dtype=torch.float64)
     gradient = torch.tensor([1.0, 1.0], dtype=torch.float64)  # pruning either one lowers the loss
     hessian = torch.eye(2, dtype=torch.float64) * 0.1
-    selection = select("sublora", sigma, 2, RankBounds.from_ranks([2]), gradient, hessian)
+    selection = select_ranks("sublora", sigma, 2, RankBounds.from_ranks([2]), gradient, hessian)
     assert selection.diagnostics["monotone"] is False
-    assert select("exhaustive", sigma, 1, RankBounds.from_ranks([2]), gradient, hessian).order == []
+    assert select_ranks("exhaustive", sigma, 1, RankBounds.from_ranks([2]), gradient, hessian).order == []
 
 
 def test_near_stationary_point_linear_keeps_the_wrong_component():
@@ -321,21 +329,22 @@ def test_near_stationary_point_linear_keeps_the_wrong_component():
     gradient = torch.tensor([1e-6, -3e-6], dtype=torch.float64)
     hessian = torch.tensor([[4.0, 0.1], [0.1, 1.0]], dtype=torch.float64)
     bounds = RankBounds.from_ranks([1, 1])
-    assert select("linear", sigma, 1, bounds, gradient, hessian).order == [1]
+    assert select_ranks("linear", sigma, 1, bounds, gradient, hessian).order == [1]
     for method in ("diag", "hessian", "sublora", "exhaustive"):
-        assert select(method, sigma, 1, bounds, gradient, hessian).order == [0], method
-    linear = select("linear", sigma, 1, bounds, gradient, hessian).predicted_increase
-    assert select("sublora", sigma, 1, bounds, gradient, hessian).predicted_increase < linear / 4
+        assert select_ranks(method, sigma, 1, bounds, gradient, hessian).order == [0], method
+    linear_kept = select_ranks("linear", sigma, 1, bounds, gradient, hessian).kept
+    linear = predicted_increase(linear_kept, sigma, gradient, hessian)
+    assert select_ranks("sublora", sigma, 1, bounds, gradient, hessian).predicted_increase < linear / 4
 
 
 def test_method_sets_and_missing_inputs():
-    assert NEEDS_CALIBRATION == set(METHODS) - {"magnitude"}
-    assert NEEDS_FULL_HESSIAN == {"hessian", "sublora", "sublora-random", "exhaustive"}
+    assert {m for m in METHODS if lookup(m).needs_calibration} == set(METHODS) - {"magnitude"}
+    assert {m for m in METHODS if lookup(m).needs == "matrix"} == {"hessian", "sublora", "sublora-random", "exhaustive"}
     sigma = torch.rand(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown method"):
-        select("nope", sigma, 2, RankBounds.from_ranks([4]))
+        select_ranks("nope", sigma, 2, RankBounds.from_ranks([4]))
     with pytest.raises(ValueError, match="needs the full Hessian"):
-        select("sublora", sigma, 2, RankBounds.from_ranks([4]), gradient=torch.zeros(4, dtype=torch.float64))
+        select_ranks("sublora", sigma, 2, RankBounds.from_ranks([4]), gradient=torch.zeros(4, dtype=torch.float64))
 
 
 def test_predicted_increase_matches_direct_formula():
@@ -359,7 +368,7 @@ def test_sigma_zero_components_are_kept_only_when_no_other_is_left(method, seed,
     sigma = sigma.masked_fill(dead, 0.0)
     bounds = RankBounds.from_ranks(ranks, max_rank=1 + extra)
     budget = int(rng.integers(1, sum(ranks) + 1))
-    kept = select(method, sigma, budget, bounds, **inputs).kept
+    kept = select_ranks(method, sigma, budget, bounds, **inputs).kept
     counts = module_counts(kept, bounds)
     room = [counts[m] < bounds.upper[m] for m in bounds.group.tolist()]
     open_live = [i for i in range(sigma.numel()) if not dead[i] and not kept[i] and room[i]]
@@ -373,5 +382,5 @@ def test_an_all_zero_module_is_left_out_while_live_components_remain(method):
     gradient = torch.tensor([0.5, -0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
     hessian = torch.eye(6, dtype=torch.float64)
     bounds = RankBounds.from_ranks([3, 3])
-    selection = select(method, sigma, 3, bounds, gradient=gradient, hessian=hessian)
+    selection = select_ranks(method, sigma, 3, bounds, gradient=gradient, hessian=hessian)
     assert not bool(selection.kept[:3].any())

@@ -1,0 +1,87 @@
+"""The selection methods: one entry each, declaring what the method needs and how it models the loss.
+
+Everything that depends on the method reads this table: the curvature `auto` computes (curvature.py), the
+flag checks (prune.py), which methods a sweep can run on a given curvature (sweep.py), the CLI's choices and
+help (cli.py), and select.py, which runs the entry's gain rule and search. Adding a method is one entry here;
+a method with a new gain rule or search also adds that routine to select.py's tables (`START_GAINS`, `SEARCHES`).
+
+Plain data, no torch and no imports from the package, so any module can read it without an import cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Need = Literal["none", "gradient", "diagonal", "matrix"]  # ordered: each includes the ones before it
+Prediction = Literal["none", "diagonal", "quadratic"]
+NEEDS: tuple[Need, ...] = ("none", "gradient", "diagonal", "matrix")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A selection method.
+
+    needs: the curvature it selects with — none (data-free), the gradient, the Hessian's diagonal or the matrix.
+    prediction: the model of the loss increase it has for its kept set — none, the diagonal quadratic
+    −g_Pᵀσ_P + ½ Σ H_kk σ_k², or the full quadratic q(P) = −g_Pᵀσ_P + ½ σ_Pᵀ H_PP σ_P; a prediction is reported
+    only from that model, so what is printed is what the method optimised.
+    gain: select.py's rule for the first gains (START_GAINS); search: its search routine (SEARCHES).
+    compensates: whether it changes the kept σ as well as choosing them (later: OBS); no method does yet.
+    in_default_sweep: whether `sweep` runs it when --methods is not given (exhaustive enumerates: only on request).
+    """
+
+    name: str
+    needs: Need
+    prediction: Prediction
+    gain: str
+    search: str
+    summary: str
+    compensates: bool = False
+    in_default_sweep: bool = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether it cannot select without a calibration script (a data-free one may still be given one, to
+        measure the loss before and after)."""
+        return self.needs != "none"
+
+    def needs_at_least(self, need: Need) -> bool:
+        return NEEDS.index(self.needs) >= NEEDS.index(need)
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("magnitude", "none", "none", gain="magnitude", search="sorted", summary="largest σ first, data-free"),
+        Method("linear", "gradient", "none", gain="linear", search="sorted", summary="largest |g σ| first"),
+        Method("diag", "diagonal", "diagonal", gain="diag", search="sorted", summary="the diagonal quadratic model"),
+        Method("hessian", "matrix", "quadratic", gain="hessian", search="greedy", summary="greedy on the full q"),
+        Method(
+            "sublora", "matrix", "quadratic", gain="submodular", search="submodular-greedy",
+            summary="greedy on the submodular projection of q",
+        ),  # fmt: skip
+        Method(
+            "sublora-random", "matrix", "quadratic", gain="submodular", search="random-greedy",
+            summary="randomized greedy on the projection (non-monotone guarantee)",
+        ),  # fmt: skip
+        Method(
+            "exhaustive", "matrix", "quadratic", gain="none", search="exhaustive",
+            summary="exact optimum of q by enumeration (small problems)", in_default_sweep=False,
+        ),  # fmt: skip
+    )
+}
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def lookup(name: str) -> Method:
+    """The entry for `name`; ValueError naming the choices for an unknown one."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def most_demanding(names: list[str]) -> Need:
+    """The largest need among the methods: what one curvature computation must provide for all of them."""
+    return max((lookup(n).needs for n in names), key=NEEDS.index, default="none")
