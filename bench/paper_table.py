@@ -38,9 +38,9 @@ import torch
 
 from sublora_cli.adapters import read_adapter
 from sublora_cli.calibrated import open_calibration
+from sublora_cli.prune import written_measure
 from sublora_cli.select import RankBounds, predicted_increase, project_submodular, select
 from sublora_cli.spectra import adapter_spectra
-from sublora_cli.prune import written_measure
 from sublora_cli.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
