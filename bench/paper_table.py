@@ -39,6 +39,7 @@ import torch
 from sublora_cli.adapters import read_adapter
 from sublora_cli.budget import Budget
 from sublora_cli.calibrated import open_calibration
+from sublora_cli.prune import written_measure
 from sublora_cli.select import RankBounds, predicted_increase, project_submodular, select
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.sweep import run_sweep
@@ -145,7 +146,8 @@ def run_adapter(family: str, name: str, args) -> dict:
             if done % 12 == 0 or done == total:
                 log(f"    sweep {done}/{total}")
 
-        rows = run_sweep(cal, sigma, curv, bounds, budgets, METHODS, args.seeds, loss_before, progress=progress)
+        measure = written_measure(cal, adapter, spectra)
+        rows = run_sweep(measure, sigma, curv, bounds, budgets, METHODS, args.seeds, loss_before, progress=progress)
         g, H = curv.gradient, curv.hessian
         projected, _, _ = project_submodular(H, sigma)
         none = torch.zeros(n, dtype=torch.bool)

@@ -1,5 +1,5 @@
-"""The pipelines behind `prune`, `eval` and `sweep`:
-read adapter → SVD form → (calibration → curvature) → select → write + report.
+"""The stages shared by the pipelines, and the pipelines behind `prune` and `eval` (`sweep`'s is in sweep.py):
+read adapter → SVD form → (calibration → curvature) → select → measure as written → write + report.
 
 Each stage is a call into its own module; this file only wires them together and times them, so every
 figure in the report can be traced to the stage that produced it (loss and metrics: calibrated.py;
@@ -8,7 +8,6 @@ curvature: curvature.py; kept sets, predicted increase and diagnostics: select.p
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,39 +18,85 @@ import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.adapters.peft import storage_factors
-from sublora_cli.budget import Budget, parse_budget, parse_tolerance
+from sublora_cli.budget import Budget, parse_budget, parse_tolerance, read_budget, read_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
 from sublora_cli.errors import SubloraError
-from sublora_cli.methods import lookup
+from sublora_cli.methods import METHODS, lookup
+from sublora_cli.options import (
+    CALIB,
+    CURVATURE,
+    DEFAULT_CURVATURE,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_HESSIAN_GB,
+    DEVICE,
+    DTYPE,
+    MAX_BATCHES,
+    MAX_HESSIAN_GB,
+    MAX_RANK,
+    MIN_RANK,
+    CalibrationSettings,
+    EvalOptions,
+    Option,
+    echo,
+    one_of,
+    option,
+)
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
 from sublora_cli.select import RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
 from sublora_cli.svd import Spectrum, balanced_factors
-from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user
+Measure = Callable[[torch.Tensor], tuple[float, dict[str, float] | None]]  # kept mask → loss, metrics as written
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Everything `sublora prune` can be told, by flags or by --config."""
+    """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py)."""
 
-    budget: str
-    method: str | None = None  # None: "sublora" with a calibration script, "magnitude" without
-    calib: Path | None = None
-    curvature: str = AUTO
-    min_rank: int = 0
-    max_rank: int | None = None
-    seed: int = 0
-    max_loss_increase: str | None = None  # "0.05" or "5%", relative to the loss before pruning
-    max_hessian_gb: float = 4.0
-    max_batches: int = DEFAULT_MAX_BATCHES
-    device: str = "cpu"
-    dtype: str = "float32"
+    budget: str = option(
+        Option(
+            ("--budget", "-b"),
+            "Components to keep in total: a rank (50), a percentage (25%) or a fraction below 1 (0.25). Required.",
+            check=read_budget,
+            config_types=(str, int, float),
+            show_default=False,
+        )
+    )
+    method: str | None = option(  # None: "sublora" with a calibration script, "magnitude" without
+        Option(
+            ("--method", "-m"),
+            f"Selection method: {', '.join(METHODS)}.",
+            check=one_of(METHODS),
+            show_default="sublora with --calib, else magnitude",
+        ),
+        None,
+    )
+    calib: Path | None = option(CALIB, None)
+    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
+    min_rank: int = option(MIN_RANK, 0)
+    max_rank: int | None = option(MAX_RANK, None)
+    seed: int = option(Option(("--seed",), "Seed of the randomized greedy (sublora-random)."), 0)
+    max_loss_increase: str | None = option(  # "0.05" or "5%", relative to the loss before pruning
+        Option(
+            ("--max-loss-increase",),
+            "Quality gate: exit 3 when the measured loss grows by more than this (0.05 or 5%, relative to the loss "
+            "before). The output is still written.",
+            check=read_tolerance,
+            config_types=(str, int, float),
+            show_default=False,
+        ),
+        None,
+    )
+    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
+    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+    device: str = option(DEVICE, DEFAULT_DEVICE)
+    dtype: str = option(DTYPE, DEFAULT_DTYPE)
 
     def resolved_method(self) -> str:
         if self.method is not None:
@@ -200,6 +245,80 @@ def _shortfall(selection: Selection, budget: Budget, method: str) -> list[str]:
     return [f"{method} kept {spent:g} of the {budget.amount(budget.capacity)} the budget allows: {why}."]
 
 
+def load_adapter(adapter_path: Path, timings: Timings) -> Adapter:
+    with timings.stage("load"):
+        return read_adapter(adapter_path)
+
+
+def output_dir(adapter_path: Path, out_dir: Path | None, suffix: str, overwrite: bool) -> Path:
+    """The output directory (default: a sibling named with `suffix`), checked before any computation starts."""
+    out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, suffix)
+    check_output_dir(out_dir, adapter_path, overwrite)
+    return out_dir
+
+
+def svd_form(adapter: Adapter, timings: Timings) -> list[Spectrum]:
+    with timings.stage("svd"):
+        return adapter_spectra(adapter)
+
+
+@contextmanager
+def calibration(
+    settings: CalibrationSettings,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    timings: Timings,
+    progress: Progress | None,
+) -> Iterator[Calibrated]:
+    """The calibration script's model with the adapter in SVD form, closed (its hooks removed) however we leave."""
+    with timings.stage("calibrate"):
+        calibrated = open_calibration(
+            settings.calib, adapter, spectra, settings.device, settings.dtype, settings.max_batches, progress
+        )
+    try:
+        yield calibrated
+    finally:
+        calibrated.close()
+
+
+def measure_before(calibrated: Calibrated, timings: Timings, evaluate: bool = True) -> tuple[float, dict | None]:
+    with timings.stage("eval"):
+        return calibrated.loss(), calibrated.metrics() if evaluate else None
+
+
+def timed_curvature(
+    calibrated: Calibrated,
+    requested: str,
+    methods: list[str],
+    max_hessian_gb: float,
+    timings: Timings,
+    info: Info | None,
+    progress: Progress | None,
+) -> tuple[Curvature, str]:
+    with timings.stage("curvature"):
+        return _curvature(calibrated, requested, methods, max_hessian_gb, info, progress)
+
+
+def measure_written(
+    calibrated: Calibrated, pruned: list[PrunedModule], spectra: list[Spectrum], evaluate: bool = True
+) -> tuple[float, dict[str, float] | None]:
+    """Loss and metrics of the adapter as it will be written (the kept factors rounded to the storage dtype), so
+    that `prune` and `sweep` report the same figures for the same kept set."""
+    written = stored_spectra(pruned, spectra)
+    return calibrated.loss_of(written), calibrated.metrics_of(written) if evaluate else None
+
+
+def written_measure(
+    calibrated: Calibrated, adapter: Adapter, spectra: list[Spectrum], evaluate: bool = True
+) -> Measure:
+    """`measure_written` of a kept mask, for loops over many selections (sweep)."""
+
+    def measure(kept: torch.Tensor) -> tuple[float, dict[str, float] | None]:
+        return measure_written(calibrated, pruned_modules(adapter, spectra, kept), spectra, evaluate)
+
+    return measure
+
+
 def prune(
     adapter_path: Path,
     options: PruneOptions,
@@ -210,20 +329,14 @@ def prune(
 ) -> PruneResult:
     method = options.resolved_method()
     _check_method(method, options.calib, options.curvature)
-    threshold = None
-    if options.max_loss_increase is not None:
-        if options.calib is None:
-            raise SubloraError("--max-loss-increase needs --calib: without data there is no loss to measure.")
-        threshold = parse_tolerance(options.max_loss_increase, "--max-loss-increase")
+    threshold = _quality_threshold(options)
     timings = Timings()
     warnings: list[str] = []
 
-    with timings.stage("load"):
-        adapter = read_adapter(adapter_path)
+    adapter = load_adapter(adapter_path, timings)
     budget = parse_budget(options.budget, adapter.total_rank)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, f"pruned-{budget}")
-    check_output_dir(out_dir, adapter_path, overwrite)
+    out_dir = output_dir(adapter_path, out_dir, f"pruned-{budget}", overwrite)
     if budget >= adapter.total_rank:
         warnings.append(
             f"--budget {options.budget} resolves to {budget}, at least the adapter's total rank "
@@ -231,9 +344,7 @@ def prune(
         )
     budget = min(budget, adapter.total_rank)
     allowance = Budget.ranks(budget, adapter.total_rank)
-
-    with timings.stage("svd"):
-        spectra = adapter_spectra(adapter)
+    spectra = svd_form(adapter, timings)
     sigma = torch.cat([s.sigma for s in spectra])
 
     curvature = loss = metrics = reason = None
@@ -243,28 +354,18 @@ def prune(
         warnings.extend(_shortfall(selection, allowance, method))
         pruned = pruned_modules(adapter, spectra, selection.kept)
     else:
-        with timings.stage("calibrate"):
-            calibrated = open_calibration(
-                options.calib, adapter, spectra, options.device, options.dtype, options.max_batches, progress
+        with calibration(options, adapter, spectra, timings, progress) as calibrated:
+            loss_before, metrics_before = measure_before(calibrated, timings)
+            curvature, reason = timed_curvature(
+                calibrated, options.curvature, [method], options.max_hessian_gb, timings, info, progress
             )
-        try:
-            with timings.stage("eval"):
-                loss_before = calibrated.loss()
-                metrics_before = calibrated.metrics()
-            with timings.stage("curvature"):
-                curvature, reason = _curvature(
-                    calibrated, options.curvature, [method], options.max_hessian_gb, info, progress
-                )
             warnings.extend(curvature.notes_for([method]) if curvature is not None else [])
             with timings.stage("select"):
                 selection = _select(method, sigma, allowance, bounds, curvature, options.seed)
             warnings.extend(_shortfall(selection, allowance, method))
             pruned = pruned_modules(adapter, spectra, selection.kept)
             with timings.stage("eval"):
-                written = stored_spectra(pruned, spectra)
-                loss_after, metrics_after = calibrated.loss_of(written), calibrated.metrics_of(written)
-        finally:
-            calibrated.close()
+                loss_after, metrics_after = measure_written(calibrated, pruned, spectra)
         loss = loss_summary(loss_before, loss_after, selection.predicted_increase, curvature)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
@@ -291,6 +392,7 @@ def prune(
         calibration=_calibration_info(options, curvature, reason),
         quality=quality,
     )
+    report["options"] = echo(options)
     with atomic_output_dir(out_dir) as tmp:
         with timings.stage("write"):
             write_adapter(adapter, pruned, tmp)
@@ -303,6 +405,14 @@ def prune(
             f"and report were written to {out_dir} anyway."
         )
     return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)
+
+
+def _quality_threshold(options: PruneOptions) -> float | None:
+    if options.max_loss_increase is None:
+        return None
+    if options.calib is None:
+        raise SubloraError("--max-loss-increase needs --calib: without data there is no loss to measure.")
+    return parse_tolerance(options.max_loss_increase, "--max-loss-increase")
 
 
 def loss_summary(before: float, after: float, predicted: float | None, curvature: Curvature | None) -> dict:
@@ -336,121 +446,17 @@ def _calibration_info(options: PruneOptions, curvature: Curvature | None, reason
     }
 
 
-def evaluate_adapter(
-    adapter_path: Path,
-    calib: Path,
-    device: str = "cpu",
-    dtype: str = "float32",
-    max_batches: int = DEFAULT_MAX_BATCHES,
-    progress: Progress | None = None,
-) -> dict:
+def evaluate_adapter(adapter_path: Path, options: EvalOptions, progress: Progress | None = None) -> dict:
     """`sublora eval`: the calibration loss and evaluate() metrics of an adapter as it is."""
-    adapter = read_adapter(adapter_path)
-    calibrated = open_calibration(calib, adapter, adapter_spectra(adapter), device, dtype, max_batches, progress)
-    try:
+    timings = Timings()
+    adapter = load_adapter(adapter_path, timings)
+    with calibration(options, adapter, adapter_spectra(adapter), timings, progress) as calibrated:
+        loss, metrics = measure_before(calibrated, timings)
         return {
             "adapter": str(adapter_path),
-            "calib": str(calib),
+            "calib": str(options.calib),
             "total_rank": adapter.total_rank,
             "batches": len(calibrated.batches),
-            "loss": calibrated.loss(),
-            "metrics": calibrated.metrics(),
+            "loss": loss,
+            "metrics": metrics,
         }
-    finally:
-        calibrated.close()
-
-
-@dataclass(frozen=True)
-class SweepOptions:
-    budgets: str
-    methods: list[str]
-    seeds: list[int]
-    calib: Path
-    curvature: str = AUTO
-    min_rank: int = 0
-    max_rank: int | None = None
-    max_hessian_gb: float = 4.0
-    max_batches: int = DEFAULT_MAX_BATCHES
-    device: str = "cpu"
-    dtype: str = "float32"
-    evaluate: bool = True
-
-
-@dataclass
-class SweepResult:
-    rows: list[SweepRow]
-    meta: dict
-    written: list[Path]
-    warnings: list[str] = field(default_factory=list)
-
-
-def sweep(
-    adapter_path: Path,
-    options: SweepOptions,
-    out_dir: Path | None = None,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    info: Info | None = None,
-) -> SweepResult:
-    """One curvature computation, then every budget × method measured; writes sweep.csv/json/png."""
-    for method in options.methods:
-        _check_curvature(method, options.curvature)
-    timings = Timings()
-    with timings.stage("load"):
-        adapter = read_adapter(adapter_path)
-    budgets = parse_budgets(options.budgets, adapter.total_rank)
-    bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, "sweep")
-    check_output_dir(out_dir, adapter_path, overwrite)
-    with timings.stage("svd"):
-        spectra = adapter_spectra(adapter)
-    with timings.stage("calibrate"):
-        calibrated = open_calibration(
-            options.calib, adapter, spectra, options.device, options.dtype, options.max_batches, progress
-        )
-    try:
-        with timings.stage("eval"):
-            loss_before = calibrated.loss()
-            metrics_before = calibrated.metrics() if options.evaluate else None
-        with timings.stage("curvature"):
-            curvature, reason = _curvature(
-                calibrated, options.curvature, options.methods, options.max_hessian_gb, info, progress
-            )
-        with timings.stage("sweep"):
-            rows = run_sweep(
-                calibrated,
-                torch.cat([s.sigma for s in spectra]),
-                curvature,
-                bounds,
-                budgets,
-                options.methods,
-                options.seeds,
-                loss_before,
-                evaluate=options.evaluate,
-                progress=progress,
-            )
-    finally:
-        calibrated.close()
-    meta = {
-        "adapter": str(adapter_path),
-        "sha256": adapter.sha256,
-        "calib": str(options.calib),
-        "curvature": curvature.kind if curvature is not None else None,
-        "curvature_reason": reason,
-        "curvature_notes": curvature.notes_for(options.methods) if curvature is not None else [],
-        "total_rank": adapter.total_rank,
-        "budgets": budgets,
-        "methods": options.methods,
-        "seeds": options.seeds,
-        "loss_before": loss_before,
-        "metrics_before": metrics_before,
-        "timings": timings,
-    }
-    with atomic_output_dir(out_dir) as tmp:
-        names = [p.name for p in write_sweep(rows, meta, tmp)]
-    written = [out_dir / name for name in names]
-    diverged = {k: v for r in rows for k, v in (r.metrics_after or {}).items() if not math.isfinite(v)}
-    warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
-        diverged, "after pruning in some selections"
-    )
-    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)

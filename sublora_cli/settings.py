@@ -1,4 +1,8 @@
-"""`--config sublora.yaml`: the same settings as the flags, in a file; flags given on the command line win."""
+"""`--config sublora.yaml`: the same settings as the flags, in a file; flags given on the command line win.
+
+The keys and their YAML types come from the options schema (options.py); the values' syntax is checked where the
+flags and the file are merged (`options.resolve`), so a malformed value names its key.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +10,12 @@ from pathlib import Path
 
 import yaml
 
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.errors import SubloraError
 
-# key → accepted Python types (after YAML parsing); the set of keys is the contract of the config file.
-CONFIG_KEYS: dict[str, tuple[type, ...]] = {
-    "adapter": (str,),
-    "budget": (str, int, float),
-    "calib": (str,),
-    "method": (str,),
-    "curvature": (str,),
-    "out": (str,),
-    "min_rank": (int,),
-    "max_rank": (int,),
-    "seed": (int,),
-    "max_loss_increase": (str, int, float),
-    "max_hessian_gb": (int, float),
-    "max_batches": (int,),
-    "device": (str,),
-    "dtype": (str,),
-}
-PATH_KEYS = ("adapter", "calib", "out")
-POSITIVE_KEYS = ("max_hessian_gb", "max_batches")
-DEFAULTS: dict = {
-    "curvature": "auto",
-    "min_rank": 0,
-    "seed": 0,
-    "max_hessian_gb": 4.0,
-    "max_batches": DEFAULT_MAX_BATCHES,
-    "device": "cpu",
-    "dtype": "float32",
-}
 
-
-def load_config(path: Path) -> dict:
-    """Read and validate a config file; relative paths in it are relative to the file's own directory."""
+def load_config(path: Path, keys: dict[str, tuple[type, ...]], path_keys: tuple[str, ...]) -> dict:
+    """Read a config file and check its keys and value types against `keys`; relative paths (`path_keys`) are
+    relative to the file's own directory."""
     if not path.is_file():
         raise SubloraError(f"--config {path} does not exist.")
     try:
@@ -50,19 +25,18 @@ def load_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SubloraError(f"--config {path} must be a mapping of settings (key: value).")
     for key, value in data.items():
-        if key not in CONFIG_KEYS:
-            known = ", ".join(CONFIG_KEYS)
-            raise SubloraError(f"--config {path}: unknown key {key!r}. Known keys: {known}.")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, CONFIG_KEYS[key])):
+        if key not in keys:
+            raise SubloraError(f"--config {path}: unknown key {key!r}. Known keys: {', '.join(keys)}.")
+        if value is not None and not _has_type(value, keys[key]):
             raise SubloraError(f"--config {path}: {key} = {value!r} has the wrong type.")
-        if key in POSITIVE_KEYS and value is not None and value <= 0:
-            raise SubloraError(f"--config {path}: {key} = {value!r} must be positive.")
-    for key in PATH_KEYS:
-        if data.get(key) is not None:
-            data[key] = str((path.parent / data[key]).resolve()) if not Path(data[key]).is_absolute() else data[key]
+    for key in path_keys:
+        if data.get(key) is not None and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
     return {k: v for k, v in data.items() if v is not None}
 
 
-def merge(flags: dict, config: dict, defaults: dict) -> dict:
-    """Flags (None when not given) override the config file, which overrides the defaults."""
-    return {key: flags[key] if flags.get(key) is not None else config.get(key, defaults.get(key)) for key in flags}
+def _has_type(value: object, accepted: tuple[type, ...]) -> bool:
+    """YAML `true` is a bool, which Python also counts as an int: accept it only where bool is asked for."""
+    if isinstance(value, bool):
+        return bool in accepted
+    return isinstance(value, accepted)

@@ -9,17 +9,49 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from sublora_cli.budget import Budget, parse_budget
-from sublora_cli.calibrated import Calibrated
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import Curvature
 from sublora_cli.errors import SubloraError
 from sublora_cli.methods import METHODS, REGISTRY
-from sublora_cli.report import strict_json
+from sublora_cli.options import (
+    CALIB,
+    CURVATURE,
+    DEFAULT_CURVATURE,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_HESSIAN_GB,
+    DEVICE,
+    DTYPE,
+    MAX_BATCHES,
+    MAX_HESSIAN_GB,
+    MAX_RANK,
+    MIN_RANK,
+    Option,
+    option,
+)
+from sublora_cli.output import atomic_output_dir
+from sublora_cli.prune import (
+    Info,
+    Measure,
+    Progress,
+    Timings,
+    _check_curvature,
+    calibration,
+    load_adapter,
+    measure_before,
+    output_dir,
+    rank_bounds,
+    svd_form,
+    timed_curvature,
+    written_measure,
+)
+from sublora_cli.report import non_finite_metric_warnings, strict_json
 from sublora_cli.select import RankBounds, select
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
@@ -33,7 +65,7 @@ class SweepRow:
     seed: int | None  # sublora-random only
     rank_after: int
     predicted_increase: float | None  # from the method's own model of the loss (as prune reports it), else None
-    loss_after: float  # measured on the calibration batches with the pruned σ
+    loss_after: float  # measured on the calibration batches with the pruned adapter as `prune` writes it
     increase: float  # loss_after − loss before
     metrics_after: dict[str, float] | None
     select_seconds: float
@@ -70,8 +102,121 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def budgets_syntax(text: str) -> None:
+    """--budgets errors never depend on the adapter's total rank, so any rank checks the syntax."""
+    parse_budgets(text, total_rank=1)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`0,1,2` → (0, 1, 2); nothing given means seed 0."""
+    try:
+        return tuple(int(s) for s in str(text).split(",") if s.strip()) or (0,)
+    except ValueError:
+        raise SubloraError(f"{text!r} is not a comma-separated list of integers.") from None
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Everything `sublora sweep` can be told (the schema: see options.py)."""
+
+    calib: Path = option(CALIB)
+    budgets: str = option(
+        Option(("--budgets",), "A list (10,20,40 or 10%,25%) or a range start:stop:step (10:100:10).", budgets_syntax),
+        "10:90:10",
+    )
+    methods: tuple[str, ...] = option(
+        Option(
+            ("--methods",),
+            f"Comma-separated, from: {', '.join(METHODS)}.",
+            parse=lambda text: tuple(parse_methods(text)),
+        ),
+        DEFAULT_METHODS,
+    )
+    seeds: tuple[int, ...] = option(
+        Option(("--seeds",), "Seeds of sublora-random, comma-separated.", parse=parse_seeds), (0, 1, 2)
+    )
+    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
+    min_rank: int = option(MIN_RANK, 0)
+    max_rank: int | None = option(MAX_RANK, None)
+    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
+    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+    device: str = option(DEVICE, DEFAULT_DEVICE)
+    dtype: str = option(DTYPE, DEFAULT_DTYPE)
+    evaluate: bool = option(
+        Option(("--evaluate/--no-evaluate",), "Run the script's evaluate() for every selection."), True
+    )
+
+
+@dataclass
+class SweepResult:
+    rows: list[SweepRow]
+    meta: dict
+    written: list[Path]
+    warnings: list[str] = field(default_factory=list)
+
+
+def sweep(
+    adapter_path: Path,
+    options: SweepOptions,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    info: Info | None = None,
+) -> SweepResult:
+    """One curvature computation, then every budget × method measured; writes sweep.csv/json/png."""
+    methods = list(options.methods)
+    for method in methods:
+        _check_curvature(method, options.curvature)
+    timings = Timings()
+    adapter = load_adapter(adapter_path, timings)
+    budgets = parse_budgets(options.budgets, adapter.total_rank)
+    bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
+    out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
+    spectra = svd_form(adapter, timings)
+    with calibration(options, adapter, spectra, timings, progress) as calibrated:
+        loss_before, metrics_before = measure_before(calibrated, timings, options.evaluate)
+        curvature, reason = timed_curvature(
+            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress
+        )
+        with timings.stage("sweep"):
+            rows = run_sweep(
+                written_measure(calibrated, adapter, spectra, options.evaluate),
+                torch.cat([s.sigma for s in spectra]),
+                curvature,
+                bounds,
+                budgets,
+                methods,
+                list(options.seeds),
+                loss_before,
+                progress=progress,
+            )
+    meta = {
+        "adapter": str(adapter_path),
+        "sha256": adapter.sha256,
+        "calib": str(options.calib),
+        "curvature": curvature.kind if curvature is not None else None,
+        "curvature_reason": reason,
+        "curvature_notes": curvature.notes_for(methods) if curvature is not None else [],
+        "total_rank": adapter.total_rank,
+        "budgets": budgets,
+        "methods": methods,
+        "seeds": list(options.seeds),
+        "loss_before": loss_before,
+        "metrics_before": metrics_before,
+        "timings": timings,
+    }
+    with atomic_output_dir(out_dir) as tmp:
+        names = [p.name for p in write_sweep(rows, meta, tmp)]
+    written = [out_dir / name for name in names]
+    diverged = {k: v for r in rows for k, v in (r.metrics_after or {}).items() if not math.isfinite(v)}
+    warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
+        diverged, "after pruning in some selections"
+    )
+    return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)
+
+
 def run_sweep(
-    calibrated: Calibrated,
+    measure: Measure,
     sigma: torch.Tensor,
     curvature: Curvature | None,
     bounds: RankBounds,
@@ -79,10 +224,9 @@ def run_sweep(
     methods: list[str],
     seeds: list[int],
     loss_before: float,
-    evaluate: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SweepRow]:
-    """Every budget × method (× seed for sublora-random), measured on the re-parametrised model.
+    """Every budget × method (× seed for sublora-random), each kept set measured by `measure` (as written).
 
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
@@ -109,7 +253,7 @@ def run_sweep(
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
             seconds = time.perf_counter() - start
-            loss_after = calibrated.loss(selection.kept)
+            loss_after, metrics_after = measure(selection.kept)
             rows.append(
                 SweepRow(
                     budget=budget,
@@ -119,7 +263,7 @@ def run_sweep(
                     predicted_increase=selection.predicted_increase,
                     loss_after=loss_after,
                     increase=loss_after - loss_before,
-                    metrics_after=calibrated.metrics(selection.kept) if evaluate else None,
+                    metrics_after=metrics_after,
                     select_seconds=seconds,
                 )
             )
