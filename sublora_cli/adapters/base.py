@@ -80,7 +80,9 @@ class PrunedModule:
 
     @classmethod
     def keeping(cls, module: LoraModule, spectrum: Spectrum, kept: list[int]) -> PrunedModule:
-        """The `kept` components of the module's full spectrum."""
+        """The `kept` components (distinct indices) of the module's full spectrum."""
+        if len(kept) == spectrum.rank:  # all kept: share the spectrum rather than copy U and V
+            return cls(module, kept, spectrum)
         idx = torch.as_tensor(kept, dtype=torch.long)
         return cls(module, kept, Spectrum(U=spectrum.U[:, idx], sigma=spectrum.sigma[idx], V=spectrum.V[:, idx]))
 
