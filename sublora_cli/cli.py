@@ -79,7 +79,7 @@ def inspect(
     if as_json:
         print(strict_json(description))
         return
-    render.inspect_tables(description, adapter, loaded.format)
+    render.inspect_tables(description, adapter, loaded.format.name)
 
 
 def prune_command(

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
-from sublora_cli.adapters.peft import storage_factors
 from sublora_cli.budget import Budget, parse_budget, parse_tolerance, read_budget, read_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
@@ -48,7 +47,7 @@ from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
 from sublora_cli.select import RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
-from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.svd import Spectrum
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user
@@ -142,18 +141,13 @@ def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBo
 
 
 def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.Tensor) -> list[PrunedModule]:
-    """Split the global kept mask into modules and build each module's balanced factors, rounded to the storage
-    dtype as they will be written (so that what is measured is what is written)."""
+    """Split the global kept mask into modules, each with its kept spectrum (the format's writer factors it)."""
     result = []
     offset = 0
     for module, spectrum in zip(adapter.modules, spectra, strict=True):
         kept = torch.nonzero(kept_mask[offset : offset + module.rank]).flatten().tolist()
         offset += module.rank
-        if 0 < len(kept) < module.rank:
-            B, A = storage_factors(module, *balanced_factors(spectrum, kept, module.scale))
-        else:
-            B = A = None
-        result.append(PrunedModule(module=module, kept=kept, B=B, A=A))
+        result.append(PrunedModule.keeping(module, spectrum, kept))
     return result
 
 
@@ -300,11 +294,11 @@ def timed_curvature(
 
 
 def measure_written(
-    calibrated: Calibrated, pruned: list[PrunedModule], spectra: list[Spectrum], evaluate: bool = True
+    calibrated: Calibrated, adapter: Adapter, pruned: list[PrunedModule], evaluate: bool = True
 ) -> tuple[float, dict[str, float] | None]:
     """Loss and metrics of the adapter as it will be written (the kept factors rounded to the storage dtype), so
     that `prune` and `sweep` report the same figures for the same kept set."""
-    written = stored_spectra(pruned, spectra)
+    written = stored_spectra(adapter, pruned)
     return calibrated.loss_of(written), calibrated.metrics_of(written) if evaluate else None
 
 
@@ -314,7 +308,7 @@ def written_measure(
     """`measure_written` of a kept mask, for loops over many selections (sweep)."""
 
     def measure(kept: torch.Tensor) -> tuple[float, dict[str, float] | None]:
-        return measure_written(calibrated, pruned_modules(adapter, spectra, kept), spectra, evaluate)
+        return measure_written(calibrated, adapter, pruned_modules(adapter, spectra, kept), evaluate)
 
     return measure
 
@@ -365,7 +359,7 @@ def prune(
             warnings.extend(_shortfall(selection, allowance, method))
             pruned = pruned_modules(adapter, spectra, selection.kept)
             with timings.stage("eval"):
-                loss_after, metrics_after = measure_written(calibrated, pruned, spectra)
+                loss_after, metrics_after = measure_written(calibrated, adapter, pruned)
         loss = loss_summary(loss_before, loss_after, selection.predicted_increase, curvature)
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
