@@ -149,6 +149,20 @@ class SigmaModel:
 
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
+    def on_device(self, batch):
+        """The batch with every tensor in it (through dicts, lists and tuples) on the model's device, dtype kept.
+
+        The loss uses batch tensors next to the model's output (targets, boundary values); a script that builds
+        its batches on the CPU must still work with --device cuda.
+        """
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, dict):
+            return type(batch)((k, self.on_device(v)) for k, v in batch.items())
+        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+            return type(batch)(self.on_device(v) for v in batch)
+        return batch
+
     def _basis(self, module: LoraModule, spectrum: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) as the hooks use them (V as conv kernels for a convolution), padded with zero components to
         the module's rank so that a spectrum of lower rank fits the module's slice of σ."""
@@ -230,7 +244,7 @@ class SigmaModel:
         """The user's loss on one batch with the adapted modules using `sigma`; differentiable in sigma."""
         previous, self._current = self._current, sigma
         try:
-            return self.loss_fn(self.model, batch)
+            return self.loss_fn(self.model, self.on_device(batch))
         finally:
             self._current = previous
 
