@@ -1,4 +1,4 @@
-"""The rank-allocation report: `sublora_report.json` (the machine contract, DESIGN §2) and its Markdown twin.
+"""The rank-allocation report: `sublora_report.json` (the machine contract, docs/design.md §4) and its Markdown twin.
 
 Keys of the JSON report are stable: add freely, rename never.
 """
