@@ -42,8 +42,8 @@ PICKLE_SUFFIX = ".pth"
 FACTORS = ("P", "L", "U", "z", "z0", "scale", "scale0")
 MARKER = ".loldu_z"  # a file with a key ending in this is a LoLDU file
 LAYOUT_HINT = (
-    "Save each module's factors as <module>.loldu_P, _L, _U, _z, _z0, _scale and _scale0 in one .safetensors file "
-    "with safetensors.torch.save_file (see the README's LoLDU section; the reference code pickles only z, so "
+    "Save each module's factors as " + ", ".join(f"<module>.loldu_{f}" for f in FACTORS) + " in one .safetensors "
+    "file with safetensors.torch.save_file (see the README's LoLDU section; the reference code pickles only z, so "
     "rebuild P, L, U and z0 with torch.linalg.lu of the original base weights)."
 )
 
@@ -72,8 +72,8 @@ class LoLDUFormat(PeftFormat):
     def read(self, path: Path) -> Adapter:
         if path.suffix == PICKLE_SUFFIX:
             raise SubloraError(
-                f"{path} is a pickle; sublora reads LoLDU factors only from safetensors, because unpickling can run "
-                f"arbitrary code. {LAYOUT_HINT}"
+                f"{path} is a pickle (.pth); sublora reads only safetensors, because unpickling can run arbitrary "
+                f"code. If it is a LoLDU checkpoint: {LAYOUT_HINT}"
             )
         tensors = _load(path)
         names = sorted(k.removesuffix(MARKER) for k in tensors if k.endswith(MARKER))
