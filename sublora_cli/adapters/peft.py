@@ -104,6 +104,7 @@ def read_config(path: Path) -> dict:
 
 
 def peft_type(config: dict) -> str:
+    """The config's adapter type, upper case; peft treats a config without one as LoRA."""
     return str(config.get("peft_type", "LORA")).upper()
 
 
