@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sublora_cli.adapters.adalora import ADALORA
 from sublora_cli.adapters.base import Adapter, Format, LoraModule, PrunedModule
+from sublora_cli.adapters.loldu import LOLDU
 from sublora_cli.adapters.peft import PEFT
 from sublora_cli.errors import SubloraError
 
 __all__ = ["FORMATS", "Adapter", "Format", "LoraModule", "PrunedModule", "read_adapter", "write_adapter"]
 
-FORMATS: list[Format] = [PEFT]
+FORMATS: list[Format] = [ADALORA, LOLDU, PEFT]
 
 
 def detect_format(path: Path) -> Format:
