@@ -19,7 +19,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sublora_cli.adapters import Adapter
-from sublora_cli.adapters.peft import model_tensor_name
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, load_calibration
 from sublora_cli.curvature import Curvature, compute_curvature, intra_op_thread_count, intra_op_threads
 from sublora_cli.errors import SubloraError, closest_names
@@ -148,8 +147,8 @@ def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
     """Put the adapter's non-LoRA tensors (modules_to_save, trained biases) into the base model, as peft does on
     load, so the calibration loss is the loss of the adapter as users will run it."""
     state = model.state_dict(keep_vars=True)
-    for key, value in adapter.extra_tensors.items():
-        name = model_tensor_name(key)
+    for key, value in adapter.carried.items():
+        name = adapter.format.model_tensor_name(key)
         if name not in state:
             raise SubloraError(
                 f"The adapter carries {key} (modules_to_save or a trained bias) for {name!r}, but the model from "

@@ -183,7 +183,7 @@ def inspect(
     if as_json:
         print(strict_json(info))
         return
-    table = Table(title=escape(f"{adapter}  ({loaded.format})"), title_justify="left")
+    table = Table(title=escape(f"{adapter}  ({loaded.format.name})"), title_justify="left")
     for column in (
         "module",
         "shape",

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
-from sublora_cli.adapters.peft import storage_factors
 from sublora_cli.budget import parse_budget, parse_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
@@ -28,7 +27,7 @@ from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
 from sublora_cli.select import NEEDS_CALIBRATION, NEEDS_FULL_HESSIAN, RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
-from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.svd import Spectrum
 from sublora_cli.sweep import SweepRow, parse_budgets, run_sweep, write_sweep
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
@@ -96,18 +95,13 @@ def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBo
 
 
 def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.Tensor) -> list[PrunedModule]:
-    """Split the global kept mask into modules and build each module's balanced factors, rounded to the storage
-    dtype as they will be written (so that what is measured is what is written)."""
+    """Split the global kept mask into modules, each with its kept spectrum (the format's writer factors it)."""
     result = []
     offset = 0
     for module, spectrum in zip(adapter.modules, spectra, strict=True):
         kept = torch.nonzero(kept_mask[offset : offset + module.rank]).flatten().tolist()
         offset += module.rank
-        if 0 < len(kept) < module.rank:
-            B, A = storage_factors(module, *balanced_factors(spectrum, kept, module.scale))
-        else:
-            B = A = None
-        result.append(PrunedModule(module=module, kept=kept, B=B, A=A))
+        result.append(PrunedModule.keeping(module, spectrum, kept))
     return result
 
 
@@ -256,7 +250,7 @@ def prune(
             warnings.extend(_shortfall(selection, budget, method))
             pruned = pruned_modules(adapter, spectra, selection.kept)
             with timings.stage("eval"):
-                written = stored_spectra(pruned, spectra)
+                written = stored_spectra(adapter, pruned)
                 loss_after, metrics_after = calibrated.loss_of(written), calibrated.metrics_of(written)
         finally:
             calibrated.close()

@@ -97,7 +97,7 @@ def build_report(
         "method": method,
         "curvature": curvature,
         "seed": seed if method == "sublora-random" else None,
-        "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format},
+        "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format.name},
         "budget": {
             "requested": str(budget_requested),
             "reading": read_budget(budget_requested).reading,

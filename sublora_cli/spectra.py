@@ -13,19 +13,16 @@ def adapter_spectra(adapter: Adapter) -> list[Spectrum]:
     return [factor_svd(m.B, m.A, m.scale) for m in adapter.modules]
 
 
-def stored_spectra(pruned: list[PrunedModule], spectra: list[Spectrum]) -> list[Spectrum]:
-    """The SVD form of every module as written: unchanged modules keep their spectrum, modules pruned to rank 0
-    have none, and the others are the SVD of their factors after rounding to the storage dtype, which is what
-    peft loads (σ and directions can differ from the kept part of the original spectrum in half precision)."""
+def stored_spectra(adapter: Adapter, pruned: list[PrunedModule]) -> list[Spectrum]:
+    """The SVD form of every module as the adapter's format writes it: unchanged modules (copied bit-exactly)
+    keep their spectrum, modules pruned to rank 0 have none, and the others are the SVD of the format's stored
+    factors, which is what users load (σ and directions can differ from the kept spectrum in half precision)."""
     result = []
-    for p, spectrum in zip(pruned, spectra, strict=True):
-        if p.unchanged:
-            result.append(spectrum)
-        elif p.rank_after == 0:
-            empty = spectrum.sigma.new_zeros(0)
-            result.append(Spectrum(U=spectrum.U[:, :0], sigma=empty, V=spectrum.V[:, :0]))
+    for p in pruned:
+        if p.unchanged or p.rank_after == 0:
+            result.append(p.spectrum)
         else:
-            result.append(factor_svd(p.B, p.A, p.module.scale))
+            result.append(factor_svd(*adapter.format.stored_factors(p.module, p.spectrum), p.module.scale))
     return result
 
 
@@ -50,7 +47,7 @@ def describe_adapter(adapter: Adapter, spectra: list[Spectrum]) -> dict:
             }
         )
     return {
-        "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format},
+        "input": {"path": str(adapter.path), "sha256": adapter.sha256, "format": adapter.format.name},
         "modules": modules,
         "warnings": dead_module_warnings([m["name"] for m in modules if m["dead"]]),
         "totals": {

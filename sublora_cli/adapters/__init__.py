@@ -1,20 +1,37 @@
-"""Reading and writing adapter files. Format details live in one module per format (PEFT today)."""
+"""Reading and writing adapter files. Each format lives in its own module and implements `Format`; `FORMATS`
+lists them, and the first one that detects a path reads it (so a more specific format goes before a broader one).
+Adding a format is one new module plus one entry here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
-from sublora_cli.adapters.peft import read_peft, write_peft
+from sublora_cli.adapters.base import Adapter, Format, LoraModule, PrunedModule
+from sublora_cli.adapters.peft import PEFT
+from sublora_cli.errors import SubloraError
 
-__all__ = ["Adapter", "LoraModule", "PrunedModule", "read_adapter", "write_adapter"]
+__all__ = ["FORMATS", "Adapter", "Format", "LoraModule", "PrunedModule", "read_adapter", "write_adapter"]
+
+FORMATS: list[Format] = [PEFT]
+
+
+def detect_format(path: Path) -> Format:
+    """The first registered format that recognises `path`, or an error that says what sublora can read."""
+    if not path.exists():
+        raise SubloraError(f"{path} does not exist.")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt
+    readable = "; or ".join(fmt.description for fmt in FORMATS)
+    raise SubloraError(f"{path} is not an adapter sublora can read: it expects {readable}.")
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read an adapter in any supported format (detected from the path)."""
-    return read_peft(Path(path))
+    """Read an adapter in any registered format (detected from the path: a directory or a single file)."""
+    path = Path(path)
+    return detect_format(path).read(path)
 
 
 def write_adapter(adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
     """Write the pruned adapter in the input's format into out_dir (which must exist and be empty)."""
-    write_peft(adapter, pruned, out_dir)
+    adapter.format.write(adapter, pruned, out_dir)

@@ -1,12 +1,15 @@
-"""Format-neutral description of an adapter: every adapted module as a pair of matrix factors."""
+"""Format-neutral description of an adapter (every adapted module as a pair of matrix factors), what pruning
+keeps of it, and the `Format` protocol each on-disk format implements."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
+
+from sublora_cli.svd import Spectrum
 
 LayerKind = Literal["linear", "embedding", "conv"]
 
@@ -50,15 +53,16 @@ class LoraModule:
 
 @dataclass
 class Adapter:
-    """An adapter as read from disk: its LoRA modules plus everything carried through untouched."""
+    """An adapter as read from disk: its LoRA modules, the tensors carried through untouched, and the format
+    that read it (which writes the pruned adapter back). `state` is the format's own, opaque to everyone else
+    (PEFT keeps its adapter_config.json there)."""
 
     path: Path
-    format: str
+    format: Format
     sha256: str
-    config: dict
     modules: list[LoraModule]
-    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save, biases
-    use_rslora: bool = False
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. modules_to_save, trained biases
+    state: Any = None
 
     @property
     def total_rank(self) -> int:
@@ -67,12 +71,18 @@ class Adapter:
 
 @dataclass(frozen=True)
 class PrunedModule:
-    """What the writer needs for one module: which components stay, and their balanced factors."""
+    """One module after selection: which components stay and their spectrum. The format's writer chooses how
+    to factor the kept spectrum (`Format.stored_factors`)."""
 
     module: LoraModule
     kept: list[int]  # indices into the module's sigma sorted in descending order
-    B: torch.Tensor | None  # out × len(kept) (None when nothing or everything is kept)
-    A: torch.Tensor | None  # len(kept) × in
+    spectrum: Spectrum  # the kept components: σ in float64 (a refit may change them), U out×k, V in×k
+
+    @classmethod
+    def keeping(cls, module: LoraModule, spectrum: Spectrum, kept: list[int]) -> PrunedModule:
+        """The `kept` components of the module's full spectrum."""
+        idx = torch.as_tensor(kept, dtype=torch.long)
+        return cls(module, kept, Spectrum(U=spectrum.U[:, idx], sigma=spectrum.sigma[idx], V=spectrum.V[:, idx]))
 
     @property
     def rank_after(self) -> int:
@@ -81,3 +91,36 @@ class PrunedModule:
     @property
     def unchanged(self) -> bool:
         return self.rank_after == self.module.rank
+
+
+class Format(Protocol):
+    """One on-disk adapter format. `read_adapter` asks each registered format in turn whether it `detect`s a
+    path (a directory or a single file), so detection must be cheap and must not raise.
+
+    The writer's contract, which the pipeline's measurement relies on: a module pruned to rank 0 is dropped, an
+    unchanged module is copied bit-exactly, and any other module is written as `stored_factors(module, kept)`,
+    so that the loss measured on those factors is the loss of the written file.
+    """
+
+    name: str  # written to the report as input.format
+    description: str  # what a path in this format looks like, for the error when no format recognises one
+
+    def detect(self, path: Path) -> bool:
+        """Whether `path` looks like this format (so `read` gives either an adapter or this format's error)."""
+        ...
+
+    def read(self, path: Path) -> Adapter: ...
+
+    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as matrices (out×k, k×in), exactly as the writer stores them (factorisation and dtype), such
+        that module.scale · B · A is the written update."""
+        ...
+
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+        """Write the pruned adapter into the existing, empty `out_dir` (a single-file format writes one file
+        there)."""
+        ...
+
+    def model_tensor_name(self, key: str) -> str:
+        """The base model's parameter that the carried tensor `key` replaces when the adapter is loaded."""
+        ...

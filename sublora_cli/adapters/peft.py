@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
 from sublora_cli.errors import SubloraError
+from sublora_cli.svd import Spectrum, balanced_factors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -27,15 +29,16 @@ PREFIX = "base_model.model."
 # What peft's LoraConfig assumes when adapter_config.json omits r / lora_alpha (peft 0.21): the reader and
 # the writer both use these, so a pruned module's rank and alpha are compared with what peft would load.
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+# Files that make a path look like a PEFT adapter (a directory holding one, or one of them given by mistake).
+PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)
 
 
-def model_tensor_name(key: str) -> str:
-    """The base model's parameter that a carried tensor replaces when peft loads the adapter.
+@dataclass(frozen=True)
+class PeftState:
+    """What only the PEFT writer needs from the input: its config (defaults filled in) and the scale rule."""
 
-    peft saves modules_to_save copies under the module's own name (`…ln_f.weight`) and the trained biases of
-    adapted layers (bias="all"/"lora_only") under the wrapped layer (`…c_attn.base_layer.bias`).
-    """
-    return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+    config: dict
+    use_rslora: bool
 
 
 # (suffix of the A key, suffix of the B key, layer kind); conv is told apart from linear by the A rank.
@@ -186,24 +189,13 @@ def _as_matrices(name: str, kind: str, A: torch.Tensor, B: torch.Tensor) -> tupl
     return kind, A, B
 
 
-def read_peft(path: Path) -> Adapter:
-    if not path.exists():
-        raise SubloraError(f"{path} does not exist.")
-    if not path.is_dir():
-        raise SubloraError(f"{path} is a file; a PEFT adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}.")
-    config = _load_config(path)
-    tensors = _load_tensors(path)
-    factors, extra = _module_factors(tensors)
-    if not factors:
-        raise SubloraError(
-            f"{path / WEIGHTS_FILE} holds no LoRA factors (no keys ending in .lora_A.weight or "
-            f".lora_embedding_A); is this a LoRA adapter?"
-        )
+def _lora_modules(state: PeftState, tensors: dict[str, torch.Tensor], factors: dict[str, tuple]) -> list[LoraModule]:
+    """One LoraModule per factor pair, sorted by name, with its rank and scale checked against the config."""
+    config, use_rslora = state.config, state.use_rslora
     default_r = int(config["r"])
     default_alpha = float(config["lora_alpha"])
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
 
     modules = []
     for name in sorted(factors):
@@ -237,15 +229,7 @@ def read_peft(path: Path) -> Adapter:
                 b_shape=tuple(B.shape),
             )
         )
-    return Adapter(
-        path=path,
-        format="peft",
-        sha256=_sha256(path / WEIGHTS_FILE),
-        config=config,
-        modules=modules,
-        extra_tensors=extra,
-        use_rslora=use_rslora,
-    )
+    return modules
 
 
 def alpha_for_rank(scale: float, rank: int, use_rslora: bool) -> float:
@@ -253,17 +237,9 @@ def alpha_for_rank(scale: float, rank: int, use_rslora: bool) -> float:
     return scale * (math.sqrt(rank) if use_rslora else rank)
 
 
-def storage_factors(module: LoraModule, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Matrix factors rounded to the dtype the input stored them in, as write_peft stores them: the pipeline
-    measures these, so the reported loss is the loss of the file peft will load."""
-    dtype = module.A.dtype
-    return B.to(dtype), A.to(dtype)
-
-
-def _stored(module: LoraModule, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Matrix factors → tensors in the layout and dtype the input stored them in."""
+def _in_layout(module: LoraModule, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix factors → tensors in the layout the input stored them in (conv kernels, embedding tables)."""
     r = A.shape[0]
-    B, A = storage_factors(module, B, A)
     A = A.reshape(r, *module.a_shape[1:]).contiguous()
     B = B.reshape(module.b_shape[0], r, *module.b_shape[2:]).contiguous()
     return A, B
@@ -293,7 +269,8 @@ def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
     dropped: the result does not depend on key order. A config without target_modules (peft infers them
     only for architectures it knows) gets the adapted modules' full names, so peft can load the result.
     """
-    config = dict(adapter.config)
+    state: PeftState = adapter.state
+    config = dict(state.config)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     dropped = []
@@ -305,14 +282,14 @@ def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
             rank, alpha = p.module.rank, p.module.alpha
         else:
             rank = p.rank_after
-            alpha = alpha_for_rank(p.module.scale, rank, adapter.use_rslora)
+            alpha = alpha_for_rank(p.module.scale, rank, state.use_rslora)
         if rank != config["r"]:
             rank_pattern[p.module.name] = rank
         if alpha != config["lora_alpha"]:
             alpha_pattern[p.module.name] = alpha
     config["rank_pattern"] = rank_pattern
     config["alpha_pattern"] = alpha_pattern
-    config["exclude_modules"] = _merge_exclude(adapter.config.get("exclude_modules"), dropped)
+    config["exclude_modules"] = _merge_exclude(state.config.get("exclude_modules"), dropped)
     if not config.get("target_modules"):
         config["target_modules"] = sorted(m.name for m in adapter.modules)
     return config
@@ -326,20 +303,70 @@ def _unwrap_carried(tensors: dict[str, torch.Tensor], name: str) -> None:
         tensors[f"{PREFIX}{name}.{key.removeprefix(wrapped)}"] = tensors.pop(key)
 
 
-def write_peft(adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
-    tensors = dict(adapter.extra_tensors)  # modules_to_save and biases, untouched
-    for p in pruned:
-        if p.rank_after == 0:
-            _unwrap_carried(tensors, p.module.name)
-            continue
-        a_key, b_key = _keys(p.module)
-        if p.unchanged:  # bit-exact copy: nothing to gain from re-factoring a module that keeps everything
-            A_stored = p.module.A.reshape(p.module.a_shape)
-            B_stored = p.module.B.reshape(p.module.b_shape)
-        else:
-            A_stored, B_stored = _stored(p.module, p.A, p.B)
-        tensors[a_key], tensors[b_key] = A_stored, B_stored
-    tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = pruned_config(adapter, pruned)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+class PeftFormat:
+    """The `Format` of PEFT LoRA directories."""
+
+    name = "peft"
+    description = f"a PEFT LoRA directory with {CONFIG_FILE} and {WEIGHTS_FILE} (the folder `save_pretrained` wrote)"
+
+    def detect(self, path: Path) -> bool:
+        if path.is_dir():
+            return any((path / name).is_file() for name in PEFT_FILES)
+        return path.name in PEFT_FILES
+
+    def read(self, path: Path) -> Adapter:
+        if not path.is_dir():
+            raise SubloraError(
+                f"{path} is a file; a PEFT adapter is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}: "
+                f"point sublora at {path.parent}."
+            )
+        config = _load_config(path)
+        state = PeftState(config=config, use_rslora=bool(config.get("use_rslora", False)))
+        tensors = _load_tensors(path)
+        factors, carried = _module_factors(tensors)
+        if not factors:
+            raise SubloraError(
+                f"{path / WEIGHTS_FILE} holds no LoRA factors (no keys ending in .lora_A.weight or "
+                f".lora_embedding_A); is this a LoRA adapter?"
+            )
+        return Adapter(
+            path=path,
+            format=self,
+            sha256=_sha256(path / WEIGHTS_FILE),
+            modules=_lora_modules(state, tensors, factors),
+            carried=carried,
+            state=state,
+        )
+
+    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors of the kept spectrum (each side sqrt(σ/scale) per component, as training would leave
+        them, and safe in half precision) rounded to the dtype the input stored them in."""
+        B, A = balanced_factors(kept, list(range(kept.rank)), module.scale)
+        dtype = module.A.dtype
+        return B.to(dtype), A.to(dtype)
+
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+        tensors = dict(adapter.carried)  # modules_to_save and biases, untouched
+        for p in pruned:
+            if p.rank_after == 0:
+                _unwrap_carried(tensors, p.module.name)
+                continue
+            a_key, b_key = _keys(p.module)
+            if p.unchanged:  # bit-exact copy: nothing to gain from re-factoring a module that keeps everything
+                A_stored = p.module.A.reshape(p.module.a_shape)
+                B_stored = p.module.B.reshape(p.module.b_shape)
+            else:
+                A_stored, B_stored = _in_layout(p.module, *self.stored_factors(p.module, p.spectrum))
+            tensors[a_key], tensors[b_key] = A_stored, B_stored
+        tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
+        save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = pruned_config(adapter, pruned)
+        (out_dir / CONFIG_FILE).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+    def model_tensor_name(self, key: str) -> str:
+        """peft saves modules_to_save copies under the module's own name (`…ln_f.weight`) and the trained biases
+        of adapted layers (bias="all"/"lora_only") under the wrapped layer (`…c_attn.base_layer.bias`)."""
+        return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+
+PEFT = PeftFormat()
