@@ -15,8 +15,8 @@ one module, and the pruned `up` is dense, which both diffusers (it splits `up` b
 
 from __future__ import annotations
 
-import hashlib
 import difflib
+import hashlib
 import json
 import math
 import re
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
-from sublora_cli.adapters.base import LoraModule
+from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
 from sublora_cli.adapters.peft import get_pattern_key
 from sublora_cli.errors import SubloraError
+from sublora_cli.svd import Spectrum, balanced_factors
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -84,11 +85,6 @@ class SingleFileState:
     metadata: dict[str, str]
     alpha_dtype: torch.dtype
     total_rank: int
-
-
-def detect_single_file(path: Path) -> bool:
-    """A single .safetensors file, or a pickle checkpoint file (which `read` refuses with a hint)."""
-    return path.is_file() and path.suffix.lower() in (SUFFIX, *PICKLE_SUFFIXES)
 
 
 def load_single_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -418,3 +414,53 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class SingleFileFormat:
+    """The `Format` of single-file safetensors LoRAs (kohya and the diffusers / ComfyUI key families).
+
+    The output is one file named like the input, inside the output directory beside sublora's reports.
+    """
+
+    name = "kohya"
+    description = (
+        "a single-file LoRA FILE.safetensors as kohya-ss sd-scripts, diffusers or ComfyUI write them "
+        "(lora_unet_…/lora_te…_… with .lora_down/.lora_up.weight, or .lora_A/.lora_B.weight pairs)"
+    )
+
+    def detect(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() in (SUFFIX, *PICKLE_SUFFIXES)
+
+    def read(self, path: Path) -> Adapter:
+        tensors, metadata = load_single_file(path)
+        modules, state, carried = read_modules(tensors, metadata)
+        return Adapter(path=path, format=self, sha256=sha256_of(path), modules=modules, carried=carried, state=state)
+
+    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors of the kept spectrum (each side sqrt(σ/scale) per component, safe in half precision)
+        in the dtype the input stored the module in; `.alpha` is written so that alpha / rank keeps the scale."""
+        B, A = balanced_factors(kept, list(range(kept.rank)), module.scale)
+        return B.to(module.B.dtype), A.to(module.A.dtype)
+
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
+        written = []
+        for p in pruned:
+            if p.rank_after == 0:
+                continue
+            B, A = (p.module.B, p.module.A) if p.unchanged else self.stored_factors(p.module, p.spectrum)
+            written.append(WrittenModule(module=p.module, B=B, A=A))
+        tensors = pruned_state_dict(adapter.state, adapter.carried, written)
+        metadata = pruned_metadata(adapter.state, written, tensors, provenance)
+        save_file(tensors, str(out_dir / adapter.path.name), metadata=metadata)
+
+    def model_tensor_name(self, key: str) -> str:
+        raise SubloraError(
+            f"The file carries {key}, which is not part of a LoRA pair; sublora writes it through unchanged but "
+            "cannot apply it to the calibration model. Prune without --calib, or remove the tensor."
+        )
+
+    def module_path(self, name: str, model_names: list[str]) -> str:
+        return resolve_model_module(name, model_names)
+
+
+KOHYA = SingleFileFormat()
