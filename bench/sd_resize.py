@@ -8,15 +8,18 @@ figures) and `prune --budget 50%` (magnitude: read, SVD form, selection, write w
 are timed end to end in-process, as the CLI runs them.
 
 The baseline is what `networks/resize_lora.py` does per module: cast to fp32, W = up @ down, then
-`torch.linalg.svd(W)` (full matrices). Its cost depends only on the module's shape, so it is timed once for every
-distinct (out, in) shape and rank and multiplied by the number of modules of that shape (the extrapolation);
+`torch.linalg.svd(W)` (full matrices). Its cost depends only on the module's shape (and, for the product, the
+rank), so it is timed once for every distinct (out, in) shape (11 shapes) and multiplied by the number of modules
+of that shape (the extrapolation);
 loading and saving, which kohya's script also does, are left out of the baseline (so the speed-up is a lower bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import tempfile
 import time
 from collections import Counter
@@ -77,25 +80,34 @@ def build_file(path: Path, rank: int) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def kohya_dense_svd_seconds(out: int, inp: int, rank: int, g: torch.Generator) -> float:
-    """One module as resize_lora.py treats it: fp32, W = up @ down, full SVD of W."""
-    up = torch.randn(out, rank, generator=g).half()
-    down = torch.randn(rank, inp, generator=g).half()
+@functools.cache
+def dense_svd_seconds(out: int, inp: int) -> float:
+    """resize_lora.py's `torch.linalg.svd(W)` (full matrices, fp32) of one out×in update; LAPACK's cost depends on
+    the shape, not on the rank of W, so it is timed once per shape and shared by the ranks."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(out, 32, generator=g) @ torch.randn(32, inp, generator=g)
     start = time.perf_counter()
-    weight = up.float() @ down.float()
     torch.linalg.svd(weight)
     return time.perf_counter() - start
 
 
+def product_seconds(out: int, inp: int, rank: int) -> float:
+    """resize_lora.py's cast to fp32 and W = up @ down at `rank`."""
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.randn(out, rank, generator=g).half(), torch.randn(rank, inp, generator=g).half()
+    start = time.perf_counter()
+    up.float() @ down.float()
+    return time.perf_counter() - start
+
+
 def baseline(rank: int) -> dict:
-    """Dense SVD time per module shape (timed once each) and its extrapolation to all modules."""
+    """kohya's per-module work (product + dense SVD) timed once per module shape, extrapolated to all modules."""
     counts = Counter(sdxl_modules().values())
-    g = torch.Generator().manual_seed(1)
-    per_shape = {f"{out}x{inp}": (n, kohya_dense_svd_seconds(out, inp, rank, g)) for (out, inp), n in counts.items()}
+    each = {shape: product_seconds(*shape, rank) + dense_svd_seconds(*shape) for shape in counts}
     return {
-        "per_shape": {shape: {"modules": n, "seconds_each": s} for shape, (n, s) in per_shape.items()},
-        "timed_seconds": sum(s for _, s in per_shape.values()),
-        "extrapolated_seconds": sum(n * s for n, s in per_shape.values()),
+        "per_shape": {f"{o}x{i}": {"modules": counts[(o, i)], "seconds_each": each[(o, i)]} for o, i in counts},
+        "timed_seconds": sum(each.values()),
+        "extrapolated_seconds": sum(counts[shape] * each[shape] for shape in counts),
     }
 
 
@@ -122,6 +134,7 @@ def run(rank: int, work: Path) -> dict:
         "rank_after": result.report["totals"]["rank_after"],
         "dense_baseline": dense,
         "speedup": dense["extrapolated_seconds"] / prune_seconds,
+        "load_average": os.getloadavg(),
     }
 
 
@@ -145,7 +158,7 @@ def main() -> None:
                 f"(total rank {r['modules'] * rank} → {r['rank_after']}); inspect {r['inspect_seconds']:.2f} s; "
                 f"prune {r['prune_seconds']:.2f} s ({stages}); kohya dense SVD {d['extrapolated_seconds']:.0f} s "
                 f"(extrapolated from {len(d['per_shape'])} shapes timed in {d['timed_seconds']:.1f} s): "
-                f"{r['speedup']:.0f}× faster"
+                f"{r['speedup']:.0f}× faster; load average {r['load_average'][0]:.1f}"
             )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
