@@ -223,7 +223,7 @@ def test_diffusers_metadata_sets_the_scale_and_is_rewritten_to_the_new_ranks(tmp
     path = diffusers_file(tmp_path / "d.safetensors", {"lora_adapter_metadata": json.dumps(config)})
     scales = {m.name: m.scale for m in read_adapter(path).modules}
     assert scales["unet.mid_block.attentions.0.proj_out"] == 2.0
-    assert scales["text_encoder.text_model.encoder.layers.0.mlp.fc1"] == 1.0
+    assert scales["text_encoder.text_model.encoder.layers.0.mlp.fc1"] == 2.0  # peft's default lora_alpha 8, r 4
     report = prune(run_cli, path, tmp_path / "out", "--budget", 7, "--min-rank", 1)
     _, metadata = tensors_and_metadata(tmp_path / "out" / path.name)
     written = json.loads(metadata["lora_adapter_metadata"])
@@ -234,7 +234,7 @@ def test_diffusers_metadata_sets_the_scale_and_is_rewritten_to_the_new_ranks(tmp
     assert written["unet.rank_pattern"][key] == ranks[name]
     assert written["unet.alpha_pattern"][key] == 2.0 * ranks[name]
     te = "text_model\\.encoder\\.layers\\.0\\.mlp\\.fc1"
-    assert written["text_encoder.alpha_pattern"][te] == ranks["text_encoder.text_model.encoder.layers.0.mlp.fc1"]
+    assert written["text_encoder.alpha_pattern"][te] == 2.0 * ranks["text_encoder.text_model.encoder.layers.0.mlp.fc1"]
     after = deltas(tmp_path / "out" / path.name)  # re-read with the rewritten metadata: same scales
     for module, entry in zip(read_adapter(path).modules, report["modules"], strict=True):
         expected = factor_svd(module.B, module.A, module.scale).dense(entry["kept"])

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
-from sublora_cli.adapters.peft import get_pattern_key
+from sublora_cli.adapters.peft import PEFT_DEFAULTS, get_pattern_key
 from sublora_cli.errors import SubloraError
 from sublora_cli.svd import Spectrum, balanced_factors
 
@@ -202,7 +202,8 @@ def config_for(name: str, configs: dict[str, dict]) -> tuple[str, dict] | None:
 
 def module_alpha(name: str, rank: int, alpha_tensor: torch.Tensor | None, configs: dict[str, dict]) -> float:
     """A module's alpha (its scale is alpha / rank): `.alpha` when present and non-zero, else diffusers' metadata
-    (`alpha_pattern`, then `lora_alpha`), else alpha = rank (scale 1), as kohya, ComfyUI and diffusers assume."""
+    (`alpha_pattern`, then `lora_alpha`, peft's default when absent), else alpha = rank (scale 1), as kohya,
+    ComfyUI and diffusers assume."""
     if alpha_tensor is not None:
         alpha = float(alpha_tensor.float().reshape(-1)[0]) if alpha_tensor.numel() == 1 else math.nan
         if not math.isfinite(alpha):
@@ -215,7 +216,7 @@ def module_alpha(name: str, rank: int, alpha_tensor: torch.Tensor | None, config
         relative = name.removeprefix(prefix + ".") if prefix else name
         pattern = config.get("alpha_pattern") or {}
         key = get_pattern_key(list(pattern), relative)
-        alpha = pattern[key] if key is not None else config.get("lora_alpha", config.get("r", rank))
+        alpha = pattern[key] if key is not None else config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
         return float(alpha)
     return float(rank)
 
@@ -386,22 +387,22 @@ def resolve_model_module(name: str, model_names: list[str]) -> str:
     """
     if name in model_names:
         return name
-    flattened = {n.replace(".", "_"): n for n in model_names if n}
+    flattened = [(n.replace(".", "_"), n) for n in model_names if n]
     candidates = model_module_candidates(name)
     for candidate in candidates:
-        if candidate in flattened:
-            return flattened[candidate]
-        ends = sorted(n for flat, n in flattened.items() if flat.endswith("_" + candidate))
-        if len(ends) > 1:
+        exact = sorted(n for flat, n in flattened if flat == candidate)
+        matches = exact or sorted(n for flat, n in flattened if flat.endswith("_" + candidate))
+        if len(matches) > 1:
             raise SubloraError(
                 f"The adapter's module {name!r} matches several modules of the model from load_model(): "
-                f"{', '.join(ends[:5])}. Return only the network this LoRA adapts (e.g. the UNet or one text "
+                f"{', '.join(matches[:5])}. Return only the network this LoRA adapts (e.g. the UNet or one text "
                 "encoder) from load_model()."
             )
-        if ends:
-            return ends[0]
-    close = difflib.get_close_matches(candidates[-1], list(flattened), n=3, cutoff=0.4)
-    hint = f" Closest names: {', '.join(flattened[c] for c in close)}." if close else ""
+        if matches:
+            return matches[0]
+    by_flat = dict(flattened)
+    close = difflib.get_close_matches(candidates[-1], list(by_flat), n=3, cutoff=0.4)
+    hint = f" Closest names: {', '.join(by_flat[c] for c in close)}." if close else ""
     raise SubloraError(
         f"The adapter adapts module {name!r}, but the model from load_model() has no module of that name (compared "
         f"with `.` replaced by `_`).{hint} Does load_model() return the base model the LoRA was trained on?"
