@@ -450,3 +450,13 @@ def test_calibration_refuses_tensors_it_cannot_apply(tmp_path, run_cli):
     result = run_cli("eval", path, "--calib", calib)
     message = " ".join(result.stderr.split())
     assert result.code == 1 and "lora_unet_down_blocks_0_proj_in.diff_b" in message and "without --calib" in message
+
+
+def test_an_alpha_half_precision_cannot_hold_is_written_in_float32(tmp_path, run_cli):
+    shapes = {"lora_unet_conv_in": (16, 8, 3, None)}
+    path = kohya_file(tmp_path / "a.safetensors", shapes, alpha_ratio=1 / 3)  # alpha 1 at rank 3
+    prune(run_cli, path, tmp_path / "out", "--budget", 2)
+    tensors, _ = tensors_and_metadata(tmp_path / "out" / path.name)
+    alpha = tensors["lora_unet_conv_in.alpha"]
+    assert alpha.dtype == torch.float32 and float(alpha) / 2 == pytest.approx(1 / 3, rel=1e-7)
+    assert tensors["lora_unet_conv_in.lora_down.weight"].dtype == torch.float16
