@@ -51,10 +51,11 @@ def delta_shape(layer: nn.Module) -> tuple[int, int]:
     return int(w.shape[0]), int(w[0].numel())
 
 
-def find_layer(model: nn.Module, module: LoraModule) -> nn.Module:
-    """The base layer a LoRA module adapts, checked for type and shape."""
+def find_layer(model: nn.Module, module: LoraModule, path: str | None = None) -> nn.Module:
+    """The base layer a LoRA module adapts (at `path` in the model, by default the module's name), checked for
+    type and shape."""
     try:
-        layer = model.get_submodule(module.name)
+        layer = model.get_submodule(path if path is not None else module.name)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
         raise SubloraError(
@@ -107,6 +108,7 @@ class SigmaModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         per_sample_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+        paths: Sequence[str] | None = None,
     ):
         if len(modules) != len(spectra):
             raise ValueError(f"{len(modules)} modules but {len(spectra)} spectra")
@@ -125,7 +127,7 @@ class SigmaModel:
         self._handles = [self.model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)]
         offset = 0
         for index, (module, spectrum) in enumerate(zip(modules, spectra, strict=True)):
-            layer = find_layer(self.model, module)
+            layer = find_layer(self.model, module, paths[index] if paths is not None else None)
             hook = self._hook(index, module, layer, offset, offset + spectrum.rank)
             self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
             self.offsets.append(offset)

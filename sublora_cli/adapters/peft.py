@@ -383,7 +383,7 @@ class PeftFormat:
         dtype = module.A.dtype
         return B.to(dtype), A.to(dtype)
 
-    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)  # modules_to_save and biases, untouched
         for p in pruned:
             if p.rank_after == 0:
@@ -405,6 +405,10 @@ class PeftFormat:
         """peft saves modules_to_save copies under the module's own name (`…ln_f.weight`) and the trained biases
         of adapted layers (bias="all"/"lora_only") under the wrapped layer (`…c_attn.base_layer.bias`)."""
         return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+    def module_path(self, name: str, model_names: list[str]) -> str:
+        """Module names are read with peft's prefix stripped, so they are the model's paths already."""
+        return name
 
 
 PEFT = PeftFormat()
