@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 
 from sublora_cli.adapters.base import Adapter, LoraModule
+from sublora_cli.adapters.kohya import CONVERT_HINT
 from sublora_cli.adapters.peft import PeftFormat, PeftState, sha256_of
 from sublora_cli.errors import SubloraError
 
@@ -73,7 +74,7 @@ class LoLDUFormat(PeftFormat):
         if path.suffix == PICKLE_SUFFIX:
             raise SubloraError(
                 f"{path} is a pickle (.pth); sublora reads only safetensors, because unpickling can run arbitrary "
-                f"code. If it is a LoLDU checkpoint: {LAYOUT_HINT}"
+                f"code. If it holds a LoRA state dict: {CONVERT_HINT} If it is a LoLDU checkpoint: {LAYOUT_HINT}"
             )
         tensors = _load(path)
         names = sorted(k.removesuffix(MARKER) for k in tensors if k.endswith(MARKER))
