@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sublora_cli import distributed
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.budget import Budget, parse_budget, parse_tolerance, read_budget, read_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
@@ -387,10 +388,12 @@ def prune(
         quality=quality,
     )
     report["options"] = echo(options)
-    with atomic_output_dir(out_dir) as tmp:
-        with timings.stage("write"):
-            write_adapter(adapter, pruned, tmp)
-        write_reports(report, tmp)
+    report["distributed"] = distributed.describe()
+    if distributed.is_main():  # under torchrun every rank holds the same result; one writes it
+        with atomic_output_dir(out_dir) as tmp:
+            with timings.stage("write"):
+                write_adapter(adapter, pruned, tmp)
+            write_reports(report, tmp)
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (
