@@ -21,7 +21,7 @@ from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adap
 from sublora_cli.budget import Budget, parse_budget, parse_tolerance, read_budget, read_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
-from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
+from sublora_cli.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.errors import SubloraError
 from sublora_cli.methods import METHODS, lookup
 from sublora_cli.options import (
@@ -198,7 +198,7 @@ def _curvature(
     progress: Progress | None,
 ) -> tuple[Curvature | None, str]:
     """The curvature `methods` need (resolving `auto`), with the reason for its kind; None for data-free methods."""
-    kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
+    kind, reason = calibrated.choose_curvature(requested, methods)
     if kind == "none":
         return None, reason
     _announce_curvature(calibrated, kind, requested, reason, info)
