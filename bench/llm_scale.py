@@ -10,7 +10,7 @@ gate, up, down; R = 112 × layers), and a calibration script with a per-sequence
 `--sequences` random sequences of `--tokens` tokens in batches of 8. Each measurement runs in its own process,
 so its peak RSS (ru_maxrss) is its own:
   baseline  one forward+backward pass over the calibration set (peft model, gradients into the LoRA factors),
-            timed after one warm-up batch;
+            timed after one warm-up batch: the median of REPEATS passes;
   prune     `sublora prune --calib --curvature fisher --budget 50%` end to end, in-process through the CLI's
             entry point; time = the sum of the report's stage timings (load, svd, eval, curvature, select,
             write) without `calibrate` (importing the script, load_model() building the model, batches()), which
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, VOCAB, BATCH = 16, 1024, 8
+REPEATS = 3  # baseline passes; the median is the unit (busy shared cores make single timings noisy)
 
 CALIB = '''
 """Calibration script written by bench/llm_scale.py for one model size."""
@@ -114,13 +115,16 @@ def child_baseline(root: Path) -> dict:
     model = PeftModel.from_pretrained(calib.load_model(), str(root / "adapter"), is_trainable=True)
     data = calib.batches()
     calib.per_sample_loss(model, data[0]).mean().backward()
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    for batch in data:
-        calib.per_sample_loss(model, batch).mean().backward()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start}
+    times = []
+    for _ in range(REPEATS):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        for batch in data:
+            calib.per_sample_loss(model, batch).mean().backward()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"seconds": sorted(times)[len(times) // 2], "all_seconds": times}
 
 
 def child_prune(root: Path) -> dict:
@@ -185,6 +189,7 @@ def measure(hidden: int, layers: int, sequences: int, tokens: int, device: str, 
         "layers": layers,
         "R": R,
         "baseline_s": baseline["seconds"],
+        "baseline_all_s": baseline["all_seconds"],
         "prune_s": prune["seconds"],
         "time_ratio": prune["seconds"] / baseline["seconds"],
         "stages_s": prune["stages"],
