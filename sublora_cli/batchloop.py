@@ -6,14 +6,16 @@ through `Sums`. When every batch is done, each total passes once through `across
 where per-batch results meet; only then do callers divide by the (reduced) counts. Sums are added in batch order,
 in place, so the results are those of a plain sequential loop, bit for bit.
 
-Data-parallel (torch.distributed) is one small change, in this module only:
-* sharding — `this_process` yields only this rank's batches, `(i, batch) for i, batch in enumerate(batches)
-  if i % world_size == rank`; indices stay global, so error messages name the user's batch;
-* the all-reduce — `across_processes` becomes `dist.all_reduce(total)` (SUM) for a tensor, and for a Python
-  number the same on a float64/int64 tensor holding it, read back with `.item()`. It is called for every
-  quantity in the order the caller created them, the same on every rank, as collective calls must be.
+Data-parallel (torchrun; distributed.py owns the process group) changes two things, both here:
+* sharding — `this_process` yields only this rank's batches (batch i on rank i mod world size); indices stay
+  global, so error messages name the user's batch;
+* the all-reduce — `across_processes` sums each total over the ranks (a Python number travels as a
+  float64/int64 tensor). It is called for every quantity in the order the caller created them, the same on
+  every rank, as collective calls must be.
 Counts (batches, samples) are totals like any other, so the means come out over all ranks' batches, and the
-"no batches" checks after the reduce see the global count (a rank with an empty shard is fine).
+"no batches" checks after the reduce see the global count (a rank with an empty shard is fine). Before the
+reduce the ranks exchange their outcome: a batch that failed on one rank makes every rank raise its message
+instead of waiting in the all-reduce for a rank that will never arrive.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from sublora_cli import distributed
+from sublora_cli.errors import SubloraError
+
 Total = torch.Tensor | float | int
 Progress = Callable[[str, int, int], None]
 Reduce = Callable[[str, Total], Total]
@@ -29,13 +34,12 @@ Reduce = Callable[[str, Total], Total]
 
 def this_process(batches: Iterable) -> Iterator[tuple[int, object]]:
     """The (index, batch) pairs this process computes: all of them while there is one process."""
-    return enumerate(batches)
+    return distributed.shard(enumerate(batches))
 
 
 def across_processes(name: str, total: Total) -> Total:
-    """One quantity's total over all processes: the identity while there is one process (the module docstring
-    says what a data-parallel run puts here)."""
-    return total
+    """One quantity's total over all processes: the identity while there is one process."""
+    return distributed.all_reduce_sum(total)
 
 
 class Sums:
@@ -96,6 +100,7 @@ def over_batches(
     """Run step(index, batch, sums, meter) on every batch of this process, then return every total passed once
     through `reduce` (default: `across_processes`, looked up at call time).
 
+    If any process's batches failed, every process raises (this one its own error, the others its message).
     Progress (when asked for) counts this process's batches × work_per_batch from 0 and reaches the end of each
     batch's share after its step, whether or not the step reported finer progress through the meter.
     """
@@ -103,9 +108,16 @@ def over_batches(
     mine = list(this_process(batches))
     meter = Meter(progress, stage, len(mine) * work_per_batch)
     meter.report()
-    for position, (index, batch) in enumerate(mine):
-        step(index, batch, sums, meter)
-        meter.reach((position + 1) * work_per_batch)
+    try:
+        for position, (index, batch) in enumerate(mine):
+            step(index, batch, sums, meter)
+            meter.reach((position + 1) * work_per_batch)
+    except Exception as error:
+        distributed.first_failure(str(error) or type(error).__name__)
+        raise
+    failure = distributed.first_failure(None)
+    if failure is not None:
+        raise SubloraError(failure)
     return {name: reduce(name, total) for name, total in sums.totals.items()}
 
 

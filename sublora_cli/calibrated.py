@@ -19,8 +19,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sublora_cli.adapters import Adapter
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, load_calibration
-from sublora_cli.curvature import Curvature, compute_curvature, intra_op_thread_count, intra_op_threads
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
+from sublora_cli.curvature import (
+    AUTO,
+    Curvature,
+    compute_curvature,
+    intra_op_thread_count,
+    intra_op_threads,
+    resolve_kind,
+)
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.svd import Spectrum
@@ -28,8 +35,14 @@ from sublora_cli.svd import Spectrum
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """A torch device the machine actually has, or a clear error (not a CUDA traceback later on)."""
+AUTO_PLACEMENT = "auto"  # --device/--dtype auto: keep the model where and as load_model() returned it
+
+
+def resolve_device(name: str) -> torch.device | None:
+    """A torch device the machine actually has, or a clear error (not a CUDA traceback later on); None for
+    auto."""
+    if name == AUTO_PLACEMENT:
+        return None
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -43,9 +56,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str) -> torch.dtype | None:
+    if name == AUTO_PLACEMENT:
+        return None
     if name not in DTYPES:
-        raise SubloraError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}.")
+        raise SubloraError(f"--dtype {name!r}: choose one of {AUTO_PLACEMENT}, {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
@@ -115,6 +130,37 @@ class Calibrated:
         with self.sigma_model.using(spectra) as sigma:
             return self.sigma_model.evaluate(sigma, self.script.call_evaluate)
 
+    def choose_curvature(self, requested: str, methods: list[str]) -> tuple[str, str]:
+        """The curvature kind to compute for `methods`, with its reason (curvature.resolve_kind), except that
+        `auto` never picks a second-order kind (exact, diag) this model cannot differentiate twice: one
+        Hessian-vector product on the first batch is tried first, and on failure auto takes the Fisher."""
+        kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods)
+        if requested != AUTO or kind not in ("exact", "diag"):
+            return kind, reason
+        failure = self.second_order_failure()
+        if failure is None:
+            return kind, reason
+        return "fisher", (
+            f"{reason[:1].lower()}{reason[1:]} But a Hessian-vector product on batch 0 failed ({failure}), so auto "
+            "computes the empirical Fisher, which needs first derivatives only."
+        )
+
+    def second_order_failure(self) -> str | None:
+        """Why the loss cannot be differentiated twice in σ (the first line of torch's error), or None when one
+        Hessian-vector product on the first batch, under the curvature's attention kernel, works."""
+        s = self.sigma.detach().clone().requires_grad_(True)
+        with attention_kernel_for("exact"), torch.enable_grad():
+            loss = check_loss(self.sigma_model.loss(s, self.batches[0]), 0)
+            try:
+                if not loss.requires_grad:
+                    return None
+                (g,) = torch.autograd.grad(loss, s, create_graph=True, allow_unused=True, materialize_grads=True)
+                if g.requires_grad:
+                    torch.autograd.grad(g[0], s, allow_unused=True)
+            except RuntimeError as e:
+                return str(e).splitlines()[0]
+        return None
+
     def curvature(
         self, kind: str, max_hessian_gb: float, progress: Callable[[str, int, int], None] | None = None
     ) -> Curvature:
@@ -176,8 +222,8 @@ def open_calibration(
     calib: Path,
     adapter: Adapter,
     spectra: list[Spectrum],
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str = AUTO_PLACEMENT,
+    dtype: str = AUTO_PLACEMENT,
     max_batches: int = DEFAULT_MAX_BATCHES,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Calibrated:

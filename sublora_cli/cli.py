@@ -6,6 +6,7 @@ arguments (the adapter, --out, --config, --overwrite, --json) and receives the s
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sublora_cli import __version__, render
+from sublora_cli import __version__, distributed, render
 from sublora_cli.adapters import read_adapter
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.options import EvalOptions, config_types, path_keys, resolve, with_options
@@ -197,17 +198,37 @@ app.command(name="sweep")(with_options(sweep_command, SweepOptions))
 def main() -> None:
     """Entry point: maps errors onto the exit codes (1 input/failure, 2 usage, 3 quality guard).
 
-    Typer itself handles usage errors (exit 2) and --help; our own errors carry their exit code.
+    Typer itself handles usage errors (exit 2) and --help; our own errors carry their exit code. Under torchrun
+    every rank runs this; only rank 0 prints, and all ranks exit with the code they agreed on (distributed.py).
     """
+    with distributed.process_group():
+        if not distributed.is_main():
+            _quiet()
+        code, message = distributed.agreed_exit(*_outcome())
+        if message is not None:
+            render.error(message)
+        distributed.finish()
+    sys.exit(code)
+
+
+def _outcome() -> tuple[int, str | None]:
+    """Run the command: its exit code and the error message to print (None when it printed what it had to)."""
     try:
         app()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1), None
     except SubloraError as e:
         if state["debug"]:
             raise
-        render.error(str(e))
-        sys.exit(e.exit_code)
+        return e.exit_code, str(e)
     except Exception as e:
         if state["debug"]:
             raise
-        render.error(f"unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback.")
-        sys.exit(1)
+        return 1, f"unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback."
+    return 0, None
+
+
+def _quiet() -> None:
+    """Silence a rank other than 0: rank 0 prints for the whole job (tables, progress, --json, errors)."""
+    render.out.quiet = render.err.quiet = True
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process

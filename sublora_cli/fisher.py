@@ -74,7 +74,7 @@ class Capture:
                     "row belongs to. Return one loss per sample of the batch (the batch dimension first), and call "
                     "the model on all samples at once (e.g. concatenate the inputs of several model calls)."
                 )
-            G[:, call.start : call.stop] += grad.reshape(n, rows // n, call.stop - call.start).sum(1)
+            G[:, call.start : call.stop] += grad.reshape(n, rows // n, call.stop - call.start).sum(1).to(G.device)
         return G
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Protocol, get_type_hints
 import torch
 import typer
 
-from sublora_cli.calibrated import DTYPES
+from sublora_cli.calibrated import AUTO_PLACEMENT, DTYPES
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import SubloraError
@@ -50,7 +50,9 @@ def non_negative(value: int) -> None:
 
 
 def device_syntax(value: str) -> None:
-    """A device name torch can parse; whether the machine has it is checked when the model is loaded."""
+    """auto or a device name torch can parse; whether the machine has it is checked when the model is loaded."""
+    if value == AUTO_PLACEMENT:
+        return
     try:
         torch.device(value)
     except RuntimeError:
@@ -100,12 +102,20 @@ MAX_BATCHES = Option(
     "Stop with an error when batches() yields more than this many batches (an endless generator).",
     check=positive,
 )
-DEVICE = Option(("--device",), "Torch device for the calibration model.", check=device_syntax)
+DEVICE = Option(
+    ("--device",),
+    "Torch device for the calibration model; auto keeps the model where load_model() put it (one or several "
+    "devices) and sends batches to its first parameter's device.",
+    check=device_syntax,
+)
 DTYPE = Option(
-    ("--dtype",), f"Model dtype: {', '.join(DTYPES)}. Curvature accumulates in float64.", check=one_of(tuple(DTYPES))
+    ("--dtype",),
+    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(DTYPES)}. Curvature accumulates in "
+    "float64.",
+    check=one_of((AUTO_PLACEMENT, *DTYPES)),
 )
 
-DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, 4.0, "cpu", "float32"
+DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, 4.0, AUTO_PLACEMENT, AUTO_PLACEMENT
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from sublora_cli import distributed
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.budget import Budget, parse_budget, parse_tolerance, read_budget, read_tolerance
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
-from sublora_cli.curvature import AUTO, Curvature, estimate_cost, resolve_kind
+from sublora_cli.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.errors import SubloraError
 from sublora_cli.methods import METHODS, lookup
 from sublora_cli.options import (
@@ -198,7 +199,7 @@ def _curvature(
     progress: Progress | None,
 ) -> tuple[Curvature | None, str]:
     """The curvature `methods` need (resolving `auto`), with the reason for its kind; None for data-free methods."""
-    kind, reason = resolve_kind(requested, calibrated.sigma_model.size, len(calibrated.batches), methods)
+    kind, reason = calibrated.choose_curvature(requested, methods)
     if kind == "none":
         return None, reason
     _announce_curvature(calibrated, kind, requested, reason, info)
@@ -388,10 +389,12 @@ def prune(
         quality=quality,
     )
     report["options"] = echo(options)
-    with atomic_output_dir(out_dir) as tmp:
-        with timings.stage("write"):
-            write_adapter(adapter, pruned, tmp, provenance(report))
-        write_reports(report, tmp)
+    report["distributed"] = distributed.describe()
+    if distributed.is_main():  # under torchrun every rank holds the same result; one writes it
+        with atomic_output_dir(out_dir) as tmp:
+            with timings.stage("write"):
+                write_adapter(adapter, pruned, tmp, provenance(report))
+            write_reports(report, tmp)
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (

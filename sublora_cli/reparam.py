@@ -90,12 +90,31 @@ def find_layer(model: nn.Module, module: LoraModule, path: str | None = None) ->
     return layer
 
 
+def placed(model: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """The model moved to `device` and cast to `dtype` where given; untouched where None (auto)."""
+    move = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+    return model.to(**move) if move else model
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where σ and the model's inputs go: the first parameter's device and the first floating parameter's dtype
+    (the CPU and float32 for a model without them)."""
+    parameters = list(model.parameters())
+    device = parameters[0].device if parameters else torch.device("cpu")
+    dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+    return device, dtype
+
+
 class SigmaModel:
     """The base model with each adapted module re-parametrised as W + U diag(σ) Vᵀ; all σ in one R-vector.
 
-    The model is cast to `dtype` and moved to `device` (and so are the tensors passed to `model(...)`), put in
-    eval mode (dropout off) and its weights frozen, so gradients flow only to σ. Outside `loss`/`evaluate` the
-    hooks use the trained σ, so `self.model` behaves like base model + adapter.
+    The model is cast to `dtype` and moved to `device` when they are given; None (`--device auto`/`--dtype
+    auto`) leaves it as load_model() returned it, possibly spread over devices by the script (accelerate's
+    device_map), and then σ lives on the first parameter's device in the first floating parameter's dtype.
+    Tensors passed to `model(...)` go to that device and dtype; each module's low-rank term is computed on its
+    own layer's device. The model is put in eval mode (dropout off) and its weights frozen, so gradients flow
+    only to σ. Outside `loss`/`evaluate` the hooks use the trained σ, so `self.model` behaves like base model +
+    adapter.
     """
 
     def __init__(
@@ -105,29 +124,33 @@ class SigmaModel:
         spectra: list[Spectrum],
         loss_fn: Callable[[nn.Module, object], torch.Tensor],
         *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
         per_sample_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
         paths: Sequence[str] | None = None,
     ):
         if len(modules) != len(spectra):
             raise ValueError(f"{len(modules)} modules but {len(spectra)} spectra")
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = placed(model, device, dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.loss_fn = loss_fn
         self.per_sample_loss_fn = per_sample_loss_fn
         self._capture: Capture | None = None  # per-sample mode: hands each adapted layer call its σ leaf
-        self.device, self.dtype = torch.device(device), dtype
-        self.sigma = torch.cat([s.sigma for s in spectra]).to(device=device, dtype=dtype)
+        self.device, self.dtype = placement(self.model)
+        self.sigma = torch.cat([s.sigma for s in spectra]).to(device=self.device, dtype=self.dtype)
         self.offsets: list[int] = []
         self.modules = modules
         self._current = self.sigma  # the σ the hooks read
-        self._bases = [self._basis(m, s) for m, s in zip(modules, spectra, strict=True)]  # the (U, V) hooks read
+        layers = [
+            find_layer(self.model, module, paths[index] if paths is not None else None)
+            for index, module in enumerate(modules)
+        ]
+        self._devices = [layer.weight.device for layer in layers]  # where each module's low-rank term runs
+        self._bases = self._bases_of(spectra)  # the (U, V) hooks read
         self._handles = [self.model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)]
         offset = 0
-        for index, (module, spectrum) in enumerate(zip(modules, spectra, strict=True)):
-            layer = find_layer(self.model, module, paths[index] if paths is not None else None)
+        for index, (module, spectrum, layer) in enumerate(zip(modules, spectra, layers, strict=True)):
             hook = self._hook(index, module, layer, offset, offset + spectrum.rank)
             self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
             self.offsets.append(offset)
@@ -165,14 +188,19 @@ class SigmaModel:
             return type(batch)(self.on_device(v) for v in batch)
         return batch
 
-    def _basis(self, module: LoraModule, spectrum: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V) as the hooks use them (V as conv kernels for a convolution), padded with zero components to
-        the module's rank so that a spectrum of lower rank fits the module's slice of σ."""
+    def _bases_of(self, spectra: Sequence[Spectrum]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self._basis(m, s, d) for m, s, d in zip(self.modules, spectra, self._devices, strict=True)]
+
+    def _basis(
+        self, module: LoraModule, spectrum: Spectrum, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) on the layer's `device` as the hooks use them (V as conv kernels for a convolution), padded
+        with zero components to the module's rank so that a spectrum of lower rank fits the module's slice of σ."""
         pad = module.rank - spectrum.rank
         if pad < 0:
             raise ValueError(f"module {module.name}: a spectrum of rank {spectrum.rank} exceeds rank {module.rank}")
-        U = F.pad(spectrum.U, (0, pad)).to(device=self.device, dtype=self.dtype)
-        V = F.pad(spectrum.V, (0, pad)).to(device=self.device, dtype=self.dtype)
+        U = F.pad(spectrum.U, (0, pad)).to(device=device, dtype=self.dtype)
+        V = F.pad(spectrum.V, (0, pad)).to(device=device, dtype=self.dtype)
         if module.kind == "conv":
             V = V.T.reshape(module.rank, *module.a_shape[1:]).contiguous()  # (r, in_ch, *k)
         return U, V
@@ -184,7 +212,7 @@ class SigmaModel:
         if len(spectra) != len(self.modules):
             raise ValueError(f"{len(self.modules)} modules but {len(spectra)} spectra")
         previous = self._bases
-        self._bases = [self._basis(m, s) for m, s in zip(self.modules, spectra, strict=True)]
+        self._bases = self._bases_of(spectra)
         try:
             yield torch.cat(
                 [F.pad(s.sigma, (0, m.rank - s.rank)) for m, s in zip(self.modules, spectra, strict=True)]
@@ -203,7 +231,7 @@ class SigmaModel:
         def hook(_layer, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
             U, V = self._bases[index]
-            s = self._current[start:stop]
+            s = self._current[start:stop].to(V.device)  # a no-op unless the model spans devices
             if kind == "linear":  # nn.Linear and GPT-2 Conv1D alike: x (…, in)
                 h = x @ V
             elif kind == "embedding":  # token ids → rows of V
