@@ -359,8 +359,9 @@ def written_outcome(
     refit_kept: bool,
     evaluate: bool = True,
 ) -> Finish:
-    """Measure a kept set as written, first refitting its σ when `refit_kept` (and a curvature is there). Every
-    loss the refit compares is `measure_written`'s, the loss of the file, so `loss_after` is what users load."""
+    """Measure a kept set as written, first refitting its σ when `refit_kept`, a curvature is there and something
+    was pruned (the refit compensates a cut; it is not further training). Every loss the refit compares is
+    `measure_written`'s, the loss of the file, so `loss_after` is what users load."""
     sigma = torch.cat([s.sigma for s in spectra])
     inputs = refit_inputs(curvature) if refit_kept and curvature is not None else None
 
@@ -371,7 +372,7 @@ def written_outcome(
         pruned = pruned_modules(adapter, spectra, kept)
         selected = measure_written(calibrated, adapter, pruned, evaluate=False)[0]
         result = None
-        if inputs is not None:
+        if inputs is not None and not bool(kept.all()):  # nothing pruned: the adapter is written unchanged
             gradient, matrix = inputs
             result = refit(sigma, kept, gradient, matrix, lambda c: loss_with(c, kept), selected, psd=True)
             if result.accepted:
