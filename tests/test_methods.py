@@ -65,7 +65,7 @@ def test_flag_checks_follow_the_registry(name):
 
 def test_unknown_method_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="choose one of magnitude, linear"):
-        lookup("obs")
+        lookup("no-such-method")
 
 
 def test_help_and_default_sweep_list_the_registry(run_cli):
