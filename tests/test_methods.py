@@ -130,7 +130,7 @@ def test_lower_bounds_are_reserved_in_cost_terms():
         select("magnitude", sigma, Budget(cost, 2.0, unit="bytes"), bounds)
 
 
-@pytest.mark.parametrize("name", ["sublora-random", "exhaustive"])
+@pytest.mark.parametrize("name", ["sublora-random", "exhaustive", "obs"])
 def test_searches_defined_by_a_count_refuse_unequal_costs(name):
     sigma = torch.rand(4, dtype=torch.float64) + 0.1
     cost = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
