@@ -128,13 +128,12 @@ def refit_lines(report: dict) -> list[str]:
         lines.append(
             f"refit: loss {loss['after_selection']:.6g} after selection → {loss['after']:.6g} written "
             f"(measured change {refit['measured_change']:.3g}, predicted {refit['predicted_change']:.3g}; damping "
-            f"{refit['damping']:g}, step {refit['step']:g}, {refit['evaluations']} evaluations, "
-            f"{refit['seconds']:.2f} s)"
+            f"{refit['damping']:g}, step {refit['step']:g}, {refit['evaluations']} evaluations)"
         )
     else:
         lines.append(
             f"refit: not accepted, no candidate beat the loss after selection {loss['after_selection']:.6g} "
-            f"({refit['evaluations']} evaluations, {refit['seconds']:.2f} s); the kept σ are written as trained"
+            f"({refit['evaluations']} evaluations); the kept σ are written as trained"
         )
     lines.append(f"loss without the adapter (every σ = 0): {loss['without_adapter']:.6g}")
     if loss["after"] > loss["without_adapter"]:
