@@ -169,8 +169,9 @@ def resolve_kind(
         return _auto_kind(R, n_batches, need, " and ".join(methods))
     if requested != AUTO:
         return requested, f"--curvature {requested} was asked for."
-    who = " and ".join(m for m in methods if lookup(m).needs == need) or "the refit of the kept σ"
-    return _auto_kind(R, n_batches, need, who)
+    who = " and ".join(m for m in methods if lookup(m).needs == need)
+    kind, reason = _auto_kind(R, n_batches, need, who or "the refit")
+    return kind, reason if who else f"{reason} The refit of the kept σ steps with it (--no-refit skips it)."
 
 
 def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batched: bool) -> torch.Tensor:

@@ -23,7 +23,7 @@ above, so each elimination costs O(|S|²) instead of a new O(|S|³) solve.
 Stopping rule: remove while the kept set exceeds the budget (a count today; a cost budget changes only
 `_exceeds`), or while a module is above its upper bound. A component is removable only while its module is
 above its lower bound, and once the modules above their upper bound need every remaining removal, only they
-are.
+are. Components with σ = 0 are removed before any other (a refit would give weight to arbitrary directions).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def obs_select(
     lower, upper = bounds.lower.to(sigma.device), bounds.upper.to(sigma.device)
     counts = torch.bincount(group, minlength=lower.numel())
     kept = torch.ones(n, dtype=torch.bool, device=sigma.device)
+    dead = sigma == 0  # ΔW gains nothing from them and their directions are arbitrary: removed first
     active = torch.arange(n, device=sigma.device)  # global index of each row of `inverse`
     removed: list[int] = []
     size = n
@@ -142,7 +143,8 @@ def obs_select(
         candidates = _removable(counts, lower, upper, group, kept, max(size - budget, 0))[active]
         diagonal = inverse.diagonal()
         cost = compensated[active].square() / (2 * diagonal)
-        local = int(torch.argmin(cost.masked_fill(~candidates, torch.inf)))
+        priority = cost.masked_fill(dead[active], -torch.inf).masked_fill(~candidates, torch.inf)
+        local = int(torch.argmin(priority))
         p = int(active[local])
         increase += float(cost[local])
         column = inverse[:, local]

@@ -374,7 +374,8 @@ def written_outcome(
         result = None
         if inputs is not None and not bool(kept.all()):  # nothing pruned: the adapter is written unchanged
             gradient, matrix = inputs
-            result = refit(sigma, kept, gradient, matrix, lambda c: loss_with(c, kept), selected, psd=True)
+            movable = kept & (sigma != 0)  # a kept σ = 0 stays 0: its directions are arbitrary
+            result = refit(sigma, movable, gradient, matrix, lambda c: loss_with(c, kept), selected, psd=True)
             if result.accepted:
                 pruned = refit_modules(adapter, spectra, result.sigma, kept)
         metrics = calibrated.metrics_of(stored_spectra(adapter, pruned)) if evaluate else None

@@ -467,7 +467,10 @@ def _backward_elimination(p: _Problem) -> tuple[list[int], None]:
 
 
 def _compensated(kept: torch.Tensor, p: _Problem) -> float:
-    """q̃ of the pruned set on obs's model (A = H̃ + λI): the increase with the kept σ refit."""
+    """q̃ of the pruned set on obs's model (A = H̃ + λI): the increase with the kept σ refit; 0 when nothing is
+    pruned, since nothing is refit then (prune.written_outcome)."""
+    if bool(kept.all()):
+        return 0.0
     return compensated_increase(p.sigma, kept, p.gradient, damped(psd_part(p.hessian), OBS_DAMPING))
 
 

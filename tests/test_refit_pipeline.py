@@ -158,3 +158,12 @@ def test_a_pruned_adapter_worse_than_none_is_flagged(tmp_path, run_cli):
     assert loss["without_adapter"] == pytest.approx(0.0, abs=1e-12) and loss["after"] > loss["without_adapter"]
     assert "worse than no adapter at all" in result.stderr
     assert "WARNING: the pruned adapter is worse than no adapter at all" in result.stdout
+
+
+def test_auto_computes_the_matrix_the_refit_steps_with(problem, tmp_path, run_cli):
+    adapter, calib = problem
+    args = ("sweep", adapter, "--calib", calib, "--budgets", "3", "--methods", "magnitude", "--no-evaluate", "--json")
+    on = json.loads(run_cli(*args, "-o", tmp_path / "on").stdout)
+    off = json.loads(run_cli(*args, "--no-refit", "-o", tmp_path / "off").stdout)
+    assert on["curvature"] == "exact" and "the refit of the kept σ" in on["curvature_reason"]
+    assert off["curvature"] is None
