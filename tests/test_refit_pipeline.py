@@ -165,5 +165,5 @@ def test_auto_computes_the_matrix_the_refit_steps_with(problem, tmp_path, run_cl
     args = ("sweep", adapter, "--calib", calib, "--budgets", "3", "--methods", "magnitude", "--no-evaluate", "--json")
     on = json.loads(run_cli(*args, "-o", tmp_path / "on").stdout)
     off = json.loads(run_cli(*args, "--no-refit", "-o", tmp_path / "off").stdout)
-    assert on["curvature"] == "exact" and "the refit of the kept σ" in on["curvature_reason"]
+    assert on["curvature"] == "exact" and "refit of the kept σ steps with it" in on["curvature_reason"]
     assert off["curvature"] is None
