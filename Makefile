@@ -36,6 +36,7 @@ bench: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) bench/curvature.py --json $(BENCH_OUT)/curvature.json
 	$(PY) bench/paper_table.py --out $(BENCH_OUT)
+	$(PY) bench/sd_resize.py --json $(BENCH_OUT)/sd_resize.json
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(BENCH_OUT)

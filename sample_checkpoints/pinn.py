@@ -182,7 +182,7 @@ def rel_l2(problem, model) -> float:
     x = test_grid(problem)
     with torch.no_grad():
         u = problem.exact(x).double()
-        pred = model(x.to(next(model.parameters(), x).dtype))[:, 0].double()
+        pred = model(x.to(next(model.parameters(), x).dtype))[:, 0].double().cpu()  # the model may run on a GPU
     return ((pred - u).norm() / u.norm()).item()
 
 

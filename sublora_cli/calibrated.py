@@ -165,6 +165,13 @@ def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
             target.copy_(value)
 
 
+def module_paths(model: torch.nn.Module, adapter: Adapter) -> list[str]:
+    """Where each adapted module sits in the calibration model, as the adapter's format maps its names (kohya
+    files spell module paths with `_` for `.`, so they are matched against the names the model has)."""
+    names = [name for name, _ in model.named_modules()]
+    return [adapter.format.module_path(m.name, names) for m in adapter.modules]
+
+
 def open_calibration(
     calib: Path,
     adapter: Adapter,
@@ -189,5 +196,6 @@ def open_calibration(
         device=torch_device,
         dtype=torch_dtype,
         per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
+        paths=module_paths(model, adapter),
     )
     return Calibrated(script=script, sigma_model=sigma_model, batches=batches)

@@ -1,4 +1,4 @@
-"""The user's calibration script (DESIGN §2): load it by path and call its functions through one place.
+"""The user's calibration script (docs/design.md §4): load it by path and call its functions through one place.
 
 The script is user code. Everything it raises becomes a SubloraError that carries the user's own traceback
 (trimmed to the frames that matter to them), and every value it returns is checked before the pipeline

@@ -1,4 +1,4 @@
-"""Errors the CLI turns into exit codes (DESIGN §2): one class per code, so no stage prints or exits."""
+"""Errors the CLI turns into exit codes (docs/design.md §4): one class per code, so no stage prints or exits."""
 
 import difflib
 from collections.abc import Iterable

@@ -87,6 +87,7 @@ def per_sample_gradients(
     capture = Capture()
     with torch.enable_grad():
         with sigma_model.capturing(capture):
+            batch = sigma_model.on_device(batch)
             losses = check_per_sample_loss(sigma_model.per_sample_loss_fn(sigma_model.model, batch), batch_index)
         G = capture.per_sample(losses, sigma_model.sigma, batch_index)
     return losses.detach(), G

@@ -46,7 +46,7 @@ from sublora_cli.options import (
 )
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.refit import RefitResult, psd_part, refit, written_spectrum
-from sublora_cli.report import build_report, non_finite_metric_warnings, write_reports
+from sublora_cli.report import build_report, non_finite_metric_warnings, provenance, write_reports
 from sublora_cli.select import RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
 from sublora_cli.svd import Spectrum
@@ -124,9 +124,10 @@ class Timings(dict):
 
 
 def default_out_dir(adapter_path: Path, suffix: str) -> Path:
-    """A sibling of the input named after it, so the input directory is never written into."""
+    """A sibling of the input named after it (a single file without its extension), so the input directory is
+    never written into."""
     path = adapter_path.resolve()
-    return path.parent / f"{path.name}-{suffix}"
+    return path.parent / f"{path.stem if path.is_file() else path.name}-{suffix}"
 
 
 def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBounds:
@@ -506,7 +507,7 @@ def prune(
     report["options"] = echo(options)
     with atomic_output_dir(out_dir) as tmp:
         with timings.stage("write"):
-            write_adapter(adapter, pruned, tmp)
+            write_adapter(adapter, pruned, tmp, provenance(report))
         write_reports(report, tmp)
     failure = None
     if quality is not None and not quality["passed"]:

@@ -51,10 +51,11 @@ def delta_shape(layer: nn.Module) -> tuple[int, int]:
     return int(w.shape[0]), int(w[0].numel())
 
 
-def find_layer(model: nn.Module, module: LoraModule) -> nn.Module:
-    """The base layer a LoRA module adapts, checked for type and shape."""
+def find_layer(model: nn.Module, module: LoraModule, path: str | None = None) -> nn.Module:
+    """The base layer a LoRA module adapts (at `path` in the model, by default the module's name), checked for
+    type and shape."""
     try:
-        layer = model.get_submodule(module.name)
+        layer = model.get_submodule(path if path is not None else module.name)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
         raise SubloraError(
@@ -107,6 +108,7 @@ class SigmaModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         per_sample_loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+        paths: Sequence[str] | None = None,
     ):
         if len(modules) != len(spectra):
             raise ValueError(f"{len(modules)} modules but {len(spectra)} spectra")
@@ -125,7 +127,7 @@ class SigmaModel:
         self._handles = [self.model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)]
         offset = 0
         for index, (module, spectrum) in enumerate(zip(modules, spectra, strict=True)):
-            layer = find_layer(self.model, module)
+            layer = find_layer(self.model, module, paths[index] if paths is not None else None)
             hook = self._hook(index, module, layer, offset, offset + spectrum.rank)
             self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
             self.offsets.append(offset)
@@ -148,6 +150,20 @@ class SigmaModel:
             return x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else x.dtype)
 
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    def on_device(self, batch):
+        """The batch with every tensor in it (through dicts, lists and tuples) on the model's device, dtype kept.
+
+        The loss uses batch tensors next to the model's output (targets, boundary values); a script that builds
+        its batches on the CPU must still work with --device cuda.
+        """
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, dict):
+            return type(batch)((k, self.on_device(v)) for k, v in batch.items())
+        if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+            return type(batch)(self.on_device(v) for v in batch)
+        return batch
 
     def _basis(self, module: LoraModule, spectrum: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) as the hooks use them (V as conv kernels for a convolution), padded with zero components to
@@ -230,7 +246,7 @@ class SigmaModel:
         """The user's loss on one batch with the adapted modules using `sigma`; differentiable in sigma."""
         previous, self._current = self._current, sigma
         try:
-            return self.loss_fn(self.model, batch)
+            return self.loss_fn(self.model, self.on_device(batch))
         finally:
             self._current = previous
 

@@ -1,10 +1,11 @@
-"""The rank-allocation report: `sublora_report.json` (the machine contract, DESIGN §2) and its Markdown twin.
+"""The rank-allocation report: `sublora_report.json` (the machine contract, docs/design.md §4) and its Markdown twin.
 
 Keys of the JSON report are stable: add freely, rename never.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -92,7 +93,7 @@ def build_report(
                 "scale": p.module.scale,
             }
         )
-    return {
+    report = {
         "tool_version": __version__,
         "method": method,
         "curvature": curvature,
@@ -112,6 +113,32 @@ def build_report(
         "quality": quality,
         "diagnostics": selection.diagnostics,
         "timings": timings,
+    }
+    report["digest"] = decision_digest(report)
+    return report
+
+
+def decision_digest(report: dict) -> str:
+    """sha256 of what the report decided (input, method, budget, every module's kept components): written into the
+    report and, by formats with room for metadata, into the pruned file, so the two can be matched."""
+    decision = {
+        "input_sha256": report["input"]["sha256"],
+        "method": report["method"],
+        "curvature": report["curvature"],
+        "budget": report["budget"],
+        "modules": [[m["name"], m["rank_before"], m["kept"]] for m in report["modules"]],
+    }
+    return hashlib.sha256(json.dumps(decision, sort_keys=True).encode()).hexdigest()
+
+
+def provenance(report: dict) -> dict:
+    """What a writer may record about how the file was made (the `sublora` metadata entry of single files)."""
+    return {
+        "tool_version": report["tool_version"],
+        "method": report["method"],
+        "budget": report["budget"]["requested"],
+        "budget_resolved": report["budget"]["resolved"],
+        "report_digest": report["digest"],
     }
 
 

@@ -1,4 +1,4 @@
-"""Which rank-1 components to keep: the selection methods of DESIGN.md §1 on the concatenated σ vector.
+"""Which rank-1 components to keep: the selection methods of docs/design.md §2–3 on the concatenated σ vector.
 
 Everything here is plain linear algebra on float64 tensors. Keeping a set S prunes its complement P, and
 the second-order model of the loss increase is q(P) = −g_Pᵀσ_P + ½ σ_Pᵀ H_PP σ_P. The greedy methods

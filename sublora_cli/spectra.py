@@ -5,12 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from sublora_cli.adapters import Adapter, PrunedModule
+from sublora_cli.curvature import intra_op_thread_count
 from sublora_cli.svd import Spectrum, factor_svd, spectrum_stats
 
 
 def adapter_spectra(adapter: Adapter) -> list[Spectrum]:
-    """The SVD form of every module, in the adapter's module order."""
-    return [factor_svd(m.B, m.A, m.scale) for m in adapter.modules]
+    """The SVD form of every module, in the adapter's module order.
+
+    On one intra-op thread: each module is two thin QRs and an r×r SVD, too small for a second thread to pay
+    off, and on busy cores torch's thread pool made them 10× slower (800 SDXL modules: bench/sd_resize.py).
+    """
+    with intra_op_thread_count(1):
+        return [factor_svd(m.B, m.A, m.scale) for m in adapter.modules]
 
 
 def stored_spectra(adapter: Adapter, pruned: list[PrunedModule]) -> list[Spectrum]:

@@ -1,4 +1,4 @@
-"""g and H over σ must be the true derivatives of the mean calibration loss (DESIGN §1 "Curvature")."""
+"""g and H over σ must be the true derivatives of the mean calibration loss (docs/curvature.md)."""
 
 from __future__ import annotations
 

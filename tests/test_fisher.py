@@ -1,4 +1,4 @@
-"""--curvature fisher must be mean_n g_n g_nᵀ over the true per-sample σ-gradients (DESIGN §1 "Curvature").
+"""--curvature fisher must be mean_n g_n g_nᵀ over the true per-sample σ-gradients (docs/curvature.md).
 
 The reference gradients are brute force: each sample's loss on its own (a batch of one), differentiated with
 plain autograd w.r.t. σ. The tool gets all of them from one backward pass per batch through its hooks.

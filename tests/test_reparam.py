@@ -132,3 +132,22 @@ def test_errors_name_the_problem():
     attention = nn.ModuleDict({"query": nn.Linear(2, 2), "value": nn.Linear(2, 2)})
     with pytest.raises(SubloraError, match="Closest names: query"):
         build(attention, [lora("qeury", "linear", 2, 2, 1, 1.0)])
+
+
+def test_batches_reach_the_loss_on_the_model_device():
+    """Targets used next to the model's output are moved with the model (a GPU run with CPU-built batches);
+    nested structure, dtypes and non-tensors are kept. On the CPU the very same tensors are passed through."""
+    seen = {}
+
+    def loss_fn(model, batch):
+        seen["batch"] = batch
+        return (model(batch["x"]).sum(1) - batch["y"]).square().mean()
+
+    base = nn.Sequential(nn.Linear(4, 3)).double()
+    sm = build(base, [lora("0", "linear", 3, 4, 2, 1.0)], loss_fn=loss_fn)
+    batch = {"x": torch.randn(5, 4), "y": torch.zeros(5, dtype=torch.float32), "meta": ("a", [torch.arange(3)])}
+    sm.loss(sm.sigma, batch)
+    moved = seen["batch"]
+    assert moved["x"] is batch["x"] and moved["y"].dtype == torch.float32
+    assert moved["meta"][0] == "a" and moved["meta"][1][0] is batch["meta"][1][0]
+    assert sm.on_device(torch.ones(2)).device == sm.device

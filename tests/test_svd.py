@@ -1,4 +1,4 @@
-"""The factor SVD must equal the dense SVD of s·B·A without ever forming it (DESIGN §1)."""
+"""The factor SVD must equal the dense SVD of s·B·A without ever forming it (docs/design.md §1)."""
 
 import torch
 from hypothesis import given, settings

@@ -40,7 +40,7 @@ class ToyFormat:
         up = kept.U * (kept.sigma / module.scale)
         return up.to(module.B.dtype), kept.V.T.to(module.A.dtype)
 
-    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)
         for p in pruned:
             if p.rank_after == 0:
@@ -51,6 +51,9 @@ class ToyFormat:
 
     def model_tensor_name(self, key: str) -> str:
         return key.removeprefix(CARRIED)
+
+    def module_path(self, name: str, model_names: list[str]) -> str:
+        return name
 
 
 def module(name: str, tensors: dict[str, torch.Tensor]) -> LoraModule:

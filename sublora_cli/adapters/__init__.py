@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sublora_cli.adapters.adalora import ADALORA
 from sublora_cli.adapters.base import Adapter, Format, LoraModule, PrunedModule
+from sublora_cli.adapters.kohya import KOHYA
+from sublora_cli.adapters.loldu import LOLDU
 from sublora_cli.adapters.peft import PEFT
 from sublora_cli.errors import SubloraError
 
 __all__ = ["FORMATS", "Adapter", "Format", "LoraModule", "PrunedModule", "read_adapter", "write_adapter"]
 
-FORMATS: list[Format] = [PEFT]
+FORMATS: list[Format] = [ADALORA, LOLDU, PEFT, KOHYA]  # LoLDU before kohya: both take .safetensors files
 
 
 def detect_format(path: Path) -> Format:
@@ -32,6 +35,9 @@ def read_adapter(path: str | Path) -> Adapter:
     return detect_format(path).read(path)
 
 
-def write_adapter(adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
-    """Write the pruned adapter in the input's format into out_dir (which must exist and be empty)."""
-    adapter.format.write(adapter, pruned, out_dir)
+def write_adapter(
+    adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None = None
+) -> None:
+    """Write the pruned adapter in the input's format into out_dir (which must exist and be empty); `provenance`
+    (method, budget, report digest) is recorded by formats whose files have room for metadata."""
+    adapter.format.write(adapter, pruned, out_dir, provenance)

@@ -120,11 +120,15 @@ class Format(Protocol):
         that module.scale · B · A is the written update."""
         ...
 
-    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         """Write the pruned adapter into the existing, empty `out_dir` (a single-file format writes one file
-        there)."""
+        there); `provenance` (method, budget, report digest; None outside `prune`) may be recorded in it."""
         ...
 
     def model_tensor_name(self, key: str) -> str:
         """The base model's parameter that the carried tensor `key` replaces when the adapter is loaded."""
+        ...
+
+    def module_path(self, name: str, model_names: list[str]) -> str:
+        """The path, among the calibration model's `model_names`, of the layer that module `name` adapts."""
         ...

@@ -51,9 +51,18 @@ UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (its magnitude vector rescales W + ΔW column-wise, so pruning σ of B·A alone is not faithful)",
     "use_qalora": "QA-LoRA (its A acts on pooled input groups)",
     "lora_bias": "lora_bias (the bias inside lora_B would be lost when a module is pruned to rank 0)",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "target_parameters": (
+        "LoRA on raw parameters (target_parameters, e.g. MoE experts: A and B stack one rank-r factor per expert, "
+        "and the rank must stay the same for every expert, which a per-module budget cannot promise)"
+    ),
+    "trainable_token_indices": (
+        "trainable tokens (trainable_token_indices: the trained embedding rows are a separate, full-rank update "
+        "indexed by token, which sublora does not carry into calibration or check on write)"
+    ),
     "layer_replication": "layer replication",
 }
+# init_lora_weights values (prefixes) that change the base weights at init: see _refuse_base_mutating_init.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
 CONVERT_HINT = (
     'Convert it once with: python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\" "
@@ -69,7 +78,7 @@ def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -77,7 +86,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """The adapter directory's adapter_config.json as a dict, whatever its peft_type."""
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise SubloraError(
@@ -90,12 +100,40 @@ def _load_config(path: Path) -> dict:
         raise SubloraError(f"{config_path} is not valid JSON: {e}.") from e
     if not isinstance(config, dict):
         raise SubloraError(f"{config_path} must hold a JSON object.")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    return config
+
+
+def peft_type(config: dict) -> str:
+    """The config's adapter type, upper case; peft treats a config without one as LoRA."""
+    return str(config.get("peft_type", "LORA")).upper()
+
+
+def _refuse_base_mutating_init(path: Path, config: dict) -> None:
+    """PiSSA, OLoRA, CorDA and LoRA-GA move the principal part of W into B₀·A₀ at init and subtract it from the
+    base weights, so a saved B·A is the update of a *residual* model, not of the base model users load. PEFT's
+    conversion (save_pretrained with path_initial_model_for_weight_conversion) writes the true update as a
+    rank-2r LoRA and sets init_lora_weights back to true, so only an unconverted adapter still names its init."""
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_MUTATING_INITS):
         raise SubloraError(
-            f"{path} holds a {peft_type} adapter; sublora prunes LoRA adapters only "
-            f"({peft_type} has no low-rank factors whose singular values could be pruned)."
+            f"{path} was initialised with init_lora_weights={config['init_lora_weights']!r}, which changes the base "
+            "weights, and was saved without conversion: its B·A is not the update to the base model, so pruning it "
+            "would not be faithful. Save it again with `model.save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=...)` (PEFT converts it into a plain LoRA whose B·A is the "
+            "update) and prune that."
         )
+
+
+def _load_config(path: Path) -> dict:
+    config = read_config(path)
+    config_path = path / CONFIG_FILE
+    kind = peft_type(config)
+    if kind != "LORA":
+        raise SubloraError(
+            f"{path} holds a {kind} adapter; sublora prunes LoRA adapters only "
+            f"({kind} has no low-rank factors whose singular values could be pruned)."
+        )
+    _refuse_base_mutating_init(path, config)
     for flag, what in UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise SubloraError(f"{path} uses {what}, which sublora cannot prune faithfully; refusing.")
@@ -106,7 +144,7 @@ def _load_config(path: Path) -> dict:
     return config
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -120,14 +158,14 @@ def _check_ranks_and_alphas(config: dict, config_path: Path) -> None:
             raise SubloraError(f"{config_path}: {key} must be an object of module pattern → value, got {pattern!r}.")
         into.update({f"{key}[{name!r}]": value for name, value in pattern.items()})
     for where, value in ranks.items():
-        if not (_is_number(value) and float(value).is_integer() and value > 0):
+        if not (is_number(value) and float(value).is_integer() and value > 0):
             raise SubloraError(f"{config_path}: {where} = {value!r}; a LoRA rank must be a positive whole number.")
     for where, value in alphas.items():
-        if not _is_number(value):
+        if not is_number(value):
             raise SubloraError(f"{config_path}: {where} = {value!r}; lora_alpha must be a number.")
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         if (path / PICKLE_FILE).is_file():
@@ -251,7 +289,7 @@ def _keys(module: LoraModule) -> tuple[str, str]:
     return f"{PREFIX}{module.name}.lora_A.weight", f"{PREFIX}{module.name}.lora_B.weight"
 
 
-def _merge_exclude(existing: str | list | None, names: list[str]) -> str | list | None:
+def merge_exclude(existing: str | list | None, names: list[str]) -> str | list | None:
     """Add fully named modules to exclude_modules, keeping peft's semantics for a regex or a list."""
     if not names:
         return existing
@@ -289,7 +327,7 @@ def pruned_config(adapter: Adapter, pruned: list[PrunedModule]) -> dict:
             alpha_pattern[p.module.name] = alpha
     config["rank_pattern"] = rank_pattern
     config["alpha_pattern"] = alpha_pattern
-    config["exclude_modules"] = _merge_exclude(state.config.get("exclude_modules"), dropped)
+    config["exclude_modules"] = merge_exclude(state.config.get("exclude_modules"), dropped)
     if not config.get("target_modules"):
         config["target_modules"] = sorted(m.name for m in adapter.modules)
     return config
@@ -322,7 +360,7 @@ class PeftFormat:
             )
         config = _load_config(path)
         state = PeftState(config=config, use_rslora=bool(config.get("use_rslora", False)))
-        tensors = _load_tensors(path)
+        tensors = load_tensors(path)
         factors, carried = _module_factors(tensors)
         if not factors:
             raise SubloraError(
@@ -332,7 +370,7 @@ class PeftFormat:
         return Adapter(
             path=path,
             format=self,
-            sha256=_sha256(path / WEIGHTS_FILE),
+            sha256=sha256_of(path / WEIGHTS_FILE),
             modules=_lora_modules(state, tensors, factors),
             carried=carried,
             state=state,
@@ -345,7 +383,7 @@ class PeftFormat:
         dtype = module.A.dtype
         return B.to(dtype), A.to(dtype)
 
-    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path) -> None:
+    def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)  # modules_to_save and biases, untouched
         for p in pruned:
             if p.rank_after == 0:
@@ -367,6 +405,10 @@ class PeftFormat:
         """peft saves modules_to_save copies under the module's own name (`…ln_f.weight`) and the trained biases
         of adapted layers (bias="all"/"lora_only") under the wrapped layer (`…c_attn.base_layer.bias`)."""
         return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+    def module_path(self, name: str, model_names: list[str]) -> str:
+        """Module names are read with peft's prefix stripped, so they are the model's paths already."""
+        return name
 
 
 PEFT = PeftFormat()
