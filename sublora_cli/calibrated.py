@@ -29,6 +29,7 @@ from sublora_cli.curvature import (
     resolve_kind,
 )
 from sublora_cli.errors import SubloraError, closest_names
+from sublora_cli.methods import Need
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.svd import Spectrum
 
@@ -130,11 +131,11 @@ class Calibrated:
         with self.sigma_model.using(spectra) as sigma:
             return self.sigma_model.evaluate(sigma, self.script.call_evaluate)
 
-    def choose_curvature(self, requested: str, methods: list[str]) -> tuple[str, str]:
+    def choose_curvature(self, requested: str, methods: list[str], at_least: Need = "none") -> tuple[str, str]:
         """The curvature kind to compute for `methods`, with its reason (curvature.resolve_kind), except that
         `auto` never picks a second-order kind (exact, diag) this model cannot differentiate twice: one
         Hessian-vector product on the first batch is tried first, and on failure auto takes the Fisher."""
-        kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods)
+        kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
         if requested != AUTO or kind not in ("exact", "diag"):
             return kind, reason
         failure = self.second_order_failure()

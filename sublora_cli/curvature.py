@@ -48,7 +48,7 @@ from sublora_cli.batchloop import Meter, Sums, over_batches
 from sublora_cli.calibration import check_loss
 from sublora_cli.errors import SubloraError
 from sublora_cli.fisher import per_sample_gradients
-from sublora_cli.methods import Need, lookup, most_demanding
+from sublora_cli.methods import NEEDS, Need, lookup, most_demanding
 from sublora_cli.reparam import SigmaModel
 
 KINDS = ("exact", "diag", "fisher")
@@ -156,18 +156,22 @@ def _auto_kind(R: int, n_batches: int, need: Need, who: str) -> tuple[str, str]:
     )
 
 
-def resolve_kind(requested: str, R: int, n_batches: int, methods: list[str]) -> tuple[str, str]:
+def resolve_kind(
+    requested: str, R: int, n_batches: int, methods: list[str], at_least: Need = "none"
+) -> tuple[str, str]:
     """The curvature to compute for `methods` (one for prune, several for sweep), with the reason to print.
 
-    `auto` meets the most demanding need among them (methods.py). Data-free methods alone get no curvature,
-    whatever was requested: they would not use it.
+    `auto` meets the most demanding need among them (methods.py) and `at_least` (the refit's: "matrix").
+    Data-free methods alone, with nothing else asking, get no curvature whatever was requested: nothing uses it.
     """
-    need = most_demanding(methods)
+    need = max(most_demanding(methods), at_least, key=NEEDS.index)
     if need == "none":
         return _auto_kind(R, n_batches, need, " and ".join(methods))
     if requested != AUTO:
         return requested, f"--curvature {requested} was asked for."
-    return _auto_kind(R, n_batches, need, " and ".join(m for m in methods if lookup(m).needs == need))
+    who = " and ".join(m for m in methods if lookup(m).needs == need)
+    kind, reason = _auto_kind(R, n_batches, need, who or "the refit")
+    return kind, reason if who else f"{reason} The refit of the kept σ steps with it (--no-refit skips it)."
 
 
 def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batched: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Need = Literal["none", "gradient", "diagonal", "matrix"]  # ordered: each includes the ones before it
-Prediction = Literal["none", "diagonal", "quadratic"]
+Prediction = Literal["none", "diagonal", "quadratic", "compensated"]
 NEEDS: tuple[Need, ...] = ("none", "gradient", "diagonal", "matrix")
 
 
@@ -24,10 +24,12 @@ class Method:
 
     needs: the curvature it selects with — none (data-free), the gradient, the Hessian's diagonal or the matrix.
     prediction: the model of the loss increase it has for its kept set — none, the diagonal quadratic
-    −g_Pᵀσ_P + ½ Σ H_kk σ_k², or the full quadratic q(P) = −g_Pᵀσ_P + ½ σ_Pᵀ H_PP σ_P; a prediction is reported
-    only from that model, so what is printed is what the method optimised.
+    −g_Pᵀσ_P + ½ Σ H_kk σ_k², the full quadratic q(P) = −g_Pᵀσ_P + ½ σ_Pᵀ H_PP σ_P, or the compensated q̃(P): q
+    minimised over the kept σ (obs.py); a prediction is reported only from that model, so what is printed is what
+    the method optimised.
     gain: select.py's rule for the first gains (START_GAINS); search: its search routine (SEARCHES).
-    compensates: whether it changes the kept σ as well as choosing them (later: OBS); no method does yet.
+    compensates: whether it chooses the kept set counting on the kept σ being refit (obs); the refit itself is the
+    pipeline's guarded refit (refit.py), which runs after every calibrated selection unless --no-refit.
     in_default_sweep: whether `sweep` runs it when --methods is not given (exhaustive enumerates: only on request).
     """
 
@@ -68,6 +70,10 @@ REGISTRY: dict[str, Method] = {
         Method(
             "exhaustive", "matrix", "quadratic", gain="none", search="exhaustive",
             summary="exact optimum of q by enumeration (small problems)", in_default_sweep=False,
+        ),  # fmt: skip
+        Method(
+            "obs", "matrix", "compensated", gain="none", search="backward-elimination", compensates=True,
+            summary="backward elimination on the compensated model (the kept σ are refit)",
         ),  # fmt: skip
     )
 }

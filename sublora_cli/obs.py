@@ -23,18 +23,21 @@ above, so each elimination costs O(|S|²) instead of a new O(|S|³) solve.
 Stopping rule: remove while the kept set exceeds the budget (a count today; a cost budget changes only
 `_exceeds`), or while a module is above its upper bound. A component is removable only while its module is
 above its lower bound, and once the modules above their upper bound need every remaining removal, only they
-are.
+are. Components with σ = 0 are removed before any other (a refit would give weight to arbitrary directions).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from sublora_cli.refit import psd_part, relative_scale
-from sublora_cli.select import RankBounds
+
+if TYPE_CHECKING:  # select.py runs obs as a search: a runtime import would be a cycle
+    from sublora_cli.select import RankBounds
 
 DAMPING = 1e-4  # λ / mean diag(H̃); 1e-6 and 1e-2 did worse on the PINN samples (bench/refit.py)
 COMPACT_BELOW = 64  # do not shrink the working inverse below this size
@@ -83,11 +86,11 @@ def _exceeds(kept_count: int, budget: int) -> bool:
     return kept_count > budget
 
 
-def _removable(counts, bounds: RankBounds, group, kept, steps_left: int) -> torch.Tensor:
+def _removable(counts, lower, upper, group, kept, steps_left: int) -> torch.Tensor:
     """Kept components whose removal keeps the bounds satisfiable."""
-    above_lower = counts > bounds.lower
-    above_upper = counts > bounds.upper
-    excess = int((counts - bounds.upper).clamp(min=0).sum())
+    above_lower = counts > lower
+    above_upper = counts > upper
+    excess = int((counts - upper).clamp(min=0).sum())
     modules = above_lower & above_upper if excess >= steps_left else above_lower
     return kept & modules[group]
 
@@ -130,17 +133,18 @@ def obs_select(
     increase = float(-0.5 * gradient @ (sigma - compensated))
     group = bounds.group.to(sigma.device)
     lower, upper = bounds.lower.to(sigma.device), bounds.upper.to(sigma.device)
-    local_bounds = RankBounds(group=group, lower=lower, upper=upper)
     counts = torch.bincount(group, minlength=lower.numel())
     kept = torch.ones(n, dtype=torch.bool, device=sigma.device)
+    dead = sigma == 0  # ΔW gains nothing from them and their directions are arbitrary: removed first
     active = torch.arange(n, device=sigma.device)  # global index of each row of `inverse`
     removed: list[int] = []
     size = n
     while _exceeds(size, budget) or bool((counts > upper).any()):
-        candidates = _removable(counts, local_bounds, group, kept, max(size - budget, 0))[active]
+        candidates = _removable(counts, lower, upper, group, kept, max(size - budget, 0))[active]
         diagonal = inverse.diagonal()
         cost = compensated[active].square() / (2 * diagonal)
-        local = int(torch.argmin(cost.masked_fill(~candidates, torch.inf)))
+        priority = cost.masked_fill(dead[active], -torch.inf).masked_fill(~candidates, torch.inf)
+        local = int(torch.argmin(priority))
         p = int(active[local])
         increase += float(cost[local])
         column = inverse[:, local]

@@ -115,6 +115,12 @@ DTYPE = Option(
     check=one_of((AUTO_PLACEMENT, *DTYPES)),
 )
 
+REFIT = Option(
+    ("--refit/--no-refit",),
+    "With --calib: after selection, refit the kept σ to absorb what the pruned ones carried (damped step on the "
+    "PSD part of the curvature, kept only where the measured loss drops; docs/design.md).",
+)
+
 DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, 4.0, AUTO_PLACEMENT, AUTO_PLACEMENT
 
 
@@ -186,7 +192,7 @@ def cli_parameters(cls: type, reads_config: bool) -> list[inspect.Parameter]:
     flag carries the default itself, and a required field is a required flag."""
     params = []
     for s in settings_of(cls):
-        if reads_config and s.kind is not bool:
+        if reads_config:
             default, show = None, s.shown_default()
         else:
             default = inspect.Parameter.empty if s.required else s.flag_default()

@@ -1,5 +1,5 @@
 """The stages shared by the pipelines, and the pipelines behind `prune` and `eval` (`sweep`'s is in sweep.py):
-read adapter → SVD form → (calibration → curvature) → select → measure as written → write + report.
+read adapter → SVD form → (calibration → curvature) → select → (refit) → measure as written → write + report.
 
 Each stage is a call into its own module; this file only wires them together and times them, so every
 figure in the report can be traced to the stage that produced it (loss and metrics: calibrated.py;
@@ -23,7 +23,7 @@ from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.errors import SubloraError
-from sublora_cli.methods import METHODS, lookup
+from sublora_cli.methods import METHODS, Need, lookup
 from sublora_cli.options import (
     CALIB,
     CURVATURE,
@@ -37,6 +37,7 @@ from sublora_cli.options import (
     MAX_HESSIAN_GB,
     MAX_RANK,
     MIN_RANK,
+    REFIT,
     CalibrationSettings,
     EvalOptions,
     Option,
@@ -45,6 +46,7 @@ from sublora_cli.options import (
     option,
 )
 from sublora_cli.output import atomic_output_dir, check_output_dir
+from sublora_cli.refit import RefitResult, psd_part, refit, written_spectrum
 from sublora_cli.report import build_report, non_finite_metric_warnings, provenance, write_reports
 from sublora_cli.select import RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
@@ -52,7 +54,6 @@ from sublora_cli.svd import Spectrum
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user
-Measure = Callable[[torch.Tensor], tuple[float, dict[str, float] | None]]  # kept mask → loss, metrics as written
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class PruneOptions:
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
+    refit: bool = option(REFIT, True)
 
     def resolved_method(self) -> str:
         if self.method is not None:
@@ -153,6 +155,21 @@ def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.T
     return result
 
 
+def refit_modules(
+    adapter: Adapter, spectra: list[Spectrum], sigma: torch.Tensor, kept_mask: torch.Tensor
+) -> list[PrunedModule]:
+    """The kept components of every module with the σ values of `sigma` (refit), in the form the writer stores
+    (`written_spectrum`); every module is marked refit, so even one that keeps everything is rewritten."""
+    result = []
+    offset = 0
+    for module, spectrum in zip(adapter.modules, spectra, strict=True):
+        part = slice(offset, offset + module.rank)
+        offset += module.rank
+        kept = torch.nonzero(kept_mask[part]).flatten().tolist()
+        result.append(PrunedModule(module, kept, written_spectrum(spectrum, sigma[part], kept), refit=True))
+    return result
+
+
 def _check_method(method: str, calib: Path | None, curvature: str) -> None:
     """A data-free method may be given --calib (the loss before and after is then measured); the others need it."""
     if lookup(method).needs_calibration and calib is None:
@@ -197,9 +214,11 @@ def _curvature(
     max_hessian_gb: float,
     info: Info | None,
     progress: Progress | None,
+    at_least: Need = "none",
 ) -> tuple[Curvature | None, str]:
-    """The curvature `methods` need (resolving `auto`), with the reason for its kind; None for data-free methods."""
-    kind, reason = calibrated.choose_curvature(requested, methods)
+    """The curvature `methods` (and `at_least`: the refit's need) ask for, resolving `auto` (which never picks a
+    kind the model cannot run), with the reason for its kind; None when nothing asks (data-free, no refit)."""
+    kind, reason = calibrated.choose_curvature(requested, methods, at_least)
     if kind == "none":
         return None, reason
     _announce_curvature(calibrated, kind, requested, reason, info)
@@ -290,9 +309,12 @@ def timed_curvature(
     timings: Timings,
     info: Info | None,
     progress: Progress | None,
+    refit: bool = False,
 ) -> tuple[Curvature, str]:
+    """The curvature of `_curvature`; with `refit` at least the matrix under `auto` (the refit steps with it)."""
     with timings.stage("curvature"):
-        return _curvature(calibrated, requested, methods, max_hessian_gb, info, progress)
+        at_least: Need = "matrix" if refit else "none"
+        return _curvature(calibrated, requested, methods, max_hessian_gb, info, progress, at_least)
 
 
 def measure_written(
@@ -304,15 +326,102 @@ def measure_written(
     return calibrated.loss_of(written), calibrated.metrics_of(written) if evaluate else None
 
 
-def written_measure(
-    calibrated: Calibrated, adapter: Adapter, spectra: list[Spectrum], evaluate: bool = True
-) -> Measure:
-    """`measure_written` of a kept mask, for loops over many selections (sweep)."""
+@dataclass(frozen=True)
+class Written:
+    """A kept set as it is written: its modules, the measured loss with the kept σ as trained
+    (`loss_after_selection`) and as written (`loss_after`: after the refit when one was accepted), the written
+    adapter's metrics, and the refit's record (None when the refit did not run)."""
 
-    def measure(kept: torch.Tensor) -> tuple[float, dict[str, float] | None]:
-        return measure_written(calibrated, adapter, pruned_modules(adapter, spectra, kept), evaluate)
+    pruned: list[PrunedModule]
+    loss_after_selection: float
+    loss_after: float
+    metrics: dict[str, float] | None
+    refit: RefitResult | None
 
-    return measure
+
+Finish = Callable[[torch.Tensor], Written]  # kept mask → the adapter as written, measured
+
+
+def refit_inputs(curvature: Curvature) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient, PSD curvature) the refit steps with. The Fisher is PSD and, as in selection, comes without g
+    (next to F the true g is on the wrong scale: curvature.selection_inputs); the exact Hessian (or its
+    diagonal) is clipped to its PSD part once here, so a sweep's many refits share one eigendecomposition."""
+    if curvature.kind == "fisher":
+        return torch.zeros_like(curvature.gradient), curvature.hessian
+    matrix = curvature.hessian if curvature.hessian is not None else torch.diag(curvature.hessian_diag)
+    return curvature.gradient, psd_part(matrix)
+
+
+def written_outcome(
+    calibrated: Calibrated,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    curvature: Curvature | None,
+    refit_kept: bool,
+    evaluate: bool = True,
+) -> Finish:
+    """Measure a kept set as written, first refitting its σ when `refit_kept`, a curvature is there and something
+    was pruned (the refit compensates a cut; it is not further training). Every loss the refit compares is
+    `measure_written`'s, the loss of the file, so `loss_after` is what users load."""
+    sigma = torch.cat([s.sigma for s in spectra])
+    inputs = refit_inputs(curvature) if refit_kept and curvature is not None else None
+
+    def loss_with(candidate: torch.Tensor, kept: torch.Tensor) -> float:
+        return measure_written(calibrated, adapter, refit_modules(adapter, spectra, candidate, kept), False)[0]
+
+    def finish(kept: torch.Tensor) -> Written:
+        pruned = pruned_modules(adapter, spectra, kept)
+        selected = measure_written(calibrated, adapter, pruned, evaluate=False)[0]
+        result = None
+        if inputs is not None and not bool(kept.all()):  # nothing pruned: the adapter is written unchanged
+            gradient, matrix = inputs
+            movable = kept & (sigma != 0)  # a kept σ = 0 stays 0: its directions are arbitrary
+            result = refit(sigma, movable, gradient, matrix, lambda c: loss_with(c, kept), selected, psd=True)
+            if result.accepted:
+                pruned = refit_modules(adapter, spectra, result.sigma, kept)
+        metrics = calibrated.metrics_of(stored_spectra(adapter, pruned)) if evaluate else None
+        after = result.loss_after_refit if result is not None else selected
+        return Written(pruned, selected, after, metrics, result)
+
+    return finish
+
+
+def _time_refit(timings: Timings, result: RefitResult | None) -> None:
+    """Move the refit's own time (its measured candidates) from the measuring stage to a `refit` stage."""
+    if result is not None:
+        timings["eval"] -= result.seconds
+        timings["refit"] = result.seconds
+
+
+def refit_record(result: RefitResult | None) -> dict | None:
+    """The report's `refit` block (None when the refit did not run); its wall time is `timings.refit`, so that
+    two runs' reports differ only in their timings."""
+    if result is None:
+        return None
+    return {
+        "accepted": result.accepted,
+        "damping": result.damping,
+        "step": result.step,
+        "predicted_change": result.predicted_change,
+        "measured_change": result.measured_change,
+        "evaluations": result.evaluations,
+    }
+
+
+def without_adapter(calibrated: Calibrated, timings: Timings) -> float:
+    """The calibration loss with every σ = 0 (the base model alone): what deleting the adapter would give."""
+    with timings.stage("eval"):
+        return calibrated.loss(torch.zeros(calibrated.sigma_model.size, dtype=torch.bool))
+
+
+def worse_than_nothing(loss: dict) -> list[str]:
+    """A warning when the pruned adapter's measured loss is above the base model's without any adapter."""
+    if loss["without_adapter"] is None or not loss["after"] > loss["without_adapter"]:
+        return []
+    return [
+        f"the pruned adapter is worse than no adapter at all: loss {loss['after']:.6g} after pruning, "
+        f"{loss['without_adapter']:.6g} with the adapter removed (every σ = 0). Raise --budget."
+    ]
 
 
 def prune(
@@ -343,7 +452,7 @@ def prune(
     spectra = svd_form(adapter, timings)
     sigma = torch.cat([s.sigma for s in spectra])
 
-    curvature = loss = metrics = reason = None
+    curvature = loss = metrics = reason = refit_result = None
     if options.calib is None:
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, allowance, bounds, None, options.seed)
@@ -352,17 +461,23 @@ def prune(
     else:
         with calibration(options, adapter, spectra, timings, progress) as calibrated:
             loss_before, metrics_before = measure_before(calibrated, timings)
+            loss_without = without_adapter(calibrated, timings)
             curvature, reason = timed_curvature(
-                calibrated, options.curvature, [method], options.max_hessian_gb, timings, info, progress
+                calibrated, options.curvature, [method], options.max_hessian_gb, timings, info, progress, options.refit
             )
             warnings.extend(curvature.notes_for([method]) if curvature is not None else [])
             with timings.stage("select"):
                 selection = _select(method, sigma, allowance, bounds, curvature, options.seed)
             warnings.extend(_shortfall(selection, allowance, method))
-            pruned = pruned_modules(adapter, spectra, selection.kept)
+            warnings.extend(_uncompensated(method, options.refit))
+            finish = written_outcome(calibrated, adapter, spectra, curvature, options.refit)
             with timings.stage("eval"):
-                loss_after, metrics_after = measure_written(calibrated, adapter, pruned)
-        loss = loss_summary(loss_before, loss_after, selection.predicted_increase, curvature)
+                written = finish(selection.kept)
+            _time_refit(timings, written.refit)
+        pruned, metrics_after, refit_result = written.pruned, written.metrics, written.refit
+        loss = loss_summary(loss_before, written.loss_after, selection.predicted_increase, curvature)
+        loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
+        warnings.extend(worse_than_nothing(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
         warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
@@ -388,6 +503,7 @@ def prune(
         calibration=_calibration_info(options, curvature, reason),
         quality=quality,
     )
+    report["refit"] = refit_record(refit_result)
     report["options"] = echo(options)
     report["distributed"] = distributed.describe()
     if distributed.is_main():  # under torchrun every rank holds the same result; one writes it
@@ -403,6 +519,16 @@ def prune(
             f"and report were written to {out_dir} anyway."
         )
     return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)
+
+
+def _uncompensated(method: str, refit_kept: bool) -> list[str]:
+    """A compensating method's kept set and prediction assume the refit: say so when it is turned off."""
+    if refit_kept or not lookup(method).compensates:
+        return []
+    return [
+        f"--method {method} chose its kept set, and predicts its loss, counting on the refit of the kept σ, "
+        "which --no-refit turns off: the kept σ are written as trained."
+    ]
 
 
 def _quality_threshold(options: PruneOptions) -> float | None:

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sublora_cli.report import refit_lines
+
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
 err = Console(stderr=True, soft_wrap=True, emoji=False)  # error messages carry paths: never hard-wrap them
@@ -130,6 +132,8 @@ def prune_summary(report: dict, out_dir: Path) -> None:
             f"loss {loss['before']:.4g} → [bold]{loss['after']:.4g}[/] (measured increase {loss['increase']:.3g}, "
             f"{loss['relative_increase']:+.1%}; predicted {_maybe(predicted, '.3g')}), curvature {report['curvature']}"
         )
+        for line in refit_lines(report):
+            out.print(escape(line), style="bold red" if line.startswith("WARNING") else None)
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():
             after = report["metrics"]["after"].get(name, float("nan"))
@@ -138,9 +142,11 @@ def prune_summary(report: dict, out_dir: Path) -> None:
 
 
 def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> None:
-    """`sublora sweep`: one row per (budget, method, seed) with predicted and measured loss and the metrics."""
+    """`sublora sweep`: one row per (budget, method, seed) with predicted and measured loss (the kept σ as trained,
+    then as written after the refit; "(=)": no refit candidate was better) and the metrics."""
     metric_names = sorted({k for r in rows for k in (r.metrics_after or {})})
-    columns = ("budget", "method", "rank", "predicted Δloss", "measured Δloss", "loss after", *metric_names)
+    columns = ("budget", "method", "rank", "predicted Δloss", "measured Δloss", "loss selected", "loss refit")
+    columns = (*columns, *metric_names)
     result = table(
         f"{adapter}: loss before {meta['loss_before']:.4g}, curvature {meta['curvature']}", columns, left=("method",)
     )
@@ -153,7 +159,8 @@ def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> N
             str(r.rank_after),
             _maybe(r.predicted_increase, ".3g"),
             f"{r.increase:.3g}",
-            f"{r.loss_after:.4g}",
+            f"{r.loss_after_selection:.4g}",
+            "off" if r.refit_accepted is None else f"{r.loss_after:.4g}" + ("" if r.refit_accepted else " (=)"),
             *metrics,
         )
     out.print(result)

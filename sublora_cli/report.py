@@ -88,7 +88,7 @@ def build_report(
                 "rank_before": p.module.rank,
                 "rank_after": p.rank_after,
                 "kept": p.kept,
-                "sigma": [float(sigma[i]) for i in p.kept],
+                "sigma": [float(s) for s in p.spectrum.sigma],  # as written (refit values when refit)
                 "sigma_before": [float(s) for s in sigma],
                 "scale": p.module.scale,
             }
@@ -142,6 +142,32 @@ def provenance(report: dict) -> dict:
     }
 
 
+def refit_lines(report: dict) -> list[str]:
+    """The loss with the kept σ as trained, what the refit did, and the loss without the adapter, one line each
+    (the terminal summary and the .md report print the same)."""
+    loss, refit = report.get("loss"), report.get("refit")
+    if not loss:
+        return []
+    lines = []
+    if refit is None:
+        lines.append("refit: off (the kept σ are written as trained)")
+    elif refit["accepted"]:
+        lines.append(
+            f"refit: loss {loss['after_selection']:.6g} after selection → {loss['after']:.6g} written "
+            f"(measured change {refit['measured_change']:.3g}, predicted {refit['predicted_change']:.3g}; damping "
+            f"{refit['damping']:g}, step {refit['step']:g}, {refit['evaluations']} evaluations)"
+        )
+    else:
+        lines.append(
+            f"refit: not accepted, no candidate beat the loss after selection {loss['after_selection']:.6g} "
+            f"({refit['evaluations']} evaluations); the kept σ are written as trained"
+        )
+    lines.append(f"loss without the adapter (every σ = 0): {loss['without_adapter']:.6g}")
+    if loss["after"] > loss["without_adapter"]:
+        lines.append("WARNING: the pruned adapter is worse than no adapter at all")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """A human-readable rank-allocation report (the same figures as the JSON)."""
     t = report["totals"]
@@ -168,6 +194,7 @@ def render_markdown(report: dict) -> str:
             f"- loss {loss['before']:.6g} → {loss['after']:.6g}: measured increase {loss['increase']:.6g} "
             f"({loss['relative_increase']:.2%}), predicted {predicted}"
         )
+        lines += [f"- {line}" for line in refit_lines(report)]
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():
             lines.append(f"- {name}: {before:.6g} → {report['metrics']['after'].get(name, float('nan')):.6g}")

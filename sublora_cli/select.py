@@ -25,6 +25,9 @@ import torch
 
 from sublora_cli.budget import Budget
 from sublora_cli.methods import Method, lookup
+from sublora_cli.obs import DAMPING as OBS_DAMPING
+from sublora_cli.obs import compensated_increase, damped, obs_select
+from sublora_cli.refit import psd_part
 
 
 @dataclass(frozen=True)
@@ -456,7 +459,23 @@ def _diagonal(p: _Problem) -> torch.Tensor:
     return p.hessian_diag if p.hessian_diag is not None else torch.diagonal(p.hessian)
 
 
+def _backward_elimination(p: _Problem) -> tuple[list[int], None]:
+    """obs (obs.py) on a rank budget: the kept indices ascending, no gains (it removes rather than adds)."""
+    picks = _max_picks(p.budget, _uniform_cost(p.budget, "obs"))
+    chosen = obs_select(p.sigma, picks, p.bounds, p.gradient, p.hessian, damping=OBS_DAMPING)
+    return torch.nonzero(chosen.kept).flatten().tolist(), None
+
+
+def _compensated(kept: torch.Tensor, p: _Problem) -> float:
+    """q̃ of the pruned set on obs's model (A = H̃ + λI): the increase with the kept σ refit; 0 when nothing is
+    pruned, since nothing is refit then (prune.written_outcome)."""
+    if bool(kept.all()):
+        return 0.0
+    return compensated_increase(p.sigma, kept, p.gradient, damped(psd_part(p.hessian), OBS_DAMPING))
+
+
 START_GAINS: dict[str, Callable[[_Problem], torch.Tensor]] = {  # a method's `gain`: its first greedy gains
+    "none": lambda p: torch.zeros_like(p.sigma),  # a search that needs no gains (backward elimination)
     "magnitude": lambda p: p.sigma.clone(),
     "linear": lambda p: (p.gradient * p.sigma).abs(),
     "diag": lambda p: -p.gradient * p.sigma + 0.5 * _diagonal(p) * p.sigma.square(),
@@ -471,6 +490,7 @@ SEARCHES: dict[str, Callable[[torch.Tensor, _Problem], tuple[list[int], list[flo
     "greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian),
     "submodular-greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian, submodular=True),
     "random-greedy": lambda start, p: _random_greedy(start, p.budget, p.bounds, p.sigma, p.hessian, p.seed),
+    "backward-elimination": lambda start, p: _backward_elimination(p),
 }
 ENUMERATING = frozenset({"random-greedy", "exhaustive"})  # searches that keep everything when everything is affordable
 
@@ -501,6 +521,8 @@ def _predicted(spec: Method, kept: torch.Tensor, p: _Problem) -> float | None:
     """The loss increase of pruning ~kept under the model the method selected with (methods.py `prediction`)."""
     if spec.prediction == "quadratic":
         return predicted_increase(kept, p.sigma, p.gradient, p.hessian)
+    if spec.prediction == "compensated":
+        return _compensated(kept, p)
     if spec.prediction == "diagonal":
         pruned = torch.where(kept, torch.zeros_like(p.sigma), p.sigma)
         return float(-(p.gradient @ pruned) + 0.5 * (_diagonal(p) @ pruned.square()))
@@ -555,7 +577,7 @@ def select(
     else:
         start = START_GAINS[spec.gain](problem)
         order, gains = SEARCHES[spec.search](start, problem)
-        if diagnostics is not None:
+        if diagnostics is not None and gains is not None:
             tolerance = 1e-10 * float(start.abs().max()) if n else 0.0
             diagnostics["monotone"] = all(gain >= -tolerance for gain in gains)
         if spec.prediction == "none":

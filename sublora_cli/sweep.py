@@ -1,6 +1,6 @@
 """`sublora sweep`: one curvature computation, then every (budget, method, seed) selection with its predicted
-and measured loss. Selections are cheap next to the curvature, so a whole trade-off curve costs about as
-much as one `prune`.
+and measured loss, with the kept σ as trained and after the refit (as `prune` writes them). Selections are cheap
+next to the curvature, so a whole trade-off curve costs about as much as one `prune`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from sublora_cli.options import (
     MAX_HESSIAN_GB,
     MAX_RANK,
     MIN_RANK,
+    REFIT,
     Option,
     option,
 )
 from sublora_cli.output import atomic_output_dir
 from sublora_cli.prune import (
+    Finish,
     Info,
-    Measure,
     Progress,
     Timings,
     _check_curvature,
@@ -49,7 +50,7 @@ from sublora_cli.prune import (
     rank_bounds,
     svd_form,
     timed_curvature,
-    written_measure,
+    written_outcome,
 )
 from sublora_cli.report import non_finite_metric_warnings, strict_json
 from sublora_cli.select import RankBounds, select
@@ -65,8 +66,10 @@ class SweepRow:
     seed: int | None  # sublora-random only
     rank_after: int
     predicted_increase: float | None  # from the method's own model of the loss (as prune reports it), else None
-    loss_after: float  # measured on the calibration batches with the pruned adapter as `prune` writes it
+    loss_after_selection: float  # measured with the kept σ as trained
+    loss_after: float  # measured on the calibration batches with the pruned adapter as `prune` writes it (refit)
     increase: float  # loss_after − loss before
+    refit_accepted: bool | None  # None: the refit did not run (--no-refit)
     metrics_after: dict[str, float] | None
     select_seconds: float
 
@@ -145,6 +148,7 @@ class SweepOptions:
     evaluate: bool = option(
         Option(("--evaluate/--no-evaluate",), "Run the script's evaluate() for every selection."), True
     )
+    refit: bool = option(REFIT, True)
 
 
 @dataclass
@@ -176,11 +180,11 @@ def sweep(
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
         loss_before, metrics_before = measure_before(calibrated, timings, options.evaluate)
         curvature, reason = timed_curvature(
-            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress
+            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit
         )
         with timings.stage("sweep"):
             rows = run_sweep(
-                written_measure(calibrated, adapter, spectra, options.evaluate),
+                written_outcome(calibrated, adapter, spectra, curvature, options.refit, options.evaluate),
                 torch.cat([s.sigma for s in spectra]),
                 curvature,
                 bounds,
@@ -216,7 +220,7 @@ def sweep(
 
 
 def run_sweep(
-    measure: Measure,
+    finish: Finish,
     sigma: torch.Tensor,
     curvature: Curvature | None,
     bounds: RankBounds,
@@ -226,7 +230,7 @@ def run_sweep(
     loss_before: float,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SweepRow]:
-    """Every budget × method (× seed for sublora-random), each kept set measured by `measure` (as written).
+    """Every budget × method (× seed for sublora-random), each kept set refit and measured by `finish` (as written).
 
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
@@ -253,7 +257,7 @@ def run_sweep(
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
             seconds = time.perf_counter() - start
-            loss_after, metrics_after = measure(selection.kept)
+            written = finish(selection.kept)
             rows.append(
                 SweepRow(
                     budget=budget,
@@ -261,9 +265,11 @@ def run_sweep(
                     seed=seed,
                     rank_after=int(selection.kept.sum()),
                     predicted_increase=selection.predicted_increase,
-                    loss_after=loss_after,
-                    increase=loss_after - loss_before,
-                    metrics_after=metrics_after,
+                    loss_after_selection=written.loss_after_selection,
+                    loss_after=written.loss_after,
+                    increase=written.loss_after - loss_before,
+                    refit_accepted=None if written.refit is None else written.refit.accepted,
+                    metrics_after=written.metrics,
                     select_seconds=seconds,
                 )
             )
@@ -279,14 +285,16 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
     with open(out_dir / SWEEP_CSV, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["budget", "method", "seed", "rank_after", "predicted_increase", "loss_after", "increase"]
+            ["budget", "method", "seed", "rank_after", "predicted_increase", "loss_after_selection", "loss_after"]
+            + ["increase", "refit_accepted"]
             + [f"{m}_after" for m in metric_names]
             + ["select_seconds"]
         )
         for r in rows:
             writer.writerow(
                 [r.budget, r.method, "" if r.seed is None else r.seed, r.rank_after, _num(r.predicted_increase)]
-                + [_num(r.loss_after), _num(r.increase)]
+                + [_num(r.loss_after_selection), _num(r.loss_after), _num(r.increase)]
+                + ["" if r.refit_accepted is None else r.refit_accepted]
                 + [_num((r.metrics_after or {}).get(m)) for m in metric_names]
                 + [f"{r.select_seconds:.6f}"]
             )
@@ -301,13 +309,18 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _log_plottable(value: float | None) -> bool:
     """A value a log axis can show (a metric that is NaN, Inf or ≤ 0 everywhere gets no panel)."""
     return value is not None and math.isfinite(value) and value > 0
 
 
 def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
-    """Measured loss (and the first evaluate() metric) vs budget, one line per method; False without matplotlib."""
+    """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the loss before the
+    refit); False without matplotlib."""
     try:
         import matplotlib
 
@@ -326,7 +339,12 @@ def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[
                     value = r.loss_after if key == "loss_after" else (r.metrics_after or {}).get(key, math.nan)
                     by_budget.setdefault(r.budget, []).append(value)
             budgets = sorted(by_budget)
-            ax.plot(budgets, [sum(by_budget[b]) / len(by_budget[b]) for b in budgets], marker="o", label=method)
+            line = ax.plot(budgets, [_mean(by_budget[b]) for b in budgets], marker="o", label=method)[0]
+            selected = [r for r in rows if r.method == method and r.refit_accepted is not None]
+            if key == "loss_after" and selected:  # the same kept sets with the σ as trained: what the refit buys
+                trained = {b: _mean([r.loss_after_selection for r in selected if r.budget == b]) for b in budgets}
+                label = f"{method}, no refit"
+                ax.plot(budgets, [trained[b] for b in budgets], ls=":", color=line.get_color(), label=label)
         ax.axhline(
             meta["loss_before"] if key == "loss_after" else (meta.get("metrics_before") or {}).get(key, math.nan),
             ls="--",

@@ -11,9 +11,10 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sublora_cli.budget import Budget
 from sublora_cli.obs import DAMPING, compensated_increase, damped, downdate_, obs_select
 from sublora_cli.refit import psd_part
-from sublora_cli.select import RankBounds
+from sublora_cli.select import RankBounds, select
 
 torch.set_num_threads(1)
 FEW = settings(max_examples=40, deadline=None)
@@ -169,3 +170,14 @@ def test_rejects_a_curvature_without_positive_part():
     sigma, gradient, _ = problem(0, 4)
     with pytest.raises(ValueError, match="no positive eigenvalue"):
         obs_select(sigma, 2, RankBounds.from_ranks([4]), gradient, -torch.eye(4, dtype=torch.float64))
+
+
+def test_the_registry_entry_runs_obs_and_predicts_its_compensated_increase():
+    sigma, gradient, hessian = problem(3, 9, shift=-0.2)
+    bounds = RankBounds.from_ranks([3, 3, 3], min_rank=1, max_rank=2)
+    selection = select("obs", sigma, Budget.ranks(5, 9), bounds, gradient=gradient, hessian=hessian)
+    direct = obs_select(sigma, 5, bounds, gradient, hessian)
+    assert torch.equal(selection.kept, direct.kept) and within_bounds(selection.kept, bounds)
+    assert selection.order == torch.nonzero(direct.kept).flatten().tolist()
+    assert selection.predicted_increase == pytest.approx(direct.predicted_increase, rel=1e-8)
+    assert selection.diagnostics["monotone"] is None  # no gains: it removes rather than adds

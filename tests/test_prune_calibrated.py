@@ -273,7 +273,7 @@ def test_auto_takes_the_fisher_past_its_limit(tmp_path, run_cli, monkeypatch):
 
 def test_sweep_resolves_auto_for_its_most_demanding_method(problem, tmp_path, run_cli):
     adapter, calib = problem
-    args = ("sweep", adapter, "--calib", calib, "--budgets", "3", "--no-evaluate", "--json")
+    args = ("sweep", adapter, "--calib", calib, "--budgets", "3", "--no-evaluate", "--no-refit", "--json")
     cheap = json.loads(run_cli(*args, "--methods", "magnitude,linear", "-o", tmp_path / "a").stdout)
     diag = json.loads(run_cli(*args, "--methods", "linear,diag", "-o", tmp_path / "b").stdout)
     full = json.loads(run_cli(*args, "--methods", "diag,sublora", "-o", tmp_path / "c").stdout)

@@ -77,6 +77,7 @@ class PrunedModule:
     module: LoraModule
     kept: list[int]  # indices into the module's sigma sorted in descending order
     spectrum: Spectrum  # the kept components: σ in float64 (a refit may change them), U out×k, V in×k
+    refit: bool = False  # the kept σ differ from the trained ones (refit.py): the factors must be rewritten
 
     @classmethod
     def keeping(cls, module: LoraModule, spectrum: Spectrum, kept: list[int]) -> PrunedModule:
@@ -92,7 +93,8 @@ class PrunedModule:
 
     @property
     def unchanged(self) -> bool:
-        return self.rank_after == self.module.rank
+        """Every component kept with its trained σ: the writer copies the original factors bit-exactly."""
+        return self.rank_after == self.module.rank and not self.refit
 
 
 class Format(Protocol):
