@@ -28,6 +28,8 @@ class Method:
     only from that model, so what is printed is what the method optimised.
     gain: select.py's rule for the first gains (START_GAINS); search: its search routine (SEARCHES).
     compensates: whether it changes the kept σ as well as choosing them (later: OBS); no method does yet.
+    per_cost: whether, under a budget whose components cost differently (bytes, parameters), it ranks by gain per
+    cost (the knapsack greedy, design §5) rather than by gain.
     in_default_sweep: whether `sweep` runs it when --methods is not given (exhaustive enumerates: only on request).
     """
 
@@ -38,6 +40,7 @@ class Method:
     search: str
     summary: str
     compensates: bool = False
+    per_cost: bool = True
     in_default_sweep: bool = True
 
     @property
