@@ -159,14 +159,18 @@ class Pricing:
     element_sizes: list[int]  # bytes per parameter in the written file, per module
     carried_bytes: int
 
-    def costs(self, unit: str) -> torch.Tensor:
-        per_module = {
+    def per_module(self, unit: str) -> list[float]:
+        """What one component of each module costs."""
+        return {
             "rank": [1.0] * len(self.ranks),
             "params": [float(w) for w in self.widths],
             "bytes": [float(w * e) for w, e in zip(self.widths, self.element_sizes, strict=True)],
         }[unit]
+
+    def costs(self, unit: str) -> torch.Tensor:
+        """One cost per component, in the order their σ are concatenated."""
         return torch.repeat_interleave(
-            torch.tensor(per_module, dtype=torch.float64), torch.tensor(self.ranks, dtype=torch.long)
+            torch.tensor(self.per_module(unit), dtype=torch.float64), torch.tensor(self.ranks, dtype=torch.long)
         )
 
     def fixed(self, unit: str) -> int:
