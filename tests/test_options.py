@@ -13,7 +13,6 @@ from sublora_cli.cli import PRUNE_CONFIG, app
 from sublora_cli.errors import SubloraError
 from sublora_cli.options import EvalOptions, echo, resolve, settings_of
 from sublora_cli.prune import PruneOptions
-from sublora_cli.sweep import SweepOptions
 from sublora_cli.report import JSON_REPORT
 from sublora_cli.sweep import SweepOptions
 
