@@ -19,7 +19,6 @@ from sublora_cli.select import Selection
 
 MAX_EVALUATIONS = 12
 CURVE_POINTS = 16
-FIRST_STEP = 0.15  # the first probe beside the model's answer is this share of it away; each further one doubles
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def smallest_within(
         return measured[key].passed
 
     low, high = least - step, whole  # invariant: high passes (the whole adapter: no increase), low fails or is void
-    probe, width = _snap(model, unit), FIRST_STEP * model
+    probe, width = _snap(model, unit), step  # from the model's answer, steps of 1, 2, 4, … until bracketed
     while high - low > step and len(evaluations) < max_evaluations:
         if passes(probe):
             high, probe = probe, probe - width
