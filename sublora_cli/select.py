@@ -229,15 +229,17 @@ class _Ledger:
 
 def _greedy(gains, budget, bounds, sigma=None, hessian=None, submodular=False, per_cost=True):
     """The greedy under `budget`. When components cost differently and the method ranks `per_cost`, it is the
-    knapsack greedy with the standard fix (design §5): the density greedy (gain per cost) and the same greedy
-    started from the best single affordable element (by gain alone) both run, and the one whose kept set has
-    the larger objective (the sum of its marginal gains) wins: ½(1 − 1/e) of the optimum for monotone submodular
-    objectives, ½ for modular ones (the sorted methods)."""
+    knapsack greedy with the standard fix (design §5): the density greedy (gain per cost), the same greedy
+    started from the best single affordable element, and the greedy by gain alone (what a rank budget picks,
+    filled up to the capacity) all run, and the one whose kept set has the largest objective (the sum of its
+    marginal gains) wins: ½(1 − 1/e) of the optimum for monotone submodular objectives, ½ for modular ones (the
+    sorted methods), and never below the gain greedy on the method's own objective."""
+    by_gain = _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=False)
     if not (per_cost and not budget.uniform):
-        return _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=False)
+        return by_gain
     density = _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=True)
     single = _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=True, first_by_gain=True)
-    return max((density, single), key=lambda run: math.fsum(run[1]))  # ties: the density greedy (listed first)
+    return max((density, single, by_gain), key=lambda run: math.fsum(run[1]))  # ties: the first listed
 
 
 def _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost, first_by_gain=False):
