@@ -283,3 +283,25 @@ def test_a_budget_over_the_whole_file_is_a_warned_no_op(tmp_path, run_cli):
     path = write_adapter(tmp_path / "a")
     result = run_cli("prune", path, "--budget", "1MB", "-o", tmp_path / "o")
     assert result.code == 0 and "nothing to prune" in result.stderr
+
+
+def test_sweep_over_sizes_in_bytes(problem, tmp_path, run_cli):  # noqa: F811
+    adapter, calib = problem  # 624 bytes of factors
+    result = run_cli(
+        "sweep", adapter, "--calib", calib, "--budgets", "200B:600B:200B", "--methods", "magnitude,sublora",
+        "--out", tmp_path / "sweep", "--json", "--no-evaluate",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["budgets"], data["budget_unit"]) == ([200, 400, 600], "bytes")
+    assert {r["unit"] for r in data["rows"]} == {"bytes"} and len(data["rows"]) == 6
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+    row = next(r for r in data["rows"] if r["budget"] == 400 and r["method"] == "sublora")
+    run_cli("prune", adapter, "--calib", calib, "-b", "400B", "-o", tmp_path / "p")
+    assert read_report(tmp_path / "p")["loss"]["after"] == pytest.approx(row["loss_after"], rel=1e-12)
+
+
+@pytest.mark.parametrize("budgets", ["100KB:1MB", "100KB,50", "100KB:1M:100KB", "1MB:100KB:100KB"])
+def test_malformed_size_axes_are_usage_errors(tmp_path, run_cli, budgets):
+    result = run_cli("sweep", write_adapter(tmp_path / "a"), "--calib", tmp_path / "c.py", "--budgets", budgets)
+    assert_usage_error(result, "--budgets")
