@@ -53,7 +53,7 @@ class RankBounds:
 class Selection:
     """The outcome of one selection.
 
-    order: indices in the order they were added (greedy and sorted methods; a prefix of it is the answer
+    order: indices in the order they were added (greedy and sorted methods; under a rank budget a prefix is the answer
     for a smaller budget), for exhaustive the kept indices ascending.
     diagnostics: {"clipped_fraction", "clipped_mass", "monotone"} for methods that use curvature, else None.
     gains: the marginal gain of each element of order under the objective the method optimised (Ĥ for the
