@@ -18,6 +18,7 @@ import torch
 
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
 from sublora_cli.autobudget import AutoBudget, smallest_within
+from sublora_cli.bounds import per_module
 from sublora_cli.budget import (
     UNITS,
     Budget,
@@ -102,8 +103,8 @@ class PruneOptions:
     )
     calib: Path | None = option(CALIB, None)
     curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: int = option(MIN_RANK, 0)
-    max_rank: int | None = option(MAX_RANK, None)
+    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
+    max_rank: str | None = option(MAX_RANK, None)
     seed: int = option(Option(("--seed",), "Seed of the randomized greedy (sublora-random)."), 0)
     max_loss_increase: str | None = option(  # "0.05" or "5%", relative to the loss before pruning
         Option(
@@ -152,17 +153,28 @@ def default_out_dir(adapter_path: Path, suffix: str) -> Path:
     return path.parent / f"{path.name}-{suffix}"
 
 
-def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBounds:
-    if min_rank < 0:
-        raise SubloraError(f"--min-rank {min_rank}: must be 0 or more.")
-    if max_rank is not None and max_rank < max(min_rank, 0):
-        raise SubloraError(f"--max-rank {max_rank} is below --min-rank {min_rank}.")
-    if max_rank == 0:
+def rank_bounds(adapter: Adapter, min_rank: int | str, max_rank: int | str | None) -> RankBounds:
+    """Per-module bounds from --min-rank/--max-rank (one number or glob patterns, bounds.py)."""
+    names = [m.name for m in adapter.modules]
+    lower = per_module(names, min_rank, "--min-rank", 0)
+    upper = per_module(names, max_rank, "--max-rank", None)
+    for name, lo, hi in zip(names, lower, upper, strict=True):
+        if hi is not None and hi < lo:
+            where = "" if isinstance(max_rank, int) and isinstance(min_rank, int) else f" for {name}"
+            raise SubloraError(f"--max-rank {hi} is below --min-rank {lo}{where}.")
+    if upper and all(hi == 0 for hi in upper):
         raise SubloraError(
             "--max-rank 0 leaves no component in any module: the pruned adapter would be empty, which peft cannot "
             "load. Use --max-rank 1 or more."
         )
-    return RankBounds.from_ranks([m.rank for m in adapter.modules], min_rank=min_rank, max_rank=max_rank)
+    ranks = [m.rank for m in adapter.modules]
+    sizes = torch.tensor(ranks, dtype=torch.long)
+    caps = torch.tensor([r if hi is None else hi for r, hi in zip(ranks, upper, strict=True)], dtype=torch.long)
+    return replace(
+        RankBounds.from_ranks(ranks),
+        lower=torch.minimum(sizes, torch.tensor(lower, dtype=torch.long)),
+        upper=torch.minimum(sizes, caps),
+    )
 
 
 def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.Tensor) -> list[PrunedModule]:
