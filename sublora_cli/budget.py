@@ -1,27 +1,42 @@
-"""Budgets: what selection may spend (`Budget`), and budgets and tolerances as users write them: a count (`50`),
-a percentage (`25%`) or a fraction (`0.25`).
+"""Budgets: what selection may spend (`Budget`), and budgets and tolerances as users write them: a total rank
+(`50`), a percentage (`25%`) or a fraction (`0.25`) of the adapter, a size in bytes (`12MiB`, `500KB`), a
+parameter count (`2.5M`, `300k`), or `auto` (the smallest adapter that --max-loss-increase allows).
 
 `read_*` check the syntax only (nothing depends on the adapter), so the CLI can report a malformed flag as a
-usage error; `parse_*` add the flag name and, for budgets, resolve against the adapter's total rank.
+usage error; `resolve_budget` prices every component and turns the written budget into a `Budget`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 
 from sublora_cli.errors import SubloraError
 
-BUDGET_FORMS = "give a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter's total rank"
+UNITS = ("rank", "params", "bytes")
+BUDGET_FORMS = (
+    "give a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter, a size in bytes "
+    "(500KB, 12MiB, 1.5GB: SI units kB/KB, MB, GB, TB are powers of 1000, IEC units KiB, MiB, GiB, TiB powers of "
+    "1024, B is bytes), a parameter count (300k, 2.5M, 1G: powers of 1000, no B), or auto (with "
+    "--max-loss-increase)"
+)
+SIZE_UNITS = {
+    "B": 1,
+    "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
+COUNT_UNITS = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+_WRITTEN = re.compile(r"(?P<number>[0-9.eE+-]+?)\s*(?P<suffix>[A-Za-z]*)")
 
 
 @dataclass(frozen=True)
 class Budget:
     """What a selection may spend: keeping component k costs cost[k] (float64, length R), the kept set's total
-    cost is at most capacity, both in `unit`. A rank budget costs 1 per component ("rank"); later kinds (bytes,
-    parameters) cost the same within a module, which keeps the lower-bound reasoning of select.py exact.
+    cost is at most capacity, both in `unit` ("rank", "params" or "bytes"). Every component of a module costs
+    the same (its rank-1 slice of B and A), which keeps the lower-bound reasoning of select.py exact.
     """
 
     cost: torch.Tensor
@@ -41,6 +56,15 @@ class Budget:
         """Keep at most `count` of `total_rank` components."""
         return Budget(torch.ones(total_rank, dtype=torch.float64), float(count))
 
+    @property
+    def uniform(self) -> bool:
+        """Whether every component costs the same (then a budget is a count, whatever its unit)."""
+        return not self.cost.numel() or bool((self.cost == self.cost[0]).all())
+
+    def spent(self, kept: torch.Tensor) -> float:
+        """The cost of a kept mask."""
+        return float(self.cost[kept.cpu()].sum())
+
     def amount(self, value: float) -> str:
         """`value` in this budget's unit, as messages print it ("12 components", "1.5e+06 bytes")."""
         return f"{value:g} components" if self.unit == "rank" else f"{value:g} {self.unit}"
@@ -48,18 +72,28 @@ class Budget:
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """A budget as written: `reading` is "rank", "percentage" or "fraction"; `value` a count or a share in (0, 1]."""
+    """A budget as written. `reading`: "rank", "percentage", "fraction", "bytes", "params" or "auto"; `value` a
+    count, an amount of bytes or parameters, or a share in (0, 1] (0 for auto)."""
 
     reading: str
     value: float
 
+    @property
+    def unit(self) -> str | None:
+        """The unit the budget states itself (a share or auto takes --budget-unit's)."""
+        return {"rank": "rank", "bytes": "bytes", "params": "params"}.get(self.reading)
+
+    @property
+    def is_share(self) -> bool:
+        return self.reading in ("percentage", "fraction")
+
     def resolve(self, total_rank: int) -> int:
-        """Number of kept components (may exceed total_rank; callers warn)."""
+        """Number of kept components of a rank budget (may exceed total_rank; callers warn)."""
         return int(self.value) if self.reading == "rank" else max(1, round(self.value * total_rank))
 
 
 def _number(number: str, raw: str) -> float:
-    """`number` (the part of `raw` before any %) as a positive finite float; errors quote all of `raw`."""
+    """`number` (the part of `raw` before any unit) as a positive finite float; errors quote all of `raw`."""
     try:
         value = float(number)
     except ValueError:
@@ -70,14 +104,25 @@ def _number(number: str, raw: str) -> float:
 
 
 def read_budget(text: str | int | float) -> BudgetSpec:
-    """Read a budget's syntax. A number of 1 or more is a rank even when written with a decimal point (`50.0`),
-    so it must be whole; only numbers below 1 are fractions."""
+    """Read a budget's syntax. A plain number of 1 or more is a rank even when written with a decimal point
+    (`50.0`), so it must be whole; only numbers below 1 are fractions. Units are case-sensitive, so `12mb`
+    (millibits?) or `2m` (milli?) are refused rather than guessed."""
     raw = str(text).strip()
+    if raw == "auto":
+        return BudgetSpec("auto", 0.0)
     if raw.endswith("%"):
         share = _number(raw[:-1], raw) / 100.0
         if share > 1:
-            raise SubloraError(f"{raw!r}: a percentage of the total rank must be at most 100%.")
+            raise SubloraError(f"{raw!r}: a percentage of the adapter must be at most 100%.")
         return BudgetSpec("percentage", share)
+    match = _WRITTEN.fullmatch(raw)
+    suffix = match["suffix"] if match else ""
+    if suffix:
+        scale = SIZE_UNITS.get(suffix) or COUNT_UNITS.get(suffix)
+        if scale is None:
+            raise SubloraError(f"{raw!r}: unknown or ambiguous unit {suffix!r}; {BUDGET_FORMS}.")
+        reading = "bytes" if suffix in SIZE_UNITS else "params"
+        return BudgetSpec(reading, math.floor(_number(match["number"], raw) * scale))
     value = _number(raw, raw)
     if value < 1:
         return BudgetSpec("fraction", value)
@@ -87,11 +132,77 @@ def read_budget(text: str | int | float) -> BudgetSpec:
 
 
 def parse_budget(text: str, total_rank: int) -> int:
-    """Resolve a budget string to a number of kept components (may exceed total_rank; callers warn)."""
+    """Resolve a rank budget string to a number of kept components (may exceed total_rank; callers warn)."""
     try:
-        return read_budget(text).resolve(total_rank)
+        spec = read_budget(text)
     except SubloraError as e:
         raise SubloraError(f"--budget {e}") from None
+    if spec.unit not in (None, "rank") or spec.reading == "auto":
+        raise SubloraError(f"--budget {text!r}: a total rank, a percentage or a fraction is needed here.")
+    return spec.resolve(total_rank)
+
+
+def read_unit(text: str) -> None:
+    if text not in UNITS:
+        raise SubloraError(f"{text!r} is not one of {', '.join(UNITS)}.")
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What each component and the carried tensors cost in every unit: a module's rank-1 component is a column
+    of B and a row of A, (out + in) parameters (conv: out + in·k·k), times the element size of the output dtype
+    in bytes. Carried tensors (modules_to_save, biases) are written whatever is kept, so a bytes budget pays for
+    them first."""
+
+    ranks: list[int]
+    widths: list[int]  # out + in per module
+    element_sizes: list[int]  # bytes per parameter in the written file, per module
+    carried_bytes: int
+
+    def per_module(self, unit: str) -> list[float]:
+        """What one component of each module costs."""
+        return {
+            "rank": [1.0] * len(self.ranks),
+            "params": [float(w) for w in self.widths],
+            "bytes": [float(w * e) for w, e in zip(self.widths, self.element_sizes, strict=True)],
+        }[unit]
+
+    def costs(self, unit: str) -> torch.Tensor:
+        """One cost per component, in the order their σ are concatenated."""
+        return torch.repeat_interleave(
+            torch.tensor(self.per_module(unit), dtype=torch.float64), torch.tensor(self.ranks, dtype=torch.long)
+        )
+
+    def fixed(self, unit: str) -> int:
+        """What is spent whatever is kept (the carried tensors, for bytes)."""
+        return self.carried_bytes if unit == "bytes" else 0
+
+
+def budget_unit(spec: BudgetSpec, unit: str | None) -> str:
+    """The unit a budget is counted in: its own (12MiB: bytes), else --budget-unit's, else ranks."""
+    if spec.unit is not None and unit is not None and spec.unit != unit:
+        raise SubloraError(f"--budget is a count of {spec.unit} but --budget-unit says {unit}; give one or the other.")
+    return spec.unit or unit or "rank"
+
+
+def resolve_budget(spec: BudgetSpec, unit: str, pricing: Pricing) -> Budget:
+    """The Budget of a written (non-auto) budget: a share is a share of the whole adapter in `unit` (carried
+    tensors included for bytes); the fixed cost is then taken off what the components may spend. A capacity
+    above the whole adapter is left as is (callers warn); one the fixed cost exhausts is an error."""
+    costs = pricing.costs(unit)
+    fixed = pricing.fixed(unit)
+    whole = float(costs.sum()) + fixed
+    if spec.is_share:
+        total = spec.resolve(len(costs)) if unit == "rank" else spec.value * whole
+    else:
+        total = spec.value
+    capacity = float(total) - fixed
+    if capacity < 0:
+        raise SubloraError(
+            f"--budget of {total:,.0f} bytes is less than the {fixed:,} bytes of the tensors the adapter carries "
+            "whole (modules_to_save, biases), which are written whatever is kept; raise --budget."
+        )
+    return Budget(costs, capacity, unit)
 
 
 def read_tolerance(text: str | int | float) -> float:

@@ -10,6 +10,12 @@ class SubloraError(Exception):
     exit_code = 1
 
 
+class UsageError(SubloraError):
+    """A command line that cannot be run as given, found after parsing (e.g. a missing setting): exit code 2."""
+
+    exit_code = 2
+
+
 class QualityGateFailed(SubloraError):
     """A quality guard such as --max-loss-increase failed after the output was written: exit code 3."""
 

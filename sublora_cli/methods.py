@@ -30,6 +30,8 @@ class Method:
     gain: select.py's rule for the first gains (START_GAINS); search: its search routine (SEARCHES).
     compensates: whether it chooses the kept set counting on the kept σ being refit (obs); the refit itself is the
     pipeline's guarded refit (refit.py), which runs after every calibrated selection unless --no-refit.
+    per_cost: whether, under a budget whose components cost differently (bytes, parameters), it ranks by gain per
+    cost (the knapsack greedy, design §5) rather than by gain.
     in_default_sweep: whether `sweep` runs it when --methods is not given (exhaustive enumerates: only on request).
     """
 
@@ -40,6 +42,7 @@ class Method:
     search: str
     summary: str
     compensates: bool = False
+    per_cost: bool = True
     in_default_sweep: bool = True
 
     @property

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Protocol, get_type_hints
 import torch
 import typer
 
+from sublora_cli.bounds import read_rank_bound
 from sublora_cli.calibrated import AUTO_PLACEMENT, DTYPES
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
@@ -42,11 +43,6 @@ def positive(value: float) -> None:
     """A size or count must be above 0."""
     if value <= 0:
         raise SubloraError(f"{value:g} is not positive.")
-
-
-def non_negative(value: int) -> None:
-    if value < 0:
-        raise SubloraError(f"{value}: must be 0 or more.")
 
 
 def device_syntax(value: str) -> None:
@@ -92,8 +88,19 @@ CURVATURE = Option(
     "for --method diag/linear. See docs/curvature.md.",
     check=one_of(CURVATURES),
 )
-MIN_RANK = Option(("--min-rank",), "Every module keeps at least this many.", check=non_negative)
-MAX_RANK = Option(("--max-rank",), "No module keeps more than this.", check=non_negative, show_default=False)
+MIN_RANK = Option(
+    ("--min-rank",),
+    "Every module keeps at least this many; or per module by glob pattern on module names: q_proj=4,*=0.",
+    config_types=(int, str),
+    parse=read_rank_bound,
+)
+MAX_RANK = Option(
+    ("--max-rank",),
+    "No module keeps more than this; or per module by glob pattern on module names: mlp.*=32.",
+    config_types=(int, str),
+    show_default=False,
+    parse=read_rank_bound,
+)
 MAX_HESSIAN_GB = Option(
     ("--max-hessian-gb",), "Refuse a Hessian or Fisher matrix (float64) larger than this many GB.", check=positive
 )

@@ -11,18 +11,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from sublora_cli import distributed
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
-from sublora_cli.budget import Budget, parse_budget, parse_tolerance, read_budget, read_tolerance
+from sublora_cli.autobudget import AutoBudget, smallest_within
+from sublora_cli.bounds import per_module
+from sublora_cli.budget import (
+    UNITS,
+    Budget,
+    BudgetSpec,
+    Pricing,
+    budget_unit,
+    parse_tolerance,
+    read_budget,
+    read_tolerance,
+    resolve_budget,
+)
 from sublora_cli.calibrated import Calibrated, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost
-from sublora_cli.errors import SubloraError
+from sublora_cli.errors import SubloraError, UsageError
 from sublora_cli.methods import METHODS, Need, lookup
 from sublora_cli.options import (
     CALIB,
@@ -60,14 +72,27 @@ Info = Callable[[str], None]  # one line of news for the user
 class PruneOptions:
     """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py)."""
 
-    budget: str = option(
+    budget: str | None = option(  # None: auto when --max-loss-increase is given, else a usage error
         Option(
             ("--budget", "-b"),
-            "Components to keep in total: a rank (50), a percentage (25%) or a fraction below 1 (0.25). Required.",
+            "What to keep: a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter (in "
+            "--budget-unit), a size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC "
+            "KiB/MiB/GiB powers of 1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within "
+            "--max-loss-increase. Required unless --max-loss-increase is given.",
             check=read_budget,
             config_types=(str, int, float),
             show_default=False,
-        )
+        ),
+        None,
+    )
+    budget_unit: str | None = option(  # None: the budget's own unit (12MiB: bytes), else rank
+        Option(
+            ("--budget-unit",),
+            f"What a percentage, a fraction or auto counts: {', '.join(UNITS)}.",
+            check=one_of(UNITS),
+            show_default="rank, or the unit --budget states",
+        ),
+        None,
     )
     method: str | None = option(  # None: "sublora" with a calibration script, "magnitude" without
         Option(
@@ -80,14 +105,15 @@ class PruneOptions:
     )
     calib: Path | None = option(CALIB, None)
     curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: int = option(MIN_RANK, 0)
-    max_rank: int | None = option(MAX_RANK, None)
+    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
+    max_rank: str | None = option(MAX_RANK, None)
     seed: int = option(Option(("--seed",), "Seed of the randomized greedy (sublora-random)."), 0)
     max_loss_increase: str | None = option(  # "0.05" or "5%", relative to the loss before pruning
         Option(
             ("--max-loss-increase",),
-            "Quality gate: exit 3 when the measured loss grows by more than this (0.05 or 5%, relative to the loss "
-            "before). The output is still written.",
+            "With --budget: a quality gate, exit 3 when the measured loss grows by more than this (0.05 or 5%, "
+            "relative to the loss before; the output is still written). Without (or --budget auto): find the "
+            "smallest adapter whose measured increase is within it.",
             check=read_tolerance,
             config_types=(str, int, float),
             show_default=False,
@@ -131,17 +157,28 @@ def default_out_dir(adapter_path: Path, suffix: str) -> Path:
     return path.parent / f"{path.stem if path.is_file() else path.name}-{suffix}"
 
 
-def rank_bounds(adapter: Adapter, min_rank: int, max_rank: int | None) -> RankBounds:
-    if min_rank < 0:
-        raise SubloraError(f"--min-rank {min_rank}: must be 0 or more.")
-    if max_rank is not None and max_rank < max(min_rank, 0):
-        raise SubloraError(f"--max-rank {max_rank} is below --min-rank {min_rank}.")
-    if max_rank == 0:
+def rank_bounds(adapter: Adapter, min_rank: int | str, max_rank: int | str | None) -> RankBounds:
+    """Per-module bounds from --min-rank/--max-rank (one number or glob patterns, bounds.py)."""
+    names = [m.name for m in adapter.modules]
+    lower = per_module(names, min_rank, "--min-rank", 0)
+    upper = per_module(names, max_rank, "--max-rank", None)
+    for name, lo, hi in zip(names, lower, upper, strict=True):
+        if hi is not None and hi < lo:
+            where = "" if isinstance(max_rank, int) and isinstance(min_rank, int) else f" for {name}"
+            raise SubloraError(f"--max-rank {hi} is below --min-rank {lo}{where}.")
+    if upper and all(hi == 0 for hi in upper):
         raise SubloraError(
             "--max-rank 0 leaves no component in any module: the pruned adapter would be empty, which peft cannot "
             "load. Use --max-rank 1 or more."
         )
-    return RankBounds.from_ranks([m.rank for m in adapter.modules], min_rank=min_rank, max_rank=max_rank)
+    ranks = [m.rank for m in adapter.modules]
+    sizes = torch.tensor(ranks, dtype=torch.long)
+    caps = torch.tensor([r if hi is None else hi for r, hi in zip(ranks, upper, strict=True)], dtype=torch.long)
+    return replace(
+        RankBounds.from_ranks(ranks),
+        lower=torch.minimum(sizes, torch.tensor(lower, dtype=torch.long)),
+        upper=torch.minimum(sizes, caps),
+    )
 
 
 def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.Tensor) -> list[PrunedModule]:
@@ -248,9 +285,12 @@ def _check_not_empty(selection: Selection, method: str) -> None:
 
 
 def _shortfall(selection: Selection, budget: Budget, method: str) -> list[str]:
-    """A warning when less is kept than the budget allows, so a smaller file is not a surprise."""
-    spent = float(budget.cost[selection.kept.cpu()].sum())
-    if spent >= budget.capacity:
+    """A warning when less is kept than the budget allows, so a smaller file is not a surprise. What is left
+    after the kept set is no shortfall when no component left out fits in it (bytes rarely add up exactly)."""
+    kept = selection.kept.cpu()
+    spent = float(budget.cost[kept].sum())
+    left_out = budget.cost[~kept]
+    if spent >= budget.capacity or not bool((left_out <= budget.capacity - spent).any()):
         return []
     why = {
         "sublora-random": "the randomized greedy picks a zero-gain 'dummy' in a step when that is among its draws "
@@ -386,6 +426,12 @@ def written_outcome(
     return finish
 
 
+def selected_loss(calibrated: Calibrated, adapter: Adapter, spectra: list[Spectrum]) -> Callable[[torch.Tensor], float]:
+    """The measured loss of a kept set as written, σ as trained: what `--budget auto` bisects on (a refit after
+    the search only lowers it, so the chosen budget stays within the tolerance)."""
+    return lambda kept: measure_written(calibrated, adapter, pruned_modules(adapter, spectra, kept), False)[0]
+
+
 def _time_refit(timings: Timings, result: RefitResult | None) -> None:
     """Move the refit's own time (its measured candidates) from the measuring stage to a `refit` stage."""
     if result is not None:
@@ -438,21 +484,20 @@ def prune(
     timings = Timings()
     warnings: list[str] = []
 
+    spec = _budget_spec(options)
     adapter = load_adapter(adapter_path, timings)
-    budget = parse_budget(options.budget, adapter.total_rank)
+    unit = budget_unit(spec, options.budget_unit)
+    pricing = adapter_pricing(adapter)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = output_dir(adapter_path, out_dir, f"pruned-{budget}", overwrite)
-    if budget >= adapter.total_rank:
-        warnings.append(
-            f"--budget {options.budget} resolves to {budget}, at least the adapter's total rank "
-            f"{adapter.total_rank}: nothing to prune, the adapter is written unchanged."
-        )
-    budget = min(budget, adapter.total_rank)
-    allowance = Budget.ranks(budget, adapter.total_rank)
+    allowance = None if spec.reading == "auto" else resolve_budget(spec, unit, pricing)
+    out_dir = output_dir(adapter_path, out_dir, f"pruned-{_suffix(spec, allowance)}", overwrite)
+    if allowance is not None:
+        allowance, unpruned = _whole_adapter_cap(allowance)
+        warnings.extend(_nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
     spectra = svd_form(adapter, timings)
     sigma = torch.cat([s.sigma for s in spectra])
 
-    curvature = loss = metrics = reason = refit_result = None
+    curvature = loss = metrics = reason = refit_result = search = None
     if options.calib is None:
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, allowance, bounds, None, options.seed)
@@ -466,8 +511,18 @@ def prune(
                 calibrated, options.curvature, [method], options.max_hessian_gb, timings, info, progress, options.refit
             )
             warnings.extend(curvature.notes_for([method]) if curvature is not None else [])
-            with timings.stage("select"):
-                selection = _select(method, sigma, allowance, bounds, curvature, options.seed)
+            if allowance is None:
+                with timings.stage("auto budget"):
+                    search = _auto_budget(
+                        threshold, unit, pricing, method, sigma, bounds, curvature, options.seed, loss_before,
+                        selected_loss(calibrated, adapter, spectra),
+                    )  # fmt: skip
+                allowance, selection = Budget(pricing.costs(unit), search.capacity, unit), search.selection
+                if info is not None:
+                    info(_auto_news(search, allowance, len(search.evaluations)))
+            else:
+                with timings.stage("select"):
+                    selection = _select(method, sigma, allowance, bounds, curvature, options.seed)
             warnings.extend(_shortfall(selection, allowance, method))
             warnings.extend(_uncompensated(method, options.refit))
             finish = written_outcome(calibrated, adapter, spectra, curvature, options.refit)
@@ -492,8 +547,9 @@ def prune(
         pruned=pruned,
         method=method,
         curvature=curvature.kind if curvature is not None else None,
-        budget_requested=options.budget,
-        budget_resolved=budget,
+        budget_requested=options.budget or "auto",
+        budget_resolved=_resolved(allowance),
+        budget_extra=_budget_block(allowance, pricing, selection, search, threshold),
         bounds={"min_rank": options.min_rank, "max_rank": options.max_rank},
         selection=selection,
         seed=options.seed,
@@ -529,6 +585,112 @@ def _uncompensated(method: str, refit_kept: bool) -> list[str]:
         f"--method {method} chose its kept set, and predicts its loss, counting on the refit of the kept σ, "
         "which --no-refit turns off: the kept σ are written as trained."
     ]
+
+
+def _budget_spec(options: PruneOptions) -> BudgetSpec:
+    """The written budget; none with --max-loss-increase is auto, none without it a usage error."""
+    if options.budget is None:
+        if options.max_loss_increase is None:
+            raise UsageError(
+                "--budget is required (a rank, a share, a size such as 12MiB or a parameter count such as 2.5M), "
+                "unless --max-loss-increase is given: then sublora finds the smallest adapter within it."
+            )
+        return BudgetSpec("auto", 0.0)
+    try:
+        spec = read_budget(options.budget)
+    except SubloraError as e:
+        raise SubloraError(f"--budget {e}") from None
+    if spec.reading == "auto" and options.max_loss_increase is None:
+        raise UsageError("--budget auto needs --max-loss-increase: the loss increase the smallest adapter may have.")
+    return spec
+
+
+def adapter_pricing(adapter: Adapter) -> Pricing:
+    """What every component and the carried tensors cost (design §5), in the adapter's stored dtype."""
+    return Pricing(
+        ranks=[m.rank for m in adapter.modules],
+        widths=[sum(m.shape) for m in adapter.modules],
+        element_sizes=[m.element_size for m in adapter.modules],
+        carried_bytes=sum(t.numel() * t.element_size() for t in adapter.carried.values()),
+    )
+
+
+def _whole_adapter_cap(allowance: Budget) -> tuple[Budget, bool]:
+    """The budget capped at the whole adapter, and whether it reached it (nothing to prune)."""
+    whole = float(allowance.cost.sum())
+    if allowance.capacity < whole:
+        return allowance, False
+    return replace(allowance, capacity=whole), True
+
+
+def _nothing_to_prune(requested: str | None, allowance: Budget, unpruned: bool, fixed: int) -> list[str]:
+    if not unpruned:
+        return []
+    whole = allowance.amount(allowance.capacity + fixed)
+    if allowance.unit == "rank":
+        whole = f"total rank {allowance.capacity:g}"
+    return [f"--budget {requested} is at least the adapter's {whole}: nothing to prune, the adapter is written as is."]
+
+
+def _suffix(spec: BudgetSpec, allowance: Budget | None) -> str:
+    """The default output directory's suffix: the kept count of a rank budget, else the budget as written."""
+    if allowance is not None and allowance.unit == "rank":
+        return str(int(allowance.capacity))
+    return "auto" if spec.reading == "auto" else f"{spec.value:g}".replace(".", "p") + spec.reading
+
+
+def _resolved(allowance: Budget) -> int | float:
+    """The report's `budget.resolved`: the kept count of a rank budget, else what the components may spend."""
+    return int(allowance.capacity) if allowance.unit == "rank" else allowance.capacity
+
+
+def _budget_block(
+    allowance: Budget, pricing: Pricing, selection: Selection, search: AutoBudget | None, tolerance: float | None
+) -> dict:
+    """unit, capacity and used (the carried tensors included for bytes), what they carry, and the auto search."""
+    fixed = pricing.fixed(allowance.unit)
+    block = {
+        "unit": allowance.unit,
+        "capacity": allowance.capacity + fixed,
+        "used": allowance.spent(selection.kept) + fixed,
+        "carried": fixed,
+        "whole": float(allowance.cost.sum()) + fixed,
+    }
+    if search is not None:
+        block["search"] = search.summary(tolerance)
+    return block
+
+
+def _auto_budget(
+    tolerance: float,
+    unit: str,
+    pricing: Pricing,
+    method: str,
+    sigma: torch.Tensor,
+    bounds: RankBounds,
+    curvature: Curvature | None,
+    seed: int,
+    loss_before: float,
+    measure: Callable[[torch.Tensor], float],
+) -> AutoBudget:
+    """The smallest budget in `unit` whose selection's measured increase is within `tolerance` (autobudget.py)."""
+    floor = sum(lo * c for lo, c in zip(bounds.lower.tolist(), pricing.per_module(unit), strict=True))
+    return smallest_within(
+        tolerance,
+        pricing.costs(unit),
+        floor,
+        lambda budget: _select(method, sigma, budget, bounds, curvature, seed),
+        measure,
+        loss_before,
+        unit,
+    )
+
+
+def _auto_news(search: AutoBudget, allowance: Budget, evaluations: int) -> str:
+    return (
+        f"--budget auto: {allowance.amount(search.capacity)} (rank {int(search.selection.kept.sum())}) after "
+        f"{evaluations} loss evaluations"
+    )
 
 
 def _quality_threshold(options: PruneOptions) -> float | None:

@@ -102,7 +102,7 @@ def inspect_tables(description: dict, adapter: Path, format_name: str) -> None:
 def prune_summary(report: dict, out_dir: Path) -> None:
     """`sublora prune`: the kept rank per module (unchanged rows dim, emptied rows red), then budget, size, loss."""
     rows = table(
-        f"method {report['method']}, budget {report['budget']['resolved']}",
+        f"method {report['method']}, budget {report['budget']['requested']}",
         ("module", "shape", "rank", "kept σ"),
         left=("module", "shape", "kept σ"),
     )
@@ -117,14 +117,20 @@ def prune_summary(report: dict, out_dir: Path) -> None:
         )
     out.print(rows)
     budget, t = report["budget"], report["totals"]
-    out.print(
-        f"budget {escape(budget['requested'])}, read as a {budget['reading']}: "
-        f"{budget['resolved']} of {t['rank_before']} components"
-    )
+    out.print(f"budget {escape(budget['requested'])}, read as a {budget['reading']}: {_budget_amounts(budget)}")
+    carried = t.get("carried_bytes", 0)
     out.print(
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
-        f"[bold]{t['params_after']:,}[/], {human_bytes(t['bytes_before'])} → [bold]{human_bytes(t['bytes_after'])}[/]"
+        f"[bold]{t['params_after']:,}[/], bytes {human_bytes(t['bytes_before'] + carried)} → "
+        f"[bold]{human_bytes(t['bytes_after'] + carried)}[/]"
+        + (f" (incl. {human_bytes(carried)} of carried tensors)" if carried else "")
     )
+    if budget.get("search"):
+        search = budget["search"]
+        out.print(
+            f"auto budget: smallest within {search['max_loss_increase']:.2%} measured increase after "
+            f"{len(search['evaluations'])} loss evaluations"
+        )
     if report["loss"]:
         loss = report["loss"]
         predicted = loss["predicted_increase"]
@@ -139,6 +145,15 @@ def prune_summary(report: dict, out_dir: Path) -> None:
             after = report["metrics"]["after"].get(name, float("nan"))
             out.print(f"{escape(name)} {before:.4g} → [bold]{after:.4g}[/]")
     out.print(escape(f"wrote {out_dir} (adapter + sublora_report.json, sublora_report.md)"))
+
+
+def _budget_amounts(budget: dict) -> str:
+    """"12 of 40 components" for a rank budget; "used 1.2 MiB of 1.5 MiB allowed, 3.0 MiB in all" for bytes."""
+    unit = budget.get("unit", "rank")
+    if unit == "rank":
+        return f"{budget['capacity']:g} of {budget['whole']:g} components"
+    show = human_bytes if unit == "bytes" else (lambda n: f"{n:,.0f} parameters")
+    return f"used {show(budget['used'])} of {show(budget['capacity'])} allowed, {show(budget['whole'])} in all"
 
 
 def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> None:

@@ -45,7 +45,7 @@ def non_finite_metric_warnings(metrics: dict[str, float] | None, when: str) -> l
     ]
 
 
-def _totals(pruned: list[PrunedModule]) -> dict:
+def _totals(pruned: list[PrunedModule], carried: dict) -> dict:
     before = sum(p.module.params for p in pruned)
     after = sum(p.module.params * p.rank_after // p.module.rank for p in pruned)
     return {
@@ -55,6 +55,7 @@ def _totals(pruned: list[PrunedModule]) -> dict:
         "params_after": after,
         "bytes_before": sum(p.module.params * p.module.element_size for p in pruned),
         "bytes_after": sum(p.module.params * p.rank_after // p.module.rank * p.module.element_size for p in pruned),
+        "carried_bytes": sum(t.numel() * t.element_size() for t in carried.values()),  # written whatever is kept
     }
 
 
@@ -66,8 +67,9 @@ def build_report(
     method: str,
     curvature: str | None,
     budget_requested: str,
-    budget_resolved: int,
+    budget_resolved: int | float,
     bounds: dict,
+    budget_extra: dict | None = None,
     selection: Selection,
     seed: int,
     timings: dict,
@@ -104,8 +106,9 @@ def build_report(
             "reading": read_budget(budget_requested).reading,
             "resolved": budget_resolved,
             **bounds,
+            **(budget_extra or {}),
         },
-        "totals": _totals(pruned),
+        "totals": _totals(pruned, adapter.carried),
         "modules": modules,
         "calibration": calibration,
         "loss": loss,
@@ -177,7 +180,7 @@ def render_markdown(report: dict) -> str:
         f"- input: `{report['input']['path']}` (sha256 `{report['input']['sha256'][:16]}…`)",
         f"- method: `{report['method']}`" + (f", curvature `{report['curvature']}`" if report["curvature"] else ""),
         f"- budget: {report['budget']['requested']} (read as a {report['budget']['reading']}) → "
-        f"{report['budget']['resolved']} components",
+        f"{report['budget']['resolved']:,g} {_unit_words(report['budget'])}",
         f"- rank {t['rank_before']} → {t['rank_after']}, parameters {t['params_before']:,} → {t['params_after']:,}, "
         f"bytes {t['bytes_before']:,} → {t['bytes_after']:,}",
     ]
@@ -223,6 +226,17 @@ def render_markdown(report: dict) -> str:
         )
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["timings"].items()), ""]
     return "\n".join(lines)
+
+
+def _unit_words(budget: dict) -> str:
+    """What `resolved` counts, and for bytes and parameters what was used and carried."""
+    unit = budget.get("unit", "rank")
+    if unit == "rank":
+        return "components"
+    return (
+        f"{unit} for the components; used {budget['used']:,g} of {budget['capacity']:,g} {unit} "
+        f"(carried tensors {budget['carried']:,g}, whole adapter {budget['whole']:,g})"
+    )
 
 
 def write_reports(report: dict, out_dir: Path) -> None:

@@ -56,7 +56,7 @@ class RankBounds:
 class Selection:
     """The outcome of one selection.
 
-    order: indices in the order they were added (greedy and sorted methods; a prefix of it is the answer
+    order: indices in the order they were added (greedy and sorted methods; under a rank budget a prefix is the answer
     for a smaller budget), for exhaustive the kept indices ascending.
     diagnostics: {"clipped_fraction", "clipped_mass", "monotone"} for methods that use curvature, else None.
     gains: the marginal gain of each element of order under the objective the method optimised (Ĥ for the
@@ -180,7 +180,8 @@ class _Ledger:
     module (then it reduces the reserve by its module's cheapest cost). `needy` marks those modules' elements.
     """
 
-    def __init__(self, bounds: RankBounds, budget: Budget, gains: torch.Tensor):
+    def __init__(self, bounds: RankBounds, budget: Budget, gains: torch.Tensor, per_cost: bool = False):
+        self.per_cost = per_cost
         self.group = bounds.group.tolist()
         self.lower = bounds.lower.tolist()
         self.upper = bounds.upper.tolist()
@@ -205,10 +206,11 @@ class _Ledger:
         return (self.cost <= self.remaining - self.reserve) | (self.needy & (self.cost <= self.remaining))
 
     def scores(self, gains: torch.Tensor) -> torch.Tensor:
-        """What the greedy maximises: the gain of every eligible element, −inf elsewhere. The one place where a
-        cost-aware rule (gain per cost, for budgets whose components cost differently) would go; with rank
-        budgets every cost is 1 and the gain is the score."""
-        return gains.masked_fill(~self.eligible(), -math.inf) if self.forced() else gains
+        """What the greedy maximises: the gain of every eligible element (per unit of cost when `per_cost`: the
+        density rule of knapsack greedies, design §5), −inf elsewhere. With rank budgets every cost is 1 and the
+        gain is the score."""
+        scores = gains / self.cost if self.per_cost else gains
+        return scores.masked_fill(~self.eligible(), -math.inf) if self.forced() else scores
 
     def take(self, j: int, gains: torch.Tensor) -> None:
         """Record keeping j; mark j and, when its module is full, the whole module as unavailable."""
@@ -228,19 +230,34 @@ class _Ledger:
         self.remaining -= cost
 
 
-def _greedy(gains, budget, bounds, sigma=None, hessian=None, submodular=False):
+def _greedy(gains, budget, bounds, sigma=None, hessian=None, submodular=False, per_cost=True):
+    """The greedy under `budget`. When components cost differently and the method ranks `per_cost`, it is the
+    knapsack greedy with the standard fix (design §5): the density greedy (gain per cost), the same greedy
+    started from the best single affordable element, and the greedy by gain alone (what a rank budget picks,
+    filled up to the capacity) all run, and the one whose kept set has the largest objective (the sum of its
+    marginal gains) wins: ½(1 − 1/e) of the optimum for monotone submodular objectives, ½ for modular ones (the
+    sorted methods), and never below the gain greedy on the method's own objective."""
+    by_gain = _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=False)
+    if not (per_cost and not budget.uniform):
+        return by_gain
+    density = _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=True)
+    single = _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost=True, first_by_gain=True)
+    return max((density, single, by_gain), key=lambda run: math.fsum(run[1]))  # ties: the first listed
+
+
+def _greedy_run(gains, budget, bounds, sigma, hessian, submodular, per_cost, first_by_gain=False):
     """Add the eligible element with the largest score until nothing eligible is affordable. With a Hessian, each
     step updates the gains with one row of it: −σ_j H_jk σ_k, clamped at 0 for Ĥ (an entry whose term is
     negative is one the projection zeroes), so Ĥ is never formed. Without one the gains never change (the sorted
     methods). The greedy keeps adding when the best gain is negative: the budget is what users ask to keep, and
     `monotone` reports it. Ties go to the lower index (argmax returns the first maximum). Components with
     σ = 0 add nothing to the adapter, so they come last whatever their gain: never kept while a σ ≠ 0 one is
-    eligible."""
+    eligible. `first_by_gain`: the first pick ranks by gain alone, the rest per cost."""
     order, picked = [], []
     if gains.numel() == 0:
         return order, picked
     gains = gains.clone()
-    book = _Ledger(bounds, budget, gains)
+    book = _Ledger(bounds, budget, gains, per_cost=per_cost and not first_by_gain)
     dead = sigma == 0
     while True:
         scores = book.scores(gains)
@@ -252,6 +269,7 @@ def _greedy(gains, budget, bounds, sigma=None, hessian=None, submodular=False):
         if hessian is not None:
             _drop_interactions(gains, hessian, sigma, j, submodular)
         book.take(j, gains)
+        book.per_cost = per_cost
     return order, picked
 
 
@@ -280,17 +298,23 @@ def _top_members(scores: torch.Tensor, k: int, finite: int) -> torch.Tensor:
 
 
 def _uniform_cost(budget: Budget, method: str) -> float:
-    """The one cost every component has; ValueError otherwise. The randomized greedy and the exhaustive count are
-    defined by the number of picks, which only a budget of equal costs (a rank budget) fixes."""
-    costs = budget.cost
-    if costs.numel() and not bool((costs == costs[0]).all()):
-        raise ValueError(f"method {method} needs a budget whose components all cost the same (a rank budget)")
-    return float(costs[0]) if costs.numel() else 1.0
+    """The one cost every component has; ValueError otherwise. The randomized greedy's guarantee (Buchbinder et
+    al. 2014) is for a cardinality constraint: it draws among the k best, k the number of picks, which only a
+    budget of equal costs fixes; no extension of it to knapsack constraints keeps a comparable bound, so it
+    refuses rather than pretend."""
+    if not budget.uniform:
+        raise ValueError(
+            f"method {method} needs a budget whose components all cost the same (a rank budget); it is defined "
+            f"by a number of picks, which a {budget.unit} budget does not fix. Use --method sublora "
+            "(the knapsack greedy) or exhaustive"
+        )
+    return float(budget.cost[0]) if budget.cost.numel() else 1.0
 
 
-def _max_picks(budget: Budget, unit: float) -> int:
-    """How many components of cost `unit` the budget affords."""
-    return int(budget.capacity // unit)
+def _max_picks(budget: Budget) -> int:
+    """At most how many components the budget affords (the cheapest first)."""
+    spent = torch.cumsum(torch.sort(budget.cost).values, 0)
+    return int((spent <= budget.capacity + 1e-9 * max(budget.capacity, 1.0)).sum())
 
 
 def _random_greedy(gains, budget, bounds, sigma, hessian, seed):
@@ -299,7 +323,7 @@ def _random_greedy(gains, budget, bounds, sigma, hessian, seed):
     gains padded with zero-gain dummies (a dummy spends one component's cost on nothing), so elements with
     negative gain are never picked unless a lower bound forces it."""
     unit = _uniform_cost(budget, "sublora-random")
-    picks = _max_picks(budget, unit)
+    picks = _max_picks(budget)
     gains = gains.clone()
     book = _Ledger(bounds, budget, gains)
     generator = torch.Generator().manual_seed(seed)
@@ -355,11 +379,12 @@ def _count_subsets(bounds: RankBounds, picks: int, limit: int) -> tuple[int, boo
 
 
 def _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive):
-    """Exact optimum of f over all affordable kept sets within bounds. f need not be monotone, so smaller sets
+    """Exact optimum of f over all affordable kept sets within bounds (costs honoured exactly: a set is a
+    candidate iff its total cost fits). f need not be monotone, so smaller sets
     are candidates too; among equal values the set found first (larger sets first) wins. Uses
     f(S) − f(∅) = Σ_{i∈S} a_i − ½ Σ_{i,j∈S} Q_ij with a = −gσ + σ(Hσ) and Q = diag(σ) H diag(σ).
     Returns the kept indices ascending and whether the set is maximal (nothing eligible was still affordable)."""
-    picks = _max_picks(budget, _uniform_cost(budget, "exhaustive"))
+    picks = _max_picks(budget)
     count, exact = _count_subsets(bounds, picks, max_exhaustive)
     if count > max_exhaustive:
         raise ValueError(
@@ -453,6 +478,7 @@ class _Problem:
     hessian_diag: torch.Tensor | None
     interactions: torch.Tensor | None  # Σ_{i≠k} max(σ_k H_ki σ_i, 0), for the gains on Ĥ
     seed: int
+    per_cost: bool = True  # the method's `per_cost` (methods.py)
 
 
 def _diagonal(p: _Problem) -> torch.Tensor:
@@ -461,7 +487,8 @@ def _diagonal(p: _Problem) -> torch.Tensor:
 
 def _backward_elimination(p: _Problem) -> tuple[list[int], None]:
     """obs (obs.py) on a rank budget: the kept indices ascending, no gains (it removes rather than adds)."""
-    picks = _max_picks(p.budget, _uniform_cost(p.budget, "obs"))
+    _uniform_cost(p.budget, "obs")
+    picks = _max_picks(p.budget)
     chosen = obs_select(p.sigma, picks, p.bounds, p.gradient, p.hessian, damping=OBS_DAMPING)
     return torch.nonzero(chosen.kept).flatten().tolist(), None
 
@@ -486,9 +513,11 @@ START_GAINS: dict[str, Callable[[_Problem], torch.Tensor]] = {  # a method's `ga
     "submodular": lambda p: -p.gradient * p.sigma + 0.5 * torch.diagonal(p.hessian) * p.sigma.square() + p.interactions,
 }
 SEARCHES: dict[str, Callable[[torch.Tensor, _Problem], tuple[list[int], list[float]]]] = {  # a method's `search`
-    "sorted": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma),
-    "greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian),
-    "submodular-greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian, submodular=True),
+    "sorted": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, per_cost=p.per_cost),
+    "greedy": lambda start, p: _greedy(start, p.budget, p.bounds, p.sigma, p.hessian, per_cost=p.per_cost),
+    "submodular-greedy": lambda start, p: _greedy(
+        start, p.budget, p.bounds, p.sigma, p.hessian, submodular=True, per_cost=p.per_cost
+    ),
     "random-greedy": lambda start, p: _random_greedy(start, p.budget, p.bounds, p.sigma, p.hessian, p.seed),
     "backward-elimination": lambda start, p: _backward_elimination(p),
 }
@@ -563,7 +592,9 @@ def select(
         if inputs["hessian"] is not None:
             interactions, clipped_fraction, clipped_mass = _submodular_pass(inputs["hessian"], sigma)
         diagnostics = {"clipped_fraction": clipped_fraction, "clipped_mass": clipped_mass, "monotone": None}
-    problem = _Problem(budget=budget, bounds=bounds, interactions=interactions, seed=seed, **inputs)
+    problem = _Problem(
+        budget=budget, bounds=bounds, interactions=interactions, seed=seed, per_cost=spec.per_cost, **inputs
+    )
 
     gains = None
     if spec.search in ENUMERATING and budget.capacity >= float(budget.cost.sum()):  # nothing to choose

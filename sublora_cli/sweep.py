@@ -9,12 +9,12 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from sublora_cli.budget import Budget, parse_budget
+from sublora_cli.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import Curvature
 from sublora_cli.errors import SubloraError
@@ -43,6 +43,7 @@ from sublora_cli.prune import (
     Progress,
     Timings,
     _check_curvature,
+    adapter_pricing,
     calibration,
     load_adapter,
     measure_before,
@@ -72,6 +73,7 @@ class SweepRow:
     refit_accepted: bool | None  # None: the refit did not run (--no-refit)
     metrics_after: dict[str, float] | None
     select_seconds: float
+    unit: str = "rank"  # what `budget` counts: rank, or bytes / params of the written adapter (carried included)
 
 
 def parse_budgets(text: str, total_rank: int) -> list[int]:
@@ -97,6 +99,30 @@ def parse_budgets(text: str, total_rank: int) -> list[int]:
     return sorted({min(b, total_rank) for b in budgets})
 
 
+def parse_sizes(text: str) -> tuple[str, list[int]] | None:
+    """A bytes or parameters axis, `100KB:1MB:100KB` or `200KB,1MiB` (one unit), as (unit, sorted amounts); None
+    for a rank axis (parse_budgets reads those)."""
+    raw = str(text).strip()
+    range_ = ":" in raw
+    items = [item.strip() for item in raw.split(":" if range_ else ",") if item.strip()]
+    if not any(item[-1:].isalpha() for item in items):
+        return None
+    specs = [read_budget(item) for item in items]
+    units = {spec.unit for spec in specs}
+    if len(units) != 1 or None in units or "rank" in units or (range_ and len(specs) != 3):
+        raise SubloraError(
+            f"--budgets {raw!r}: a size axis is a list (200KB,1MiB) or a range start:stop:step (100KB:1MB:100KB) "
+            "whose every entry is a size in bytes, or every one a parameter count (300k:3M:300k)."
+        )
+    amounts = [int(spec.value) for spec in specs]
+    if range_:
+        start, stop, step = amounts
+        if stop < start:
+            raise SubloraError(f"--budgets {raw!r}: a range needs stop ≥ start.")
+        amounts = list(range(start, stop + 1, step))
+    return units.pop(), sorted(set(amounts))
+
+
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in str(text).split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -107,7 +133,8 @@ def parse_methods(text: str) -> list[str]:
 
 def budgets_syntax(text: str) -> None:
     """--budgets errors never depend on the adapter's total rank, so any rank checks the syntax."""
-    parse_budgets(text, total_rank=1)
+    if parse_sizes(text) is None:
+        parse_budgets(text, total_rank=1)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -124,7 +151,12 @@ class SweepOptions:
 
     calib: Path = option(CALIB)
     budgets: str = option(
-        Option(("--budgets",), "A list (10,20,40 or 10%,25%) or a range start:stop:step (10:100:10).", budgets_syntax),
+        Option(
+            ("--budgets",),
+            "A list (10,20,40 or 10%,25%) or a range start:stop:step (10:100:10) of ranks; or of sizes of the "
+            "written adapter (200KB,1MiB or 100KB:1MB:100KB) or parameter counts (300k:3M:300k).",
+            budgets_syntax,
+        ),
         "10:90:10",
     )
     methods: tuple[str, ...] = option(
@@ -139,8 +171,8 @@ class SweepOptions:
         Option(("--seeds",), "Seeds of sublora-random, comma-separated.", parse=parse_seeds), (0, 1, 2)
     )
     curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: int = option(MIN_RANK, 0)
-    max_rank: int | None = option(MAX_RANK, None)
+    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
+    max_rank: str | None = option(MAX_RANK, None)
     max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
     device: str = option(DEVICE, DEFAULT_DEVICE)
@@ -173,7 +205,8 @@ def sweep(
         _check_curvature(method, options.curvature)
     timings = Timings()
     adapter = load_adapter(adapter_path, timings)
-    budgets = parse_budgets(options.budgets, adapter.total_rank)
+    pricing = adapter_pricing(adapter)
+    unit, budgets = parse_sizes(options.budgets) or ("rank", parse_budgets(options.budgets, adapter.total_rank))
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
     out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
     spectra = svd_form(adapter, timings)
@@ -193,6 +226,8 @@ def sweep(
                 list(options.seeds),
                 loss_before,
                 progress=progress,
+                pricing=pricing,
+                unit=unit,
             )
     meta = {
         "adapter": str(adapter_path),
@@ -203,6 +238,7 @@ def sweep(
         "curvature_notes": curvature.notes_for(methods) if curvature is not None else [],
         "total_rank": adapter.total_rank,
         "budgets": budgets,
+        "budget_unit": unit,
         "methods": methods,
         "seeds": list(options.seeds),
         "loss_before": loss_before,
@@ -229,6 +265,8 @@ def run_sweep(
     seeds: list[int],
     loss_before: float,
     progress: Callable[[str, int, int], None] | None = None,
+    pricing: Pricing | None = None,
+    unit: str = "rank",
 ) -> list[SweepRow]:
     """Every budget × method (× seed for sublora-random), each kept set refit and measured by `finish` (as written).
 
@@ -252,7 +290,7 @@ def run_sweep(
             start = time.perf_counter()
             try:
                 inputs = curvature.selection_inputs(method) if curvature is not None else {}
-                allowance = Budget.ranks(budget, sigma.numel())
+                allowance = Budget.ranks(budget, sigma.numel()) if unit == "rank" else _sized(budget, unit, pricing)
                 selection = select(method, sigma, allowance, bounds, seed=seed or 0, **inputs)
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
@@ -271,12 +309,19 @@ def run_sweep(
                     refit_accepted=None if written.refit is None else written.refit.accepted,
                     metrics_after=written.metrics,
                     select_seconds=seconds,
+                    unit=unit,
                 )
             )
             done += 1
             if progress:
                 progress("sweep", done, total)
     return rows
+
+
+def _sized(amount: int, unit: str, pricing: Pricing) -> Budget:
+    """A bytes or parameters budget for the whole written adapter, capped at all of it."""
+    budget = resolve_budget(BudgetSpec(unit, amount), unit, pricing)
+    return replace(budget, capacity=min(budget.capacity, float(budget.cost.sum())))
 
 
 def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
@@ -351,7 +396,8 @@ def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[
             color="grey",
             label="before pruning",
         )
-        ax.set_xlabel("budget (total rank kept)")
+        unit = rows[0].unit if rows else "rank"
+        ax.set_xlabel("budget (total rank kept)" if unit == "rank" else f"size of the written adapter ({unit})")
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

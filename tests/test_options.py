@@ -55,13 +55,13 @@ def test_every_prune_setting_is_a_config_key_with_the_same_default():
     from_defaults = resolve(PruneOptions, {"budget": "1"}, {}, reads_config=True)
     assert from_defaults == PruneOptions(budget="1")
     for setting in settings_of(PruneOptions):
-        if not setting.required:
+        if not setting.required and setting.name != "budget":
             assert getattr(from_defaults, setting.name) == setting.default
 
 
 def test_a_required_setting_given_nowhere_is_a_usage_error():
     with pytest.raises(typer.BadParameter, match="in --config"):
-        resolve(PruneOptions, {}, {}, reads_config=True)
+        resolve(SweepOptions, {}, {}, reads_config=True)
 
 
 def test_a_config_value_is_checked_like_its_flag():

@@ -1,0 +1,63 @@
+"""Per-module rank bounds as users write them: one number for every module (`4`), or patterns (`q_proj=4,*=0`,
+`mlp.*=32`) matched as globs against module names, so a bound can single out a projection or a block.
+
+A pattern matches a module whose full name it matches (`model.layers.0.mlp.up_proj`) or any dotted tail of it
+(`up_proj`, `mlp.*`); the first pattern that matches a module wins, and a module no pattern matches keeps the
+flag's default. A pattern that matches no module is an error that lists the module names.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from sublora_cli.errors import SubloraError
+
+FORMS = "give a whole number for every module (4) or pattern=number pairs, comma-separated (q_proj=4,mlp.*=32,*=0)"
+
+
+def read_rank_bound(value: str | int) -> int | str:
+    """A bound's syntax: an int stays an int; patterns are returned as normalised text (`a=1,b=2`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _count(str(value), str(value))
+    text = str(value).strip()
+    if "=" not in text:
+        return _count(text, text)
+    pairs = [_pair(item.strip(), text) for item in text.split(",") if item.strip()]
+    return ",".join(f"{pattern}={count}" for pattern, count in pairs)
+
+
+def _count(number: str, raw: str) -> int:
+    try:
+        count = int(number)
+    except ValueError:
+        raise SubloraError(f"{raw!r} is not a rank bound: {FORMS}.") from None
+    if count < 0:
+        raise SubloraError(f"{raw}: must be 0 or more.")
+    return count
+
+
+def _pair(item: str, raw: str) -> tuple[str, int]:
+    pattern, _, number = item.partition("=")
+    if not pattern.strip():
+        raise SubloraError(f"{raw!r}: {item!r} has no pattern; {FORMS}.")
+    return pattern.strip(), _count(number.strip(), raw)
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether `pattern` matches the module `name` or one of its dotted tails."""
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def per_module(names: list[str], bound: int | str | None, flag: str, default: int | None) -> list[int | None]:
+    """The bound of every module: one number for all, or the first matching pattern's (else `default`)."""
+    if bound is None or isinstance(bound, int):
+        return [default if bound is None else bound] * len(names)
+    pairs = [_pair(item, bound) for item in str(bound).split(",")]
+    unmatched = [pattern for pattern, _ in pairs if not any(matches(pattern, name) for name in names)]
+    if unmatched:
+        raise SubloraError(
+            f"{flag} pattern {', '.join(map(repr, unmatched))} matches no module; the modules are: "
+            f"{', '.join(names)}."
+        )
+    return [next((count for pattern, count in pairs if matches(pattern, name)), default) for name in names]
