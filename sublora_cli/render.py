@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sublora_cli.report import refit_lines
+from sublora_cli.report import reading_phrase, refit_lines
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
@@ -117,7 +117,8 @@ def prune_summary(report: dict, out_dir: Path) -> None:
         )
     out.print(rows)
     budget, t = report["budget"], report["totals"]
-    out.print(f"budget {escape(budget['requested'])}, read as a {budget['reading']}: {_budget_amounts(budget)}")
+    reading = reading_phrase(budget["reading"])
+    out.print(f"budget {escape(budget['requested'])}, read as {reading}: {_budget_amounts(budget)}")
     carried = t.get("carried_bytes", 0)
     out.print(
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
@@ -192,3 +193,4 @@ def eval_lines(adapter: Path, result: dict) -> None:
 
 def _maybe(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+

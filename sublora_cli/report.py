@@ -179,7 +179,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"- input: `{report['input']['path']}` (sha256 `{report['input']['sha256'][:16]}…`)",
         f"- method: `{report['method']}`" + (f", curvature `{report['curvature']}`" if report["curvature"] else ""),
-        f"- budget: {report['budget']['requested']} (read as a {report['budget']['reading']}) → "
+        f"- budget: {report['budget']['requested']} (read as {reading_phrase(report['budget']['reading'])}) → "
         f"{report['budget']['resolved']:,g} {_unit_words(report['budget'])}",
         f"- rank {t['rank_before']} → {t['rank_after']}, parameters {t['params_before']:,} → {t['params_after']:,}, "
         f"bytes {t['bytes_before']:,} → {t['bytes_after']:,}",
@@ -242,3 +242,8 @@ def _unit_words(budget: dict) -> str:
 def write_reports(report: dict, out_dir: Path) -> None:
     (out_dir / JSON_REPORT).write_text(strict_json(report) + "\n")
     (out_dir / MD_REPORT).write_text(render_markdown(report))
+
+
+def reading_phrase(reading: str) -> str:
+    """How a budget was read, in a sentence: "a rank", "a percentage", "an auto search"."""
+    return "an auto search" if reading == "auto" else f"a {reading}"
