@@ -25,19 +25,23 @@ import time
 from pathlib import Path
 
 import torch
+from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from sublora_cli import methods
-from sublora_cli.prune import PruneOptions, Timings, adapter_pricing, calibration, prune, svd_form, timed_curvature
-from sublora_cli.prune import written_measure as written
+from sublora_cli.prune import (
+    PruneOptions,
+    Timings,
+    adapter_pricing,
+    calibration,
+    prune,
+    selected_loss,
+    svd_form,
+    timed_curvature,
+)
 from sublora_cli.select import RankBounds, select
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
-FAMILIES = {
-    "elliptic": ["k2", "k3", "k4"],
-    "allen_cahn": ["eps0p1", "eps0p15", "eps0p3"],
-    "hyperbolic": ["beta2", "beta3", "beta4"],
-}
 SHARES = (0.25, 0.5, 0.75)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -156,7 +160,7 @@ def budget_of(costs: torch.Tensor, capacity: float, unit: str = "rank"):
 def cell(selection, costs: torch.Tensor, measure) -> dict:
     kept = selection.kept
     return {"bytes": float(costs[kept].sum()), "rank": int(kept.sum()), "predicted": selection.predicted_increase,
-            "loss": measure(kept)[0]}  # fmt: skip
+            "loss": measure(kept)}  # fmt: skip
 
 
 def run_llama(args) -> dict:
@@ -181,7 +185,7 @@ def run_llama(args) -> dict:
             curvature, reason = timed_curvature(
                 calibrated, args.curvature, ["sublora"], 8.0, timings, log, None
             )
-            measure = written(calibrated, adapter, spectra, evaluate=False)
+            measure = selected_loss(calibrated, adapter, spectra)
             for share in SHARES:
                 capacity = share * whole
                 row = {"share": share, "capacity_bytes": capacity}

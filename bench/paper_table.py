@@ -39,7 +39,7 @@ import torch
 from sublora_cli.adapters import read_adapter
 from sublora_cli.budget import Budget
 from sublora_cli.calibrated import open_calibration
-from sublora_cli.prune import written_measure
+from sublora_cli.prune import written_outcome
 from sublora_cli.select import RankBounds, predicted_increase, project_submodular, select
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.sweep import run_sweep
@@ -146,7 +146,7 @@ def run_adapter(family: str, name: str, args) -> dict:
             if done % 12 == 0 or done == total:
                 log(f"    sweep {done}/{total}")
 
-        measure = written_measure(cal, adapter, spectra)
+        measure = written_outcome(cal, adapter, spectra, curv, refit_kept=False)  # the paper: no refit
         rows = run_sweep(measure, sigma, curv, bounds, budgets, METHODS, args.seeds, loss_before, progress=progress)
         g, H = curv.gradient, curv.hessian
         projected, _, _ = project_submodular(H, sigma)

@@ -26,23 +26,20 @@ import time
 from pathlib import Path
 
 import torch
+from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from sublora_cli.adapters import read_adapter
 from sublora_cli.budget import Budget
 from sublora_cli.calibrated import open_calibration
 from sublora_cli.obs import DAMPING as OBS_DAMPING
 from sublora_cli.obs import obs_select
+from sublora_cli.prune import refit_record
 from sublora_cli.refit import DAMPINGS, MAX_EVALUATIONS, STEPS, psd_part, refit
 from sublora_cli.select import RankBounds, select
 from sublora_cli.spectra import adapter_spectra
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
-FAMILIES = {
-    "elliptic": ["k2", "k3", "k4"],
-    "allen_cahn": ["eps0p1", "eps0p15", "eps0p3"],
-    "hyperbolic": ["beta2", "beta3", "beta4"],
-}
 METHODS = ("sublora", "obs", "magnitude")
 TARGET_BUDGETS = (30, 50, 70)
 OBS_DAMPING_SCAN = (1e-6, 1e-2)  # besides the default: the evidence for the default
@@ -99,12 +96,7 @@ def run_adapter(family: str, name: str, budgets: list[int], dtype: str) -> dict:
                     "predicted_increase": predicted,
                     "selection_seconds": seconds,
                     "refit": {
-                        "accepted": result.accepted,
-                        "damping": result.damping,
-                        "step": result.step,
-                        "predicted_change": result.predicted_change,
-                        "measured_change": result.measured_change,
-                        "evaluations": result.evaluations,
+                        **refit_record(result),
                         "seconds": result.seconds,
                         "negative_sigma": int((result.sigma < 0).sum()),
                     },
