@@ -80,6 +80,23 @@ def tiny_bert():
     return BertModel(config).eval()
 
 
+class TinyTanhMLP(torch.nn.Module):
+    """16 → 24 → 8 with a tanh: two nn.Linear layers to adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 24)
+        self.fc2 = torch.nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_tanh_mlp() -> TinyTanhMLP:
+    torch.manual_seed(0)
+    return TinyTanhMLP()
+
+
 def tiny_convnet():
     torch.manual_seed(0)
     return TinyConvNet().eval()

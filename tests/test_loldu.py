@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tanh_mlp
 from safetensors.torch import save_file
 
 from sublora_cli.adapters import read_adapter
@@ -17,21 +18,6 @@ peft = pytest.importorskip("peft")
 
 RANK = 4
 INPUT = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
-
-
-class TinyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(16, 24)
-        self.fc2 = torch.nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def base_model() -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet()
 
 
 def loldu_factors(weight: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -54,7 +40,7 @@ def loldu_factors(weight: torch.Tensor, generator: torch.Generator) -> dict[str,
 def save_loldu(path: Path, drop: str | None = None, extra: dict | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """The LoLDU file of fc1 and fc2, and each module's true update to the original weights."""
     g = torch.Generator().manual_seed(5)
-    model, tensors, deltas = base_model(), {}, {}
+    model, tensors, deltas = tiny_tanh_mlp(), {}, {}
     for name in ("fc1", "fc2"):
         f = loldu_factors(getattr(model, name).weight.detach(), g)
         deltas[name] = f["P"].double() @ f["L"].double() @ torch.diag(
@@ -67,7 +53,7 @@ def save_loldu(path: Path, drop: str | None = None, extra: dict | None = None) -
 
 def loldu_outputs(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
     """What the LoLDU-trained model computes: residual base + s·P L diag(z) U = original base + ΔW."""
-    model = base_model()
+    model = tiny_tanh_mlp()
     with torch.no_grad():
         for name, delta in deltas.items():
             getattr(model, name).weight.add_(delta.float())
@@ -75,7 +61,7 @@ def loldu_outputs(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def peft_model(path: Path):
-    return peft.PeftModel.from_pretrained(base_model(), str(path)).eval()
+    return peft.PeftModel.from_pretrained(tiny_tanh_mlp(), str(path)).eval()
 
 
 def test_full_budget_loads_in_peft_with_the_loldu_outputs(tmp_path, run_cli):

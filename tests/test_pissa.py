@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tanh_mlp
 
 from sublora_cli.adapters import read_adapter
 
@@ -18,26 +19,11 @@ peft = pytest.importorskip("peft")
 INPUT = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
 
 
-class TinyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(16, 24)
-        self.fc2 = torch.nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def base_model() -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet()
-
-
 def train_pissa(tmp_path: Path, convert: bool) -> tuple[Path, torch.Tensor]:
     """A PiSSA adapter whose factors moved after init, saved with or without conversion, and the outputs of the
     trained PiSSA model (residual base + B·A) that a faithful adapter reproduces on the original base."""
     config = peft.LoraConfig(r=3, lora_alpha=3, target_modules=["fc1", "fc2"], init_lora_weights="pissa")
-    model = peft.get_peft_model(base_model(), config)
+    model = peft.get_peft_model(tiny_tanh_mlp(), config)
     initial = tmp_path / "pissa_init"
     model.save_pretrained(str(initial))
     with torch.no_grad():  # stands in for training
@@ -55,7 +41,7 @@ def train_pissa(tmp_path: Path, convert: bool) -> tuple[Path, torch.Tensor]:
 
 def outputs(path: Path) -> torch.Tensor:
     with torch.no_grad():
-        return peft.PeftModel.from_pretrained(base_model(), str(path)).eval()(INPUT)
+        return peft.PeftModel.from_pretrained(tiny_tanh_mlp(), str(path)).eval()(INPUT)
 
 
 def test_unconverted_pissa_is_refused_naming_the_conversion(tmp_path, run_cli):
@@ -81,7 +67,7 @@ def test_converted_pissa_is_a_lora_delta_and_prunes_faithfully(tmp_path, run_cli
 
 
 def lora_adapter(path: Path, **config_changes) -> Path:
-    model = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, target_modules=["fc1"]))
+    model = peft.get_peft_model(tiny_tanh_mlp(), peft.LoraConfig(r=2, target_modules=["fc1"]))
     model.save_pretrained(str(path))
     config_path = path / "adapter_config.json"
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | config_changes))
