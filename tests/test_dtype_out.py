@@ -73,3 +73,18 @@ def test_a_bad_dtype_out_is_a_usage_error(tmp_path, run_cli):
     assert result.code == 2
     assert "fp8" in result.stderr and "fp16" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kohya_file_is_written_in_the_output_dtype_with_its_alpha_kept(tmp_path, run_cli):
+    from test_kohya import SD15, kohya_file, tensors_and_metadata
+
+    path = kohya_file(tmp_path / "sd15.safetensors", SD15, dtype=torch.float32)
+    result = run_cli("prune", path, "--out", tmp_path / "out", "--budget", "75%", "--dtype-out", "fp16")
+    assert result.code == 0, result.stderr
+    written, _ = tensors_and_metadata(tmp_path / "out" / path.name)
+    source, _ = tensors_and_metadata(path)
+    assert {t.dtype for k, t in written.items() if not k.endswith(".alpha")} == {torch.float16}
+    for key in (k for k in written if k.endswith(".alpha")):  # alpha / rank keeps the scale at any rank
+        rank = written[key.replace(".alpha", ".lora_down.weight")].shape[0]
+        down = source[key.replace(".alpha", ".lora_down.weight")]
+        assert float(written[key]) / rank == pytest.approx(float(source[key]) / down.shape[0], rel=1e-6)
