@@ -68,6 +68,10 @@ Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total
 Info = Callable[[str], None]  # one line of news for the user
 
 
+# --dtype-out values; "same" keeps every tensor as the input stored it.
+DTYPES_OUT = {"same": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py)."""
@@ -125,6 +129,16 @@ class PruneOptions:
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     refit: bool = option(REFIT, True)
+    dtype_out: str = option(
+        Option(
+            ("--dtype-out",),
+            f"Dtype of the written adapter (LoRA factors and carried tensors): {', '.join(DTYPES_OUT)}; same keeps "
+            "the input's. Bytes budgets and the report's byte totals count it; the loss before is measured on the "
+            "adapter in this dtype, so the increase is what pruning adds.",
+            check=one_of(tuple(DTYPES_OUT)),
+        ),
+        "same",
+    )
 
     def resolved_method(self) -> str:
         if self.method is not None:
@@ -303,6 +317,17 @@ def _shortfall(selection: Selection, budget: Budget, method: str) -> list[str]:
 def load_adapter(adapter_path: Path, timings: Timings) -> Adapter:
     with timings.stage("load"):
         return read_adapter(adapter_path)
+
+
+def in_dtype(adapter: Adapter, dtype_out: str) -> Adapter:
+    """The adapter with its factors and carried tensors rounded to `dtype_out`, before anything is measured: every
+    format's writer stores (and copies) factors in the module's dtype, so what is measured is what is written."""
+    dtype = DTYPES_OUT[dtype_out]
+    if dtype is None:
+        return adapter
+    modules = [replace(m, A=m.A.to(dtype), B=m.B.to(dtype)) for m in adapter.modules]
+    carried = {k: v.to(dtype) if v.is_floating_point() else v for k, v in adapter.carried.items()}
+    return replace(adapter, modules=modules, carried=carried)
 
 
 def output_dir(adapter_path: Path, out_dir: Path | None, suffix: str, overwrite: bool) -> Path:
@@ -485,7 +510,7 @@ def prune(
     warnings: list[str] = []
 
     spec = _budget_spec(options)
-    adapter = load_adapter(adapter_path, timings)
+    adapter = in_dtype(load_adapter(adapter_path, timings), options.dtype_out)
     unit = budget_unit(spec, options.budget_unit)
     pricing = adapter_pricing(adapter)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
