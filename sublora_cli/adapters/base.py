@@ -3,6 +3,7 @@ keeps of it, and the `Format` protocol each on-disk format implements."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -132,3 +133,12 @@ class Format(Protocol):
     def module_path(self, name: str, model_names: list[str]) -> str:
         """The path, among the calibration model's `model_names`, of the layer that module `name` adapts."""
         ...
+
+
+def sha256_of(path: Path) -> str:
+    """The input's digest for the report (read in 1 MiB chunks: adapters can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

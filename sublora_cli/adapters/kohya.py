@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
+from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, sha256_of
 from sublora_cli.adapters.peft import PEFT_DEFAULTS, get_pattern_key
 from sublora_cli.errors import SubloraError
 from sublora_cli.svd import Spectrum, balanced_factors
@@ -408,14 +408,6 @@ def resolve_model_module(name: str, model_names: list[str]) -> str:
         f"The adapter adapts module {name!r}, but the model from load_model() has no module of that name (compared "
         f"with `.` replaced by `_`).{hint} Does load_model() return the base model the LoRA was trained on?"
     )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class SingleFileFormat:

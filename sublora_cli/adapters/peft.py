@@ -7,7 +7,6 @@ how a pruned adapter is written back so that `PeftModel.from_pretrained` loads i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule
+from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, sha256_of
 from sublora_cli.errors import SubloraError
 from sublora_cli.svd import Spectrum, balanced_factors
 
@@ -76,14 +75,6 @@ def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_config(path: Path) -> dict:
