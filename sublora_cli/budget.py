@@ -142,11 +142,6 @@ def parse_budget(text: str, total_rank: int) -> int:
     return spec.resolve(total_rank)
 
 
-def read_unit(text: str) -> None:
-    if text not in UNITS:
-        raise SubloraError(f"{text!r} is not one of {', '.join(UNITS)}.")
-
-
 @dataclass(frozen=True)
 class Pricing:
     """What each component and the carried tensors cost in every unit: a module's rank-1 component is a column

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.adapters.base import Adapter, LoraModule
+from sublora_cli.adapters.base import Adapter, LoraModule, sha256_of
 from sublora_cli.adapters.peft import (
     CONFIG_FILE,
     PREFIX,
@@ -34,7 +34,6 @@ from sublora_cli.adapters.peft import (
     merge_exclude,
     peft_type,
     read_config,
-    sha256_of,
 )
 from sublora_cli.errors import SubloraError
 

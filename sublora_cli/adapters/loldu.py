@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sublora_cli.adapters.base import Adapter, LoraModule
+from sublora_cli.adapters.base import Adapter, LoraModule, sha256_of
 from sublora_cli.adapters.kohya import CONVERT_HINT
-from sublora_cli.adapters.peft import PeftFormat, PeftState, sha256_of
+from sublora_cli.adapters.peft import PeftFormat, PeftState
 from sublora_cli.errors import SubloraError
 
 SUFFIX = ".safetensors"
