@@ -24,6 +24,7 @@ import torch.nn as nn
 from sublora_cli.errors import SubloraError
 
 REQUIRED = ("load_model", "batches", "loss")
+OPTIONAL = ("evaluate", "per_sample_loss", "train_batches")
 DEFAULT_MAX_BATCHES = 10_000  # --max-batches: a batches() that never ends stops here instead of filling the memory
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -143,6 +144,7 @@ class CalibrationScript:
     loss: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]] | None
     per_sample_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # optional: one loss per sample
+    train_batches: Callable[[], Iterable] | None = None  # optional: what --rounds trains on (else batches())
 
     def call_load_model(self) -> nn.Module:
         model = run_user(self.load_model, what="load_model()", script=self.path)
@@ -157,40 +159,62 @@ class CalibrationScript:
     ) -> list:
         """All calibration batches as a list (they are used more than once), collected one at a time with
         `progress("batches", count, None)`, so that a batches() that never ends stops at `max_batches`."""
+        return self._batches_of(self.batches, "batches", max_batches, progress)
+
+    def call_train_batches(
+        self, max_batches: int = DEFAULT_MAX_BATCHES, progress: Callable[[str, int, int | None], None] | None = None
+    ) -> list | None:
+        """The batches of train_batches() as a list, like call_batches; None when the script defines none (the
+        training rounds then use the calibration batches)."""
+        if self.train_batches is None:
+            return None
+        return self._batches_of(self.train_batches, "train_batches", max_batches, progress)
+
+    def _batches_of(
+        self,
+        function: Callable[[], Iterable],
+        name: str,
+        max_batches: int,
+        progress: Callable[[str, int, int | None], None] | None,
+    ) -> list:
         if max_batches < 1:
             raise SubloraError(f"--max-batches {max_batches}: must be 1 or more.")
-        returned = run_user(self.batches, what="batches()", script=self.path)
+        returned = run_user(function, what=f"{name}()", script=self.path)
         try:
             iterator = iter(returned)
         except TypeError:
             raise SubloraError(
-                f"batches() in {self.path} returned a {type(returned).__name__}, which is not iterable; it must "
-                "return (or yield) the calibration batches: a list or generator of the values that "
+                f"{name}() in {self.path} returned a {type(returned).__name__}, which is not iterable; it must "
+                "return (or yield) its batches: a list or generator of the values that "
                 "loss(model, batch) takes, e.g. [tensor_1, tensor_2] or `yield batch` in a loop."
             ) from None
         batches = run_user(
-            lambda: self._collect(iterator, max_batches, progress), what="batches()", script=self.path
+            lambda: self._collect(iterator, name, max_batches, progress), what=f"{name}()", script=self.path
         )
         if not batches:
-            raise SubloraError(f"batches() in {self.path} yielded no batches; the calibration set must not be empty.")
+            raise SubloraError(f"{name}() in {self.path} yielded no batches; the set must not be empty.")
         return batches
 
     def _collect(
-        self, iterator: Iterator, max_batches: int, progress: Callable[[str, int, int | None], None] | None
+        self,
+        iterator: Iterator,
+        name: str,
+        max_batches: int,
+        progress: Callable[[str, int, int | None], None] | None,
     ) -> list:
         batches: list = []
         for batch in iterator:
             if len(batches) == max_batches:
                 raise SubloraError(
-                    f"batches() in {self.path} yielded more than {max_batches:,} batches (--max-batches); does "
+                    f"{name}() in {self.path} yielded more than {max_batches:,} batches (--max-batches); does "
                     "it loop forever (a `while True` generator, an endless data loader)? Make it yield a finite "
-                    "calibration set, e.g. with itertools.islice(loader, 64), or raise --max-batches."
+                    "set, e.g. with itertools.islice(loader, 64), or raise --max-batches."
                 )
             batches.append(batch)
             if progress:
-                progress("batches", len(batches), None)
+                progress(name, len(batches), None)
         if progress:
-            progress("batches", len(batches), len(batches))
+            progress(name, len(batches), len(batches))
         return batches
 
     def call_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -241,14 +265,14 @@ def load_calibration(path: str | Path) -> CalibrationScript:
     )
     functions = {}
     has_per_sample = getattr(module, "per_sample_loss", None) is not None
-    for key in (*REQUIRED, "evaluate", "per_sample_loss"):
+    for key in (*REQUIRED, *OPTIONAL):
         fn = getattr(module, key, None)
-        optional = key in ("evaluate", "per_sample_loss") or (key == "loss" and has_per_sample)
+        optional = key in OPTIONAL or (key == "loss" and has_per_sample)
         if fn is None and not optional:
             raise SubloraError(
                 f"The calibration script {path} does not define {key}(); it must define load_model(), "
-                "batches() and loss(model, batch) (evaluate(model) and per_sample_loss(model, batch) are "
-                "optional; with per_sample_loss, loss may be left out and defaults to its mean). "
+                "batches() and loss(model, batch) (evaluate(model), per_sample_loss(model, batch) and "
+                "train_batches() are optional; with per_sample_loss, loss may be left out and defaults to its mean). "
                 f"It defines: {', '.join(defined) or 'no functions'}."
             )
         if fn is not None and not callable(fn):

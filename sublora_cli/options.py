@@ -45,6 +45,16 @@ def positive(value: float) -> None:
         raise SubloraError(f"{value:g} is not positive.")
 
 
+def at_least(minimum: int) -> Check:
+    """A check that a count is at least `minimum`."""
+
+    def check(value: int) -> None:
+        if value < minimum:
+            raise SubloraError(f"{value} is below {minimum}.")
+
+    return check
+
+
 def device_syntax(value: str) -> None:
     """auto or a device name torch can parse; whether the machine has it is checked when the model is loaded."""
     if value == AUTO_PLACEMENT:

@@ -18,6 +18,7 @@ import torch
 
 from sublora_cli import distributed
 from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
+from sublora_cli.alternating import alternate, plot_training
 from sublora_cli.autobudget import AutoBudget, smallest_within
 from sublora_cli.bounds import per_module
 from sublora_cli.budget import (
@@ -36,6 +37,7 @@ from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.errors import SubloraError, UsageError
 from sublora_cli.methods import METHODS, Need, lookup
+from sublora_cli.optimizers import OPTIMIZERS
 from sublora_cli.options import (
     CALIB,
     CURVATURE,
@@ -53,9 +55,11 @@ from sublora_cli.options import (
     CalibrationSettings,
     EvalOptions,
     Option,
+    at_least,
     echo,
     one_of,
     option,
+    positive,
 )
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.refit import RefitResult, psd_part, refit, written_spectrum
@@ -63,6 +67,7 @@ from sublora_cli.report import build_report, non_finite_metric_warnings, provena
 from sublora_cli.select import RankBounds, Selection, select
 from sublora_cli.spectra import adapter_spectra, stored_spectra
 from sublora_cli.svd import Spectrum
+from sublora_cli.training import TRAINS, TrainSettings, check_settings
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user
@@ -140,10 +145,58 @@ class PruneOptions:
         "same",
     )
 
+    rounds: int = option(
+        Option(
+            ("--rounds",),
+            "Alternating SubLoRA (the paper's Algorithm 4): this many rounds of training the adapter on the script's "
+            "train_batches() (else batches()) for --train-steps steps without the rank constraint, each followed by "
+            "a prune to the budget (curvature recomputed); pruned components are re-initialised and may regrow. "
+            "0: prune without training.",
+            check=at_least(0),
+        ),
+        0,
+    )
+    train_steps: int = option(
+        Option(("--train-steps",), "Training steps per round, one batch each.", check=at_least(1)), 200
+    )
+    optimizer: str = option(
+        Option(
+            ("--optimizer",),
+            "Optimizer of the training rounds: "
+            + "; ".join(f"{name}: {spec.description}" for name, spec in OPTIMIZERS.items())
+            + ".",
+            check=one_of(tuple(OPTIMIZERS)),
+        ),
+        "adam",
+    )
+    lr: float | None = option(
+        Option(
+            ("--lr",),
+            "Peak learning rate of each round (cosine-decayed to 0 over its steps).",
+            check=positive,
+            show_default="per optimizer: "
+            + ", ".join(f"{name} {spec.default_lr:g}" for name, spec in OPTIMIZERS.items()),
+        ),
+        None,
+    )
+    train: str = option(
+        Option(
+            ("--train",),
+            "What the rounds train: factors (B and A of every component, the paper's setting) or sigma (the "
+            "singular values alone, U and V frozen: LoLDU-style, R parameters; adam or sgd).",
+            check=one_of(TRAINS),
+        ),
+        "factors",
+    )
+
     def resolved_method(self) -> str:
         if self.method is not None:
             return self.method
         return "sublora" if self.calib is not None else "magnitude"
+
+    def train_settings(self) -> TrainSettings:
+        lr = self.lr if self.lr is not None else OPTIMIZERS[self.optimizer].default_lr
+        return TrainSettings(self.train, self.optimizer, lr, self.train_steps, self.seed)
 
 
 @dataclass
@@ -461,7 +514,7 @@ def _time_refit(timings: Timings, result: RefitResult | None) -> None:
     """Move the refit's own time (its measured candidates) from the measuring stage to a `refit` stage."""
     if result is not None:
         timings["eval"] -= result.seconds
-        timings["refit"] = result.seconds
+        timings["refit"] = timings.get("refit", 0.0) + result.seconds
 
 
 def refit_record(result: RefitResult | None) -> dict | None:
@@ -510,6 +563,7 @@ def prune(
     warnings: list[str] = []
 
     spec = _budget_spec(options)
+    _check_rounds(options, spec)
     adapter = in_dtype(load_adapter(adapter_path, timings), options.dtype_out)
     unit = budget_unit(spec, options.budget_unit)
     pricing = adapter_pricing(adapter)
@@ -522,40 +576,37 @@ def prune(
     spectra = svd_form(adapter, timings)
     sigma = torch.cat([s.sigma for s in spectra])
 
-    curvature = loss = metrics = reason = refit_result = search = None
+    loss = metrics = alternated = None
     if options.calib is None:
         with timings.stage("select"):
             selection: Selection = _select(method, sigma, allowance, bounds, None, options.seed)
         warnings.extend(_shortfall(selection, allowance, method))
         pruned = pruned_modules(adapter, spectra, selection.kept)
+        decision = Decision(None, None, selection, allowance, None, None)
     else:
         with calibration(options, adapter, spectra, timings, progress) as calibrated:
             loss_before, metrics_before = measure_before(calibrated, timings)
             loss_without = without_adapter(calibrated, timings)
-            curvature, reason = timed_curvature(
-                calibrated, options.curvature, [method], options.max_hessian_gb, timings, info, progress, options.refit
-            )
-            warnings.extend(curvature.notes_for([method]) if curvature is not None else [])
-            if allowance is None:
-                with timings.stage("auto budget"):
-                    search = _auto_budget(
-                        threshold, unit, pricing, method, sigma, bounds, curvature, options.seed, loss_before,
-                        selected_loss(calibrated, adapter, spectra),
-                    )  # fmt: skip
-                allowance, selection = Budget(pricing.costs(unit), search.capacity, unit), search.selection
-                if info is not None:
-                    info(_auto_news(search, allowance, len(search.evaluations)))
+            decide = _decider(
+                calibrated, options, method, threshold, allowance, unit, bounds, pricing, loss_before, timings, info,
+                progress,
+            )  # fmt: skip
+            if options.rounds:
+                train_batches = _train_batches(calibrated, options, progress)
+                alternated = alternate(
+                    calibrated, adapter, spectra, options.train_settings(), options.rounds, train_batches, decide,
+                    timings, progress,
+                )  # fmt: skip
+                adapter, spectra, decision = alternated.adapter, alternated.spectra, alternated.decision
             else:
-                with timings.stage("select"):
-                    selection = _select(method, sigma, allowance, bounds, curvature, options.seed)
-            warnings.extend(_shortfall(selection, allowance, method))
-            warnings.extend(_uncompensated(method, options.refit))
-            finish = written_outcome(calibrated, adapter, spectra, curvature, options.refit)
-            with timings.stage("eval"):
-                written = finish(selection.kept)
-            _time_refit(timings, written.refit)
-        pruned, metrics_after, refit_result = written.pruned, written.metrics, written.refit
-        loss = loss_summary(loss_before, written.loss_after, selection.predicted_increase, curvature)
+                decision = decide(adapter, spectra, True)
+        selection, allowance, written, curvature = (
+            decision.selection, decision.allowance, decision.written, decision.curvature
+        )  # fmt: skip
+        warnings.extend(decision.warnings)
+        pruned, metrics_after = written.pruned, written.metrics
+        predicted = selection.predicted_increase if alternated is None else None  # a round's model is of its own start
+        loss = loss_summary(loss_before, written.loss_after, predicted, curvature)
         loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
         warnings.extend(worse_than_nothing(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
@@ -571,20 +622,21 @@ def prune(
         spectra=spectra,
         pruned=pruned,
         method=method,
-        curvature=curvature.kind if curvature is not None else None,
+        curvature=decision.curvature.kind if decision.curvature is not None else None,
         budget_requested=options.budget or "auto",
         budget_resolved=_resolved(allowance),
-        budget_extra=_budget_block(allowance, pricing, selection, search, threshold),
+        budget_extra=_budget_block(allowance, pricing, selection, decision.search, threshold),
         bounds={"min_rank": options.min_rank, "max_rank": options.max_rank},
         selection=selection,
         seed=options.seed,
         timings=timings,
         loss=loss,
         metrics=metrics,
-        calibration=_calibration_info(options, curvature, reason),
+        calibration=_calibration_info(options, decision.curvature, decision.reason),
         quality=quality,
     )
-    report["refit"] = refit_record(refit_result)
+    report["refit"] = refit_record(decision.written.refit if decision.written is not None else None)
+    report["rounds"] = alternated.report() if alternated is not None else None
     report["options"] = echo(options)
     report["distributed"] = distributed.describe()
     if distributed.is_main():  # under torchrun every rank holds the same result; one writes it
@@ -592,6 +644,8 @@ def prune(
             with timings.stage("write"):
                 write_adapter(adapter, pruned, tmp, provenance(report))
             write_reports(report, tmp)
+            if alternated is not None and not plot_training(alternated, loss["before"], tmp / TRAINING_PLOT, method):
+                warnings.append(f"matplotlib is not installed: no {TRAINING_PLOT} (pip install 'sublora[plots]').")
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (
@@ -600,6 +654,93 @@ def prune(
             f"and report were written to {out_dir} anyway."
         )
     return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)
+
+
+TRAINING_PLOT = "training.png"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One prune of a (possibly trained) adapter to the budget: the curvature it used and why, the selection, the
+    budget it spent (found by the search under --budget auto), the kept set as written, and the warnings it
+    raised. `prune` makes one; each round of --rounds makes one, and the last is the result."""
+
+    curvature: Curvature | None
+    reason: str | None
+    selection: Selection
+    allowance: Budget
+    search: AutoBudget | None
+    written: Written | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _decider(
+    calibrated: Calibrated,
+    options: PruneOptions,
+    method: str,
+    threshold: float | None,
+    allowance: Budget | None,
+    unit: str,
+    bounds: RankBounds,
+    pricing: Pricing,
+    loss_before: float,
+    timings: Timings,
+    info: Info | None,
+    progress: Progress | None,
+) -> Callable[[Adapter, list[Spectrum], bool], Decision]:
+    """curvature → selection (or the --budget auto search) → refit → measured as written, for an adapter and its
+    SVD form; `evaluate`: also run the script's evaluate() on the result (the last round only)."""
+
+    def decide(adapter: Adapter, spectra: list[Spectrum], evaluate: bool) -> Decision:
+        sigma = torch.cat([s.sigma for s in spectra])
+        warnings: list[str] = []
+        curvature, reason = timed_curvature(
+            calibrated, options.curvature, [method], options.max_hessian_gb, timings, info, progress, options.refit
+        )
+        warnings.extend(curvature.notes_for([method]) if curvature is not None else [])
+        search = None
+        budget = allowance
+        if budget is None:
+            with timings.stage("auto budget"):
+                search = _auto_budget(
+                    threshold, unit, pricing, method, sigma, bounds, curvature, options.seed, loss_before,
+                    selected_loss(calibrated, adapter, spectra),
+                )  # fmt: skip
+            budget, selection = Budget(pricing.costs(unit), search.capacity, unit), search.selection
+            if info is not None:
+                info(_auto_news(search, budget, len(search.evaluations)))
+        else:
+            with timings.stage("select"):
+                selection = _select(method, sigma, budget, bounds, curvature, options.seed)
+        warnings.extend(_shortfall(selection, budget, method))
+        warnings.extend(_uncompensated(method, options.refit))
+        finish = written_outcome(calibrated, adapter, spectra, curvature, options.refit, evaluate)
+        with timings.stage("eval"):
+            written = finish(selection.kept)
+        _time_refit(timings, written.refit)
+        return Decision(curvature, reason, selection, budget, search, written, warnings)
+
+    return decide
+
+
+def _check_rounds(options: PruneOptions, spec: BudgetSpec) -> None:
+    """--rounds trains on the calibration script's data towards one fixed budget."""
+    if not options.rounds:
+        return
+    if options.calib is None:
+        raise SubloraError("--rounds trains the adapter, which needs a calibration script (--calib calib.py).")
+    if spec.reading == "auto":
+        raise SubloraError(
+            "--rounds needs a fixed --budget: the rounds train towards it, while auto would search a new budget "
+            "after every round. Find one first (--budget auto without --rounds), then pass it with --rounds."
+        )
+    check_settings(options.train, options.optimizer)
+
+
+def _train_batches(calibrated: Calibrated, options: PruneOptions, progress: Progress | None) -> list:
+    """What the rounds train on: train_batches() when the script defines it, else the calibration batches."""
+    batches = calibrated.script.call_train_batches(options.max_batches, progress)
+    return batches if batches is not None else calibrated.batches
 
 
 def _uncompensated(method: str, refit_kept: bool) -> list[str]:

@@ -137,6 +137,7 @@ class SigmaModel:
         self.loss_fn = loss_fn
         self.per_sample_loss_fn = per_sample_loss_fn
         self._capture: Capture | None = None  # per-sample mode: hands each adapted layer call its σ leaf
+        self._factored = False  # training mode (using_factors): each update is Σ U_t V_tᵀ, no σ
         self.device, self.dtype = placement(self.model)
         self.sigma = torch.cat([s.sigma for s in spectra]).to(device=self.device, dtype=self.dtype)
         self.offsets: list[int] = []
@@ -220,6 +221,39 @@ class SigmaModel:
         finally:
             self._bases = previous
 
+    def rebase(self, spectra: Sequence[Spectrum]) -> None:
+        """Make `spectra` the adapter's SVD form from now on (after a round of training changed the adapter): the
+        bases the hooks read and σ, each module's spectrum padded with zero components to its rank."""
+        with self.using(spectra) as sigma:
+            bases = self._bases
+        self._bases, self.sigma = bases, sigma
+        self._current = self.sigma
+
+    @contextmanager
+    def using_factors(self, terms: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> Iterator[None]:
+        """Let each module's update be Σ_t U_t V_tᵀ over its `terms` (pairs U: out×k, V: in×k) instead of
+        U diag(σ) Vᵀ, for training: the terms may require grad (scale·B and Aᵀ of the factors being trained, and
+        zero-valued probes whose gradient is a product with ∂L/∂ΔW). They are cast to the model's dtype and each
+        layer's device here, so master copies stay in float32."""
+        if len(terms) != len(self.modules):
+            raise ValueError(f"{len(self.modules)} modules but {len(terms)} term lists")
+        previous = self._bases
+        self._bases = [self._factor_basis(m, t, d) for m, t, d in zip(self.modules, terms, self._devices, strict=True)]
+        self._factored = True
+        try:
+            yield
+        finally:
+            self._bases, self._factored = previous, False
+
+    def _factor_basis(
+        self, module: LoraModule, terms: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        U = torch.cat([u for u, _ in terms], dim=1).to(device=device, dtype=self.dtype)
+        V = torch.cat([v for _, v in terms], dim=1).to(device=device, dtype=self.dtype)
+        if module.kind == "conv":
+            V = V.T.reshape(V.shape[1], *module.a_shape[1:])
+        return U, V
+
     def _hook(self, index: int, module: LoraModule, layer: nn.Module, start: int, stop: int):
         # U, V are read from self._bases rather than registered on the layer, so the user's model keeps its
         # state dict (and `using` can swap them)
@@ -231,18 +265,19 @@ class SigmaModel:
         def hook(_layer, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
             U, V = self._bases[index]
-            s = self._current[start:stop].to(V.device)  # a no-op unless the model spans devices
             if kind == "linear":  # nn.Linear and GPT-2 Conv1D alike: x (…, in)
                 h = x @ V
             elif kind == "embedding":  # token ids → rows of V
                 h = V[x]
             else:  # conv with V's columns as kernels, scaled per channel, then a 1×1 conv with U
                 h = conv(x, V, stride=stride, padding=padding)
-            if self._capture is not None:  # one σ copy per row of dim 0: the per-sample gradients' leaves
-                s = self._capture.leaf(module.name, h, s, start, stop, kind)
-            elif kind == "conv":
-                s = s.reshape(-1, *([1] * (h.dim() - 2)))
-            h = h * s
+            if not self._factored:  # in training (using_factors) the terms carry their own scale
+                s = self._current[start:stop].to(V.device)  # a no-op unless the model spans devices
+                if self._capture is not None:  # one σ copy per row of dim 0: the per-sample gradients' leaves
+                    s = self._capture.leaf(module.name, h, s, start, stop, kind)
+                elif kind == "conv":
+                    s = s.reshape(-1, *([1] * (h.dim() - 2)))
+                h = h * s
             if kind == "conv":
                 delta = torch.einsum("or,nr...->no...", U, h)
             else:

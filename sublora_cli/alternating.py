@@ -1,0 +1,147 @@
+"""Alternating SubLoRA, the paper's Algorithm 4: `--rounds` rounds of training without the rank constraint
+(training.py) followed by a prune to the budget (curvature recomputed, selection, refit: the pipeline's own
+`decide` step), so the kept components re-learn what the pruned ones carried.
+
+Each round starts from the previous round's written adapter, with the pruned components re-initialised; the
+last round's prune is the result the pipeline writes. The `rounds` list of the report and training.png come
+from here: the training loss of every step, and per round the measured calibration loss after training, after
+selection and as written (after the refit).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sublora_cli.adapters import Adapter
+from sublora_cli.calibrated import Calibrated
+from sublora_cli.spectra import adapter_spectra
+from sublora_cli.svd import Spectrum
+from sublora_cli.training import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
+
+if TYPE_CHECKING:
+    from sublora_cli.prune import Decision, Timings
+
+Progress = Callable[[str, int, int | None], None]
+Decide = Callable[[Adapter, list[Spectrum], bool], "Decision"]  # (trained adapter, its SVD form, last round?)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round as the report's `rounds` list shows it; every loss is the measured mean calibration loss."""
+
+    round: int
+    steps: int
+    loss_after_training: float  # the trained adapter in its storage dtype, before the prune
+    loss_after_selection: float  # the kept components with σ as trained
+    loss_after: float  # as written after the prune (after the refit when it was accepted)
+    predicted_increase: float | None  # the selection's model, from the trained adapter
+    refit_accepted: bool | None  # None: no refit ran
+    rank: int  # total rank kept
+    ranks: dict[str, int]  # kept rank per module
+    seconds: float  # the whole round: training, curvature, selection, refit, measurements
+    training_seconds: float
+
+
+@dataclass(frozen=True)
+class Alternated:
+    """The outcome of the rounds: the last round's trained adapter and SVD form, its prune, and the history."""
+
+    adapter: Adapter
+    spectra: list[Spectrum]
+    decision: Decision
+    rounds: list[RoundRecord]
+    losses: list[float]  # the training loss of every step, all rounds in order
+
+    def report(self) -> list[dict]:
+        return [asdict(r) for r in self.rounds]
+
+
+def alternate(
+    calibrated: Calibrated,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    settings: TrainSettings,
+    rounds: int,
+    batches: Sequence,
+    decide: Decide,
+    timings: Timings,
+    progress: Progress | None = None,
+) -> Alternated:
+    """`rounds` rounds of train → SVD form → decide (prune to the budget); the pruned components of a round are
+    re-initialised for the next one (seeded by `settings.seed`, so runs repeat)."""
+    model = calibrated.sigma_model
+    generator = torch.Generator().manual_seed(settings.seed)
+    state = initial_state(adapter, spectra, settings.train, master_dtype(model), model.device)
+    records: list[RoundRecord] = []
+    losses: list[float] = []
+    for k in range(1, rounds + 1):
+        start = time.perf_counter()
+        with timings.stage("train"):
+            state, round_losses = train(model, state, batches, settings, f"round {k}/{rounds}: training", progress)
+            trained = as_adapter(adapter, state)
+            trained_spectra = adapter_spectra(trained)
+            model.rebase(trained_spectra)
+        training_seconds = time.perf_counter() - start
+        with timings.stage("eval"):
+            after_training = calibrated.loss()
+        decision = decide(trained, trained_spectra, k == rounds)
+        written = decision.written
+        ranks = {p.module.name: p.rank_after for p in written.pruned}
+        records.append(
+            RoundRecord(
+                round=k,
+                steps=len(round_losses),
+                loss_after_training=after_training,
+                loss_after_selection=written.loss_after_selection,
+                loss_after=written.loss_after,
+                predicted_increase=decision.selection.predicted_increase,
+                refit_accepted=written.refit.accepted if written.refit is not None else None,
+                rank=sum(ranks.values()),
+                ranks=ranks,
+                seconds=time.perf_counter() - start,
+                training_seconds=training_seconds,
+            )
+        )
+        losses.extend(round_losses)
+        if k < rounds:
+            state = after_prune(state, written.pruned, generator)
+    return Alternated(trained, trained_spectra, decision, records, losses)
+
+
+def plot_training(alternated: Alternated, loss_before: float, path: Path, title: str) -> bool:
+    """training.png, the shape of the paper's Figure 4: the training loss of every step, a circle where each
+    round's training ends (measured calibration loss) and a cross after its prune; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(range(1, len(alternated.losses) + 1), alternated.losses, lw=0.8, color="tab:blue", label="training loss")
+    end = 0
+    for r in alternated.rounds:
+        end += r.steps
+        ax.plot(end, r.loss_after_training, "o", color="tab:green", label="after training" if r.round == 1 else None)
+        ax.plot(end, r.loss_after, "x", color="tab:red", ms=9, label="after pruning" if r.round == 1 else None)
+        ax.axvline(end, color="grey", lw=0.5, alpha=0.5)
+    ax.axhline(loss_before, ls="--", color="grey", label="input adapter")
+    positive = [v for v in [*alternated.losses, loss_before] if v > 0]
+    if positive and len(positive) == len(alternated.losses) + 1:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,348 @@
+"""Alternating SubLoRA (`prune --rounds`, the paper's Algorithm 4): the gradient products the optimizers rely on,
+the round loop's promises (budget after every round, --rounds 0 is the plain prune, repeatable, the written file
+is what the report measured, train_batches() is what is trained on), σ-only training, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_faithful import reloaded
+from test_peft_interop import GPT2_CALIB, peft_loss
+from test_prune_calibrated import CALIB, make_problem
+
+from sublora_cli.adapters import PrunedModule, read_adapter
+from sublora_cli.calibrated import open_calibration
+from sublora_cli.optimizers import OPTIMIZERS
+from sublora_cli.prune import PruneOptions, prune
+from sublora_cli.spectra import adapter_spectra
+from sublora_cli.training import (
+    SigmaState,
+    StepGradient,
+    TrainSettings,
+    after_prune,
+    as_adapter,
+    cosine_lr,
+    initial_state,
+    train,
+)
+
+peft = pytest.importorskip("peft")
+from conftest import save_adapter  # noqa: E402
+
+WEIGHTS = "adapter_model.safetensors"
+ROUND_KEYS = {
+    "round", "steps", "loss_after_training", "loss_after_selection", "loss_after", "predicted_increase",
+    "refit_accepted", "rank", "ranks", "seconds", "training_seconds",
+}  # fmt: skip
+
+# The tiny MLP problem with a loss that differentiates the model w.r.t. its inputs, as a PINN's does: the
+# gradient in ΔW then flows through a double backward, which a product of activations and output gradients misses.
+INPUT_DERIVATIVE_LOSS = CALIB.replace(
+    "def loss(model, batch):\n    return (model(batch) - target(batch)).pow(2).mean()",
+    "def loss(model, batch):\n"
+    "    x = batch.clone().requires_grad_(True)\n"
+    "    u = model(x)\n"
+    "    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)\n"
+    "    return (u - target(x)).pow(2).mean() + (du.sum(-1) - 1).pow(2).mean()",
+)
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory):
+    return make_problem(tmp_path_factory.mktemp("training") / "problem")
+
+
+def untied_weights(model: torch.nn.Module) -> set[int]:
+    """The ids of the parameters that appear under one name only."""
+    names: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
+    return {key for key, count in names.items() if count == 1}
+
+
+def dense_gradients(sigma_model, adapter, factors, batch) -> list[torch.Tensor]:
+    """∂L/∂ΔW of every module as the out×in matrix, from the base layers' own weight gradients (ΔW adds to W)."""
+    layers = [sigma_model.model.get_submodule(m.name) for m in adapter.modules]
+    for layer in layers:
+        layer.weight.requires_grad_(True)
+    terms = [[(f.scale * f.B, f.A.T)] for f in factors]
+    with sigma_model.using_factors(terms), torch.enable_grad():
+        grads = torch.autograd.grad(sigma_model.loss(sigma_model.sigma, batch), [layer.weight for layer in layers])
+    for layer in layers:
+        layer.weight.requires_grad_(False)
+    result = []
+    for module, layer, grad in zip(adapter.modules, layers, grads, strict=True):
+        if type(layer).__name__ == "Conv1D" or isinstance(layer, torch.nn.Embedding):
+            grad = grad.T  # stored (in, out) / (num, dim); ΔW is out×in / dim×num
+        result.append(grad.reshape(module.shape))
+    return result
+
+
+@pytest.mark.parametrize("case", ["mlp", "input-derivatives", "gpt2"])
+def test_gradient_products_equal_those_of_the_dense_gradient(case, tmp_path):
+    """Probes give G·Mᵀ and Nᵀ·G (and ∇B, ∇A) of the true ∂L/∂ΔW, for Linear, Conv1D and Embedding layers and
+    for a loss with input derivatives."""
+    if case == "gpt2":
+        adapter_path = save_adapter("gpt2", tmp_path / "adapter")
+        calib = tmp_path / "calib.py"
+        calib.write_text(GPT2_CALIB)
+    else:
+        adapter_path, calib = make_problem(tmp_path / "p", INPUT_DERIVATIVE_LOSS if case != "mlp" else CALIB)
+    adapter = read_adapter(adapter_path)
+    spectra = adapter_spectra(adapter)
+    calibrated = open_calibration(calib, adapter, spectra, dtype="float64")
+    model = calibrated.sigma_model
+    state = initial_state(adapter, spectra, "factors", torch.float64, model.device)
+    batch = calibrated.batches[0]
+    gradient = StepGradient(model, state.factors, batch, 0)
+    G = dense_gradients(model, adapter, state.factors, batch)
+    assert gradient.loss == pytest.approx(model.mean_loss(model.sigma, [batch]), rel=1e-10)
+    g = torch.Generator().manual_seed(0)
+    right = [torch.randn(3, f.A.shape[1], generator=g, dtype=torch.float64) for f in state.factors]
+    left = [torch.randn(f.B.shape[0], 2, generator=g, dtype=torch.float64) for f in state.factors]
+    # a weight tied elsewhere (GPT-2's wte is also its lm_head) has a gradient that is not ∂L/∂ΔW alone
+    tied = untied_weights(model.model)
+    checked = [i for i, m in enumerate(adapter.modules) if id(model.model.get_submodule(m.name).weight) in tied]
+    assert len(checked) >= 2
+    products = gradient.gradient_times(right), gradient.times_gradient(left), gradient.factor_gradients()
+    for i in checked:
+        f, dense = state.factors[i], G[i]
+        torch.testing.assert_close(products[0][i], dense @ right[i].T, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(products[1][i], left[i].T @ dense, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(products[2][i][0], f.scale * dense @ f.A.T, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(products[2][i][1], f.scale * f.B.T @ dense, rtol=1e-9, atol=1e-12)
+    calibrated.close()
+
+
+def test_a_prune_leaves_the_update_as_written_and_fresh_components_can_grow(problem):
+    """After a prune the kept components are the written ones and the pruned ones come back as PEFT initialises
+    them (B = 0, A ~ U(±1/√in)): the update is unchanged until training moves them, and training does."""
+    adapter_path, calib = problem
+    adapter = read_adapter(adapter_path)
+    spectra = adapter_spectra(adapter)
+    calibrated = open_calibration(calib, adapter, spectra, dtype="float64")
+    model = calibrated.sigma_model
+    state = initial_state(adapter, spectra, "factors", torch.float64, model.device)
+    pruned = [PrunedModule.keeping(m, s, [0, 1]) for m, s in zip(adapter.modules, spectra, strict=True)]
+    fresh = after_prune(state, pruned, torch.Generator().manual_seed(0))
+    for low_rank, p in zip(fresh.factors, pruned, strict=True):
+        assert low_rank.B.shape == p.module.B.shape and low_rank.A.shape == p.module.A.shape
+        torch.testing.assert_close(low_rank.scale * low_rank.B @ low_rank.A, p.spectrum.dense(), rtol=1e-10, atol=1e-12)
+        assert not low_rank.B[:, 2:].any() and low_rank.A[2:].abs().max() <= 1 / p.module.shape[1] ** 0.5
+    settings = TrainSettings("factors", "adam", 1e-2, 10, 0)
+    trained, losses = train(model, fresh, calibrated.batches, settings, "test")
+    assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(low_rank.B[:, 2:].abs().max() > 0 for low_rank in trained.factors)  # regrowing
+    calibrated.close()
+
+
+def test_sigma_training_moves_only_sigma_and_a_pruned_sigma_regrows(problem):
+    adapter_path, calib = problem
+    adapter = read_adapter(adapter_path)
+    spectra = adapter_spectra(adapter)
+    calibrated = open_calibration(calib, adapter, spectra, dtype="float64")
+    model = calibrated.sigma_model
+    state = initial_state(adapter, spectra, "sigma", torch.float64, model.device)
+    pruned = [PrunedModule.keeping(m, s, [0, 1]) for m, s in zip(adapter.modules, spectra, strict=True)]
+    state = after_prune(state, pruned, torch.Generator().manual_seed(0))
+    assert isinstance(state, SigmaState)
+    sigma = state.sigma.view(len(spectra), -1)
+    assert not sigma[:, 2:].any() and torch.allclose(sigma[:, :2], torch.stack([s.sigma[:2] for s in spectra]))
+    trained, _ = train(model, state, calibrated.batches, TrainSettings("sigma", "adam", 1e-2, 10, 0), "test")
+    assert trained.sigma.view(len(spectra), -1)[:, 2:].abs().max() > 0  # pruned σ regrow from 0
+    for module, spectrum in zip(as_adapter(adapter, trained).modules, spectra, strict=True):
+        delta = module.scale * module.B.double() @ module.A.double()
+        U, V = spectrum.U, spectrum.V
+        assert torch.linalg.norm(delta - U @ (U.T @ delta @ V) @ V.T) < 1e-6 * torch.linalg.norm(delta)
+    calibrated.close()
+
+
+def test_cosine_schedule_ends_at_zero():
+    assert cosine_lr(1.0, 0, 10) == 1.0 and cosine_lr(1.0, 5, 10) == pytest.approx(0.5)
+    assert cosine_lr(1.0, 10, 10) == pytest.approx(0.0, abs=1e-15)
+
+
+def rounds_options(calib: Path, **changes) -> PruneOptions:
+    settings = {"budget": "3", "calib": calib, "dtype": "float64", "rounds": 3, "train_steps": 15, "lr": 1e-2}
+    return PruneOptions(**{**settings, **changes})
+
+
+def without_timings(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    report.pop("timings")
+    for r in report.get("rounds") or []:
+        r.pop("seconds"), r.pop("training_seconds")
+    return report
+
+
+def test_rounds_zero_is_the_plain_prune(problem, tmp_path):
+    """--rounds 0 (the default) writes exactly what the prune without training writes, whatever the training
+    settings say."""
+    adapter, calib = problem
+    plain = prune(adapter, PruneOptions(budget="3", calib=calib), out_dir=tmp_path / "plain").report
+    options = PruneOptions(budget="3", calib=calib, rounds=0, optimizer="lorsum", lr=5.0, train_steps=7)
+    zero = prune(adapter, options, out_dir=tmp_path / "zero").report
+    assert (tmp_path / "plain" / WEIGHTS).read_bytes() == (tmp_path / "zero" / WEIGHTS).read_bytes()
+    assert zero["rounds"] is None and not (tmp_path / "zero" / "training.png").exists()
+    plain, zero = without_timings(plain), without_timings(zero)
+    plain.pop("options"), zero.pop("options")
+    assert plain == zero
+
+
+@pytest.mark.parametrize("budget", ["3", "300B"], ids=["rank", "bytes"])
+def test_every_round_stays_within_the_budget_and_the_file_is_what_the_report_measured(problem, budget, tmp_path):
+    adapter, calib = problem
+    out = tmp_path / "out"
+    report = prune(adapter, rounds_options(calib, budget=budget), out_dir=out).report
+    assert len(report["rounds"]) == 3 and all(set(r) == ROUND_KEYS for r in report["rounds"])
+    capacity = report["budget"]["capacity"]
+    cost = {m["name"]: (sum(m["shape"]) * 4 if budget.endswith("B") else 1) for m in report["modules"]}
+    for r in report["rounds"]:
+        assert sum(cost[name] * rank for name, rank in r["ranks"].items()) <= capacity
+        assert r["rank"] == sum(r["ranks"].values()) and r["steps"] == 15
+    assert report["rounds"][-1]["loss_after"] == report["loss"]["after"]
+    assert report["loss"]["predicted_increase"] is None and report["options"]["rounds"] == 3
+    written = load_file(str(out / WEIGHTS))
+    assert sum(t.shape[0] for k, t in written.items() if "lora_A" in k) == report["rounds"][-1]["rank"]
+    loss_after, _ = reloaded(out, calib, torch.float32)  # the script's batches are float32
+    assert report["loss"]["after"] == pytest.approx(loss_after, rel=1e-5)
+    assert (out / "training.png").stat().st_size > 0
+    assert "train" in report["timings"]
+
+
+def test_training_lowers_the_loss_the_prune_alone_reaches(problem, tmp_path):
+    """The point of the rounds: on a deep cut, training between prunes ends below the training-free prune."""
+    adapter, calib = problem
+    free = prune(adapter, PruneOptions(budget="2", calib=calib, dtype="float64"), out_dir=tmp_path / "free").report
+    alternating = prune(adapter, rounds_options(calib, budget="2"), out_dir=tmp_path / "alt").report
+    assert alternating["loss"]["after"] < free["loss"]["after"]
+
+
+def test_runs_repeat_and_the_seed_matters(problem, tmp_path):
+    adapter, calib = problem
+    outs = [tmp_path / name for name in ("a", "b", "c")]
+    for out, seed in zip(outs, (0, 0, 1), strict=True):
+        prune(adapter, rounds_options(calib, seed=seed, rounds=2), out_dir=out)
+    a, b, c = ((out / WEIGHTS).read_bytes() for out in outs)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "train", "lr"),
+    [("adam", "factors", 3e-2), ("sgd", "factors", 0.3), ("altlora", "factors", 0.3), ("altlora+", "factors", 3e-2),
+     ("lorsum", "factors", 0.3), ("adam", "sigma", 3e-2), ("sgd", "sigma", 0.3)],
+)  # fmt: skip
+def test_every_optimizer_trains_gpt2_and_the_written_file_reloads_in_peft(optimizer, train, lr, tmp_path):
+    """A stock transformers GPT-2 (Conv1D, an embedding, modules_to_save, lora_only biases): each optimizer lowers
+    the loss in training, and peft loads the written adapter with the loss the report gives."""
+    adapter = save_adapter("gpt2", tmp_path / "adapter")
+    calib = tmp_path / "calib.py"
+    calib.write_text(GPT2_CALIB)
+    options = PruneOptions(
+        budget="60%", calib=calib, rounds=2, train_steps=6, optimizer=optimizer, train=train, lr=lr,
+        curvature="fisher", dtype="float32",
+    )  # fmt: skip
+    report = prune(adapter, options, out_dir=tmp_path / "out").report
+    first = report["rounds"][0]
+    assert first["loss_after_training"] < report["loss"]["before"]
+    assert report["loss"]["after"] == pytest.approx(peft_loss(tmp_path / "out", calib), rel=1e-5)
+
+
+def test_a_bf16_adapter_is_trained_and_written_in_bf16(tmp_path):
+    """Trained factors are rounded to the storage dtype before they are measured: the report is the file."""
+    from test_faithful import CALIB_ONE_BATCH, adapter_in
+
+    adapter = adapter_in(torch.bfloat16, tmp_path / "bf16")
+    calib = tmp_path / "calib.py"
+    calib.write_text(CALIB_ONE_BATCH)
+    options = PruneOptions(budget="30", calib=calib, rounds=1, train_steps=5, dtype="float64", lr=1e-5)
+    report = prune(adapter, options, out_dir=tmp_path / "out").report
+    assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "out" / WEIGHTS)).values())
+    loss_after, _ = reloaded(tmp_path / "out", calib, torch.float64)
+    assert report["loss"]["after"] == pytest.approx(loss_after, rel=1e-5)
+
+
+TRAIN_BATCHES = """
+def train_batches():
+    Path(__file__).with_name("train_batches_called").write_text("yes")
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(16, 3, generator=g) * 2 for _ in range(2)]
+"""
+
+
+def test_train_batches_are_what_the_rounds_train_on(problem, tmp_path):
+    adapter, calib = problem
+    script = tmp_path / "calib.py"
+    script.write_text(calib.read_text() + TRAIN_BATCHES)
+    (tmp_path / "base.safetensors").write_bytes((calib.parent / "base.safetensors").read_bytes())
+    with_train = prune(adapter, rounds_options(script, rounds=1), out_dir=tmp_path / "a").report
+    without = prune(adapter, rounds_options(calib, rounds=1), out_dir=tmp_path / "b").report
+    assert (tmp_path / "train_batches_called").read_text() == "yes"
+    assert with_train["rounds"][0]["loss_after_training"] != without["rounds"][0]["loss_after_training"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--rounds", "2"], 1, "needs a calibration script"),
+        (["--rounds", "2", "--train", "sigma", "--optimizer", "altlora"], 1, "only sgd, adam apply"),
+        (["--rounds", "2", "--budget", "auto", "--max-loss-increase", "5%"], 1, "needs a fixed --budget"),
+        (["--rounds", "-1"], 2, "is below 0"),
+        (["--train-steps", "0"], 2, "is below 1"),
+        (["--lr", "0"], 2, "is not positive"),
+        (["--optimizer", "lbfgs"], 2, "is not one of"),
+        (["--train", "everything"], 2, "is not one of"),
+        (["--rounds", "1", "--optimizer", "sgd", "--lr", "1e12"], 1, "Training diverged"),
+    ],
+    ids=["no-calib", "sigma-altlora", "auto-budget", "negative-rounds", "no-steps", "zero-lr", "optimizer",
+         "train", "diverges"],
+)  # fmt: skip
+def test_bad_training_settings_are_refused_and_nothing_is_written(problem, args, code, message, tmp_path, run_cli):
+    adapter, calib = problem
+    with_calib = [] if args == ["--rounds", "2"] else ["--calib", calib]
+    budget = [] if "--budget" in args else ["--budget", "3"]
+    out = tmp_path / "out"
+    result = run_cli("prune", adapter, *with_calib, *budget, *args, "--out", out)
+    assert result.code == code, result.stderr
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_train_batches_that_are_not_batches_are_refused(problem, tmp_path, run_cli):
+    adapter, calib = problem
+    script = tmp_path / "calib.py"
+    script.write_text(calib.read_text() + "\ndef train_batches():\n    return 3\n")
+    (tmp_path / "base.safetensors").write_bytes((calib.parent / "base.safetensors").read_bytes())
+    result = run_cli("prune", adapter, "--calib", script, "-b", 3, "--rounds", 1, "--out", tmp_path / "out")
+    assert result.code == 1 and "train_batches() in" in result.stderr and "not iterable" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_training_leaves_nothing_written(problem, tmp_path):
+    adapter, calib = problem
+    out = tmp_path / "out"
+    paths = [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    command = [sys.executable, "-m", "sublora_cli", "prune", str(adapter), "--calib", str(calib), "-b", "3",
+               "--rounds", "100", "--train-steps", "100000", "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # import, calibration, and into the first round's training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], stderr
+
+
+def test_the_optimizer_registry_names_what_each_trains():
+    assert set(OPTIMIZERS) == {"sgd", "adam", "altlora", "altlora+", "lorsum"}
+    assert {name for name, spec in OPTIMIZERS.items() if "sigma" in spec.trains} == {"sgd", "adam"}
+    assert all(spec.default_lr > 0 for spec in OPTIMIZERS.values())
