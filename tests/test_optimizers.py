@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sublora_cli.errors import SubloraError
 from sublora_cli.optimizers import OPTIMIZERS, Gradient, LowRank, make_optimizer
 
+torch.set_num_threads(1)  # tiny matrices: a second thread only spins against other work on a busy machine
 F64 = torch.float64
 OUT, IN, RANK, SAMPLES, SCALE = 8, 10, 2, 40, 2.0
 
