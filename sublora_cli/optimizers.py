@@ -14,7 +14,8 @@ products lazily from the factors it was taken at.
   approximation of a full step through A alone); the next B-step does the same through B with the new A. The
   momentum of a factor lives in the subspace of the other factor, so before it is mixed with the new gradient it
   is transported into the other factor's current subspace (the paper's Theorem 2). With zero damping every
-  update of ΔW is independent of the factorisation (B, A) → (BR, R⁻¹A) (the paper's Theorem 4).
+  update of ΔW is independent (up to the 1e-12 floor below) of the factorisation (B, A) → (BR, R⁻¹A) (the paper's
+  Theorem 4).
 * `altlora+`: the AltLoRA paper's AltLoRA+ ("Algorithm 2", described there as AltLoRA with an AdamW-style second
   moment). Our reading: AltLoRA's scaled gradient g̃ and transported first moment M, plus an elementwise second
   moment V ← β2 V + (1−β2) g̃² that is *not* transported (the paper states AltLoRA+ is invariant only up to the
@@ -99,9 +100,9 @@ def _check_non_negative(name: str, value: float) -> None:
 
 
 def _write(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Overwrite a master factor in place, so tensors the caller holds (e.g. autograd leaves) stay the same objects."""
-    with torch.no_grad():
-        target.copy_(value)
+    """Overwrite a master factor in place, so tensors the caller holds (e.g. autograd leaves) stay the same objects.
+    Every step runs under torch.no_grad(): the update is not part of any graph."""
+    target.copy_(value)
 
 
 def _as_master(gradient: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
@@ -133,6 +134,7 @@ class SGD:
     def __init__(self, modules: list[LowRank]):
         self.modules = modules
 
+    @torch.no_grad()
     def step(self, gradient: Gradient, lr: float) -> None:
         for module, (grad_b, grad_a) in zip(self.modules, gradient.factor_gradients(), strict=True):
             _write(module.B, module.B - lr * _as_master(grad_b, module.B))
@@ -174,6 +176,7 @@ class Adam:
         self.moments = [(_Moments.zeros_like(m.B), _Moments.zeros_like(m.A)) for m in modules]
         self.count = 0
 
+    @torch.no_grad()
     def step(self, gradient: Gradient, lr: float) -> None:
         self.count += 1
         grads = gradient.factor_gradients()
@@ -229,6 +232,7 @@ class AltLoRA:
         self.states = [_ModuleState() for _ in modules]
         self.count = 0
 
+    @torch.no_grad()
     def step(self, gradient: Gradient, lr: float) -> None:
         a_step = self.count % 2 == 0
         grads = gradient.factor_gradients()
@@ -304,6 +308,7 @@ class LoRSum:
         self.sweeps = sweeps
         self.damping = damping
 
+    @torch.no_grad()
     def step(self, gradient: Gradient, lr: float) -> None:
         """All product calls happen before any factor is written (they are taken at the current factors)."""
         steps = [lr / m.scale for m in self.modules]

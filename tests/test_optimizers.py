@@ -222,6 +222,18 @@ def test_registry_products_flag_matches_the_calls_made():
         assert spec.description
 
 
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_steps_update_the_callers_tensors_in_place(name):
+    """A caller may hold the factors as autograd leaves: they stay the same objects and keep requires_grad."""
+    module = generic_start(1)
+    leaves = (module.B.requires_grad_(), module.A.requires_grad_())
+    before = delta(module).detach()
+    train(name, [module], [Problem.make(0)], steps=2, lr=SCHEDULES[name][1])
+    assert module.B is leaves[0] and module.A is leaves[1]
+    assert all(leaf.requires_grad for leaf in leaves)
+    assert not torch.allclose(delta(module), before)
+
+
 def fresh_modules() -> list[LowRank]:
     """As PEFT initialises: one module with a re-initialised component (zero B column, random A row), one with
     B all zero, and one pruned to rank 0."""
