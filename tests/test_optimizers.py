@@ -62,24 +62,30 @@ def delta(module: LowRank) -> torch.Tensor:
     return module.scale * module.B @ module.A
 
 
-def counting_gradient(modules: list[LowRank], fulls: list[torch.Tensor]) -> tuple[Gradient, Counter]:
-    """A Gradient from explicit G_i at the current factors, with a call counter. G and the factors live in this
+def counting_gradient(
+    modules: list[LowRank], fulls: list[torch.Tensor], product_dtype: torch.dtype = F64
+) -> tuple[Gradient, Counter]:
+    """A Gradient from explicit G_i (float64) at the current factors, with a call counter; products come back in
+    `product_dtype`, as a model computing in lower precision would give them. G and the factors live in this
     closure, so the optimizer can only reach G through the three product methods."""
-    factors = [(m.B.clone(), m.A.clone(), m.scale) for m in modules]
+    factors = [(m.B.detach().to(F64), m.A.detach().to(F64), m.scale) for m in modules]
     calls: Counter = Counter()
 
     class ProductsOnly:
         def factor_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
             calls["factor_gradients"] += 1
-            return [(s * g @ a.T, s * b.T @ g) for (b, a, s), g in zip(factors, fulls, strict=True)]
+            return [
+                ((s * g @ a.T).to(product_dtype), (s * b.T @ g).to(product_dtype))
+                for (b, a, s), g in zip(factors, fulls, strict=True)
+            ]
 
         def gradient_times(self, right: list[torch.Tensor]) -> list[torch.Tensor]:
             calls["gradient_times"] += 1
-            return [g @ m.T for g, m in zip(fulls, right, strict=True)]
+            return [(g @ m.to(F64).T).to(product_dtype) for g, m in zip(fulls, right, strict=True)]
 
         def times_gradient(self, left: list[torch.Tensor]) -> list[torch.Tensor]:
             calls["times_gradient"] += 1
-            return [n.T @ g for g, n in zip(fulls, left, strict=True)]
+            return [(n.to(F64).T @ g).to(product_dtype) for g, n in zip(fulls, left, strict=True)]
 
     return ProductsOnly(), calls
 
@@ -91,15 +97,16 @@ def train(
     steps: int,
     lr: float,
     cosine: bool = False,
+    product_dtype: torch.dtype = F64,
     **hyper: float,
 ) -> list[list[torch.Tensor]]:
     """Full-batch training; returns every module's ΔW after each step."""
     optimizer = make_optimizer(name, modules, **hyper)
     trajectory = []
     for t in range(steps):
-        fulls = [p.full_gradient(delta(m)) for p, m in zip(problems, modules, strict=True)]
+        fulls = [p.full_gradient(delta(m).detach().to(F64)) for p, m in zip(problems, modules, strict=True)]
         step_lr = lr * 0.5 * (1.0 + math.cos(math.pi * t / steps)) if cosine else lr
-        optimizer.step(counting_gradient(modules, fulls)[0], step_lr)
+        optimizer.step(counting_gradient(modules, fulls, product_dtype)[0], step_lr)
         trajectory.append([delta(m).clone() for m in modules])
     return trajectory
 
@@ -193,15 +200,17 @@ def lorsum_step_error(sweeps: int) -> tuple[float, Counter]:
 
 
 def test_lorsum_step_is_the_rank_r_projection_of_the_full_step():
-    errors = {}
-    for sweeps in (1, 2, 4):
-        errors[sweeps], calls = lorsum_step_error(sweeps)
+    """Measured: relative errors 0.54, 1.1e-2, 2.7e-4, 7.3e-6 for 1–4 sweeps, about (0.5/3)² = 1/36 per sweep."""
+    errors = []
+    for sweeps in (1, 2, 3, 4):
+        error, calls = lorsum_step_error(sweeps)
+        errors.append(error)
         assert calls["factor_gradients"] == 1
         assert calls["gradient_times"] == sweeps - 1
         assert calls["times_gradient"] == sweeps
         assert calls["gradient_times"] + calls["times_gradient"] == 2 * sweeps - 1
-    assert errors[4] < errors[2] < errors[1]
-    assert errors[4] < 1e-5
+    assert all(later < earlier / 10 for earlier, later in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 1e-4
 
 
 def test_lorsum_keeps_the_components_balanced():
@@ -232,6 +241,17 @@ def test_steps_update_the_callers_tensors_in_place(name):
     assert module.B is leaves[0] and module.A is leaves[1]
     assert all(leaf.requires_grad for leaf in leaves)
     assert not torch.allclose(delta(module), before)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_float32_masters_take_bfloat16_products(name):
+    problem = Problem.make(0)
+    start = generic_start(1)
+    module = LowRank(start.B.float(), start.A.float(), start.scale)
+    _, lr, _ = SCHEDULES[name]
+    train(name, [module], [problem], steps=10, lr=lr, product_dtype=torch.bfloat16)
+    assert module.B.dtype == module.A.dtype == torch.float32
+    assert problem.loss(delta(module).to(F64)) < problem.loss(delta(start))
 
 
 def fresh_modules() -> list[LowRank]:
