@@ -32,8 +32,11 @@ products lazily from the factors it was taken at.
 The r×r Gram matrices these methods invert are singular for a freshly re-initialised component (PEFT starts B's
 column at zero), so they are damped: λ = damping·trace(Gram)/r plus a floor of 1e-12·(1 + trace/r). The damping
 keeps a zero column finite (its scaled A-gradient is then zero and its B-step grows it); damping=0 leaves only the
-floor, for checks of exact invariance. Learning rates are on the ΔW scale for altlora, altlora+ and lorsum (a full
-step is lr = 1 on a whitened least-squares problem) and on the factor scale for sgd and adam.
+floor, for checks of exact invariance.
+
+The learning rates mean different things, so each optimizer has its own default: altlora and lorsum step on the ΔW
+scale (lr = 1 is a full step, which solves a whitened least-squares problem at once), adam and altlora+ move each
+factor entry by about lr (normalised steps), and sgd's step is lr times the raw factor gradient.
 
 Optimizer state is per module and per shape: make a new optimizer when the factors change rank (after a prune).
 """
