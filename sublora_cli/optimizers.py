@@ -23,13 +23,15 @@ products lazily from the factors it was taken at.
   X ← X − lr (M̂/(√V̂ + eps) + γX).
 * `lorsum`: LoRSum (the LoRSum paper): the full gradient step on the product, s·W⁺ = ΔW − lr·G, projected back to
   rank r by `sweeps` warm-started alternating-least-squares sweeps from (B, A) — B ← W⁺Aᵀ(AAᵀ)⁻¹, then
-  A ← (BᵀB)⁻¹BᵀW⁺ — an implicit block power method, so no SVD and no dense G or W⁺. G Aᵀ comes free with the
-  factor gradients, so a step costs 2·sweeps − 1 extra passes (one `times_gradient` for the first sweep, one
+  A ← (BᵀB)⁻¹BᵀW⁺ — an implicit block power method, so no SVD and no dense G or W⁺. The sweeps run in the
+  power method's orthonormal form (B ← an orthonormal basis of W⁺Aᵀ by QR, A ← BᵀW⁺: the same product as the
+  least-squares pair, with no Gram matrix to invert, which is what keeps it finite after a prune). G Aᵀ comes free
+  with the factor gradients, so a step costs 2·sweeps − 1 extra passes (one `times_gradient` for the first sweep, one
   `gradient_times` and one `times_gradient` for each further sweep, each batched over all modules). Afterwards each
   component is rebalanced (same product, ‖B column‖ = ‖A row‖) so B and A stay on one scale for whatever optimizer
   runs next.
 
-The r×r Gram matrices these methods invert are singular for a freshly re-initialised component (PEFT starts B's
+The r×r Gram matrices AltLoRA and AltLoRA+ invert are singular for a freshly re-initialised component (PEFT starts B's
 column at zero), so they are damped: λ = damping·trace(Gram)/r plus a floor of 1e-12·(1 + trace/r). The damping
 keeps a zero column finite (its scaled A-gradient is then zero and its B-step grows it); damping=0 leaves only the
 floor, for checks of exact invariance.
@@ -114,12 +116,17 @@ def _as_master(gradient: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
 
 
 def _damped_solve(gram: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """(Gram + λI)⁻¹ rhs for an r×r Gram matrix, λ relative to its mean diagonal (see the module docstring)."""
+    """(Gram + λI)⁻¹ rhs for an r×r Gram matrix, λ relative to its mean diagonal (see the module docstring).
+
+    Solved in float64 whatever the masters' dtype: after a prune the Gram matrices hold the kept components
+    (order 1) next to re-initialised ones with a zero side (order λ), a condition number float32 cannot solve
+    (LoRSum diverged to NaN in float32 on the shipped PINN adapters); r×r solves cost nothing next to a pass."""
     rank = gram.shape[0]
-    mean_diagonal = torch.trace(gram) / max(rank, 1)
+    gram64 = gram.to(torch.float64)
+    mean_diagonal = torch.trace(gram64) / max(rank, 1)
     lam = damping * mean_diagonal + GRAM_FLOOR * (1.0 + mean_diagonal)
-    eye = torch.eye(rank, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, rhs)
+    eye = torch.eye(rank, dtype=torch.float64, device=gram.device)
+    return torch.linalg.solve(gram64 + lam * eye, rhs.to(torch.float64)).to(rhs.dtype)
 
 
 def _adam_ratio(
@@ -301,15 +308,13 @@ class AltLoRAPlus(AltLoRA):
 
 
 class LoRSum:
-    """LoRSum: the full step on ΔW projected back to rank r by warm-started alternating least squares (see the
-    module docstring for the cost in extra passes)."""
+    """LoRSum: the full step on ΔW projected back to rank r by warm-started alternating least squares, in the
+    orthonormal form of a block power method (see the module docstring for the cost in extra passes)."""
 
-    def __init__(self, modules: list[LowRank], sweeps: int = 2, damping: float = 1e-6):
+    def __init__(self, modules: list[LowRank], sweeps: int = 2):
         _require(isinstance(sweeps, int) and sweeps >= 1, f"sweeps must be an integer ≥ 1, got {sweeps}.")
-        _check_non_negative("damping", damping)
         self.modules = modules
         self.sweeps = sweeps
-        self.damping = damping
 
     @torch.no_grad()
     def step(self, gradient: Gradient, lr: float) -> None:
@@ -321,33 +326,23 @@ class LoRSum:
         for sweep in range(self.sweeps):
             if sweep > 0:
                 g_times_a = _as_masters(gradient.gradient_times(a_k), self.modules, "B")
-            b_k = [
-                self._least_squares_b(m, a, ga, c)
-                for m, a, ga, c in zip(self.modules, a_k, g_times_a, steps, strict=True)
-            ]
-            b_times_g = _as_masters(gradient.times_gradient(b_k), self.modules, "A")
-            a_k = [
-                self._least_squares_a(m, b, bg, c)
-                for m, b, bg, c in zip(self.modules, b_k, b_times_g, steps, strict=True)
-            ]
-        for module, new_b, new_a in zip(self.modules, b_k, a_k, strict=True):
+            q_k = [_column_basis(m, a, ga, c) for m, a, ga, c in zip(self.modules, a_k, g_times_a, steps, strict=True)]
+            q_times_g = _as_masters(gradient.times_gradient(q_k), self.modules, "A")
+            a_k = [(q.T @ m.B) @ m.A - c * qg for m, q, qg, c in zip(self.modules, q_k, q_times_g, steps, strict=True)]
+        for module, new_b, new_a in zip(self.modules, q_k, a_k, strict=True):
             balanced_b, balanced_a = _rebalanced(new_b, new_a)
             _write(module.B, balanced_b)
             _write(module.A, balanced_a)
 
-    def _least_squares_b(
-        self, module: LowRank, a_k: torch.Tensor, g_times_a_k: torch.Tensor, step: float
-    ) -> torch.Tensor:
-        """B = W⁺Aₖᵀ(AₖAₖᵀ + λI)⁻¹, the best B for the fixed Aₖ, with W⁺Aₖᵀ = B(A Aₖᵀ) − step·G Aₖᵀ."""
-        w_plus_a_k = module.B @ (module.A @ a_k.T) - step * g_times_a_k
-        return _damped_solve(a_k @ a_k.T, w_plus_a_k.T, self.damping).T
 
-    def _least_squares_a(
-        self, module: LowRank, b_k: torch.Tensor, b_k_times_g: torch.Tensor, step: float
-    ) -> torch.Tensor:
-        """A = (BₖᵀBₖ + λI)⁻¹BₖᵀW⁺, the best A for the fixed Bₖ, with BₖᵀW⁺ = (BₖᵀB)A − step·Bₖᵀ G."""
-        b_k_w_plus = (b_k.T @ module.B) @ module.A - step * b_k_times_g
-        return _damped_solve(b_k.T @ b_k, b_k_w_plus, self.damping)
+def _column_basis(module: LowRank, a_k: torch.Tensor, g_times_a_k: torch.Tensor, step: float) -> torch.Tensor:
+    """The B half-sweep: the least-squares B for a fixed Aₖ is W⁺Aₖᵀ(AₖAₖᵀ)⁻¹, whose column space is that of
+    W⁺Aₖᵀ = B(A Aₖᵀ) − step·G Aₖᵀ; an orthonormal basis Q of it (QR) gives the same product after the A half-sweep
+    A = QᵀW⁺, without inverting a Gram matrix. That matters after a prune: re-initialised components make AₖAₖᵀ
+    and BᵀB nearly singular, and the inverse form let the factors of the shipped PINN adapters grow without bound
+    (norms 3 → 76 in 12 steps, then NaN), while Q A never exceeds W⁺ projected onto span(Q)."""
+    w_plus_a_k = module.B @ (module.A @ a_k.T) - step * g_times_a_k
+    return torch.linalg.qr(w_plus_a_k.to(torch.float64)).Q.to(w_plus_a_k.dtype)
 
 
 def _as_masters(products: Sequence[torch.Tensor], modules: list[LowRank], like: str) -> list[torch.Tensor]:
