@@ -10,6 +10,7 @@ selection and as written (after the refit).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import torch
 
 from sublora_cli.adapters import Adapter
 from sublora_cli.calibrated import Calibrated
+from sublora_cli.errors import SubloraError
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.svd import Spectrum
 from sublora_cli.training import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
@@ -37,6 +39,8 @@ class RoundRecord:
 
     round: int
     steps: int
+    training_loss_first: float  # mean training loss over the first tenth of the round's steps
+    training_loss_last: float  # and over the last tenth: below the first when the round converges
     loss_after_training: float  # the trained adapter in its storage dtype, before the prune
     loss_after_selection: float  # the kept components with σ as trained
     loss_after: float  # as written after the prune (after the refit when it was accepted)
@@ -86,6 +90,7 @@ def alternate(
             state, round_losses = train(model, state, batches, settings, f"round {k}/{rounds}: training", progress)
             trained = as_adapter(adapter, state)
             trained_spectra = adapter_spectra(trained)
+            _check_representable(trained_spectra, model.dtype, k, settings)
             model.rebase(trained_spectra)
         training_seconds = time.perf_counter() - start
         with timings.stage("eval"):
@@ -97,6 +102,8 @@ def alternate(
             RoundRecord(
                 round=k,
                 steps=len(round_losses),
+                training_loss_first=_mean(round_losses[: max(1, len(round_losses) // 10)]),
+                training_loss_last=_mean(round_losses[-max(1, len(round_losses) // 10) :]),
                 loss_after_training=after_training,
                 loss_after_selection=written.loss_after_selection,
                 loss_after=written.loss_after,
@@ -112,6 +119,21 @@ def alternate(
         if k < rounds:
             state = after_prune(state, written.pruned, generator)
     return Alternated(trained, trained_spectra, decision, records, losses)
+
+
+def _check_representable(spectra: list[Spectrum], dtype: torch.dtype, k: int, settings: TrainSettings) -> None:
+    """A trained adapter whose singular values overflow the model's dtype cannot be measured or used."""
+    largest = max((float(s.sigma.max()) for s in spectra if s.rank), default=0.0)
+    if not math.isfinite(largest) or not math.isfinite(float(torch.tensor(largest).to(dtype))):
+        raise SubloraError(
+            f"Training diverged in round {k}: the trained update's largest singular value ({largest:g}) overflows "
+            f"{str(dtype).removeprefix('torch.')} (--optimizer {settings.optimizer}, --lr {settings.lr:g}). Lower "
+            "--lr; nothing was written."
+        )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def plot_training(alternated: Alternated, loss_before: float, path: Path, title: str) -> bool:

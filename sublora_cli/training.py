@@ -192,12 +192,14 @@ class StepGradient:
     def factor_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self._grads
 
+    @torch.enable_grad()  # optimizers call this under no_grad; the probes must be part of the graph
     def gradient_times(self, right: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """G_i M_iᵀ: the gradient in P_i of the loss with ΔW_i + P_i M_i, at P_i = 0."""
         pairs = self._with(right)
         probes = [_probe(f.B, f.B.shape[0], m.shape[0]) for f, m in pairs]
         return self._probe([(p, m.detach().T) for p, (_, m) in zip(probes, pairs, strict=True)], probes)
 
+    @torch.enable_grad()
     def times_gradient(self, left: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """N_iᵀ G_i: the gradient in Q_i of the loss with ΔW_i + N_i Q_i, at Q_i = 0."""
         pairs = self._with(left)
@@ -215,10 +217,19 @@ class StepGradient:
 
     def _backward(self, terms: list, leaves: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         """Loss and gradient in `leaves` on this step's batch, summed over processes (mean over them)."""
-        with self._model.using_factors(terms), torch.enable_grad():
-            loss = check_loss(self._model.loss(self._model.sigma, self._batch), self._index)
+        with torch.enable_grad(), self._model.using_factors(terms):  # the bases are built in the graph
+            loss = _finite(self._model.loss(self._model.sigma, self._batch), self._index)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
         return _process_mean(float(loss.detach()), [g.detach() for g in grads])
+
+
+def _finite(loss: object, batch_index: int) -> torch.Tensor:
+    """The script's loss, checked as everywhere (check_loss), except that a NaN or infinite value is passed on:
+    in training it means the step size diverged (train() says so), not that the script is wrong, and under
+    torchrun every process must still join the reduction of the gradients."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not bool(torch.isfinite(loss.detach()).all()):
+        return loss
+    return check_loss(loss, batch_index)
 
 
 def _probe(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
@@ -255,15 +266,21 @@ def train(
     for step in range(settings.steps):
         index = (step * world + rank) % len(batches)
         loss = step_fn(batches[index], index, cosine_lr(settings.lr, step, settings.steps))
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) or not _finite_state(state):
             raise SubloraError(
-                f"Training diverged at {stage}, step {step + 1}: the loss is {loss} (--optimizer {settings.optimizer}, "
-                f"--lr {settings.lr:g}). Lower --lr."
+                f"Training diverged at {stage}, step {step + 1}: the loss is {loss:g}"
+                f"{'' if _finite_state(state) else ' and the factors are no longer finite'} "
+                f"(--optimizer {settings.optimizer}, --lr {settings.lr:g}). Lower --lr; nothing was written."
             )
         losses.append(loss)
         if progress is not None:
             progress(stage, step + 1, settings.steps)
     return state, losses
+
+
+def _finite_state(state: State) -> bool:
+    tensors = [state.sigma] if isinstance(state, SigmaState) else [t for f in state.factors for t in (f.B, f.A)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _factor_steps(sigma_model: SigmaModel, state: FactorState, settings: TrainSettings) -> Callable:
@@ -284,7 +301,7 @@ def _sigma_steps(sigma_model: SigmaModel, state: SigmaState, settings: TrainSett
 
     def step(batch: object, index: int, lr: float) -> float:
         with torch.enable_grad():
-            loss = check_loss(sigma_model.loss(leaf.to(sigma_model.dtype), batch), index)
+            loss = _finite(sigma_model.loss(leaf.to(sigma_model.dtype), batch), index)
             (grad,) = torch.autograd.grad(loss, [leaf], allow_unused=True, materialize_grads=True)
         value, (grad,) = _process_mean(float(loss.detach()), [grad])
         leaf.grad = grad.to(leaf)

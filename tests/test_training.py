@@ -40,7 +40,8 @@ from conftest import save_adapter  # noqa: E402
 
 WEIGHTS = "adapter_model.safetensors"
 ROUND_KEYS = {
-    "round", "steps", "loss_after_training", "loss_after_selection", "loss_after", "predicted_increase",
+    "round", "steps", "training_loss_first", "training_loss_last", "loss_after_training", "loss_after_selection",
+    "loss_after", "predicted_increase",
     "refit_accepted", "rank", "ranks", "seconds", "training_seconds",
 }  # fmt: skip
 
@@ -113,7 +114,8 @@ def test_gradient_products_equal_those_of_the_dense_gradient(case, tmp_path):
     tied = untied_weights(model.model)
     checked = [i for i, m in enumerate(adapter.modules) if id(model.model.get_submodule(m.name).weight) in tied]
     assert len(checked) >= 2
-    products = gradient.gradient_times(right), gradient.times_gradient(left), gradient.factor_gradients()
+    with torch.no_grad():  # as the optimizers call them: the probes must build their own graph
+        products = gradient.gradient_times(right), gradient.times_gradient(left), gradient.factor_gradients()
     for i in checked:
         f, dense = state.factors[i], G[i]
         torch.testing.assert_close(products[0][i], dense @ right[i].T, rtol=1e-9, atol=1e-12)
@@ -239,7 +241,7 @@ def test_runs_repeat_and_the_seed_matters(problem, tmp_path):
 @pytest.mark.parametrize(
     ("optimizer", "train", "lr"),
     [("adam", "factors", 3e-2), ("sgd", "factors", 0.3), ("altlora", "factors", 0.3), ("altlora+", "factors", 3e-2),
-     ("lorsum", "factors", 0.3), ("adam", "sigma", 3e-2), ("sgd", "sigma", 0.3)],
+     ("lorsum", "factors", 0.3), ("adam", "sigma", 3e-2), ("sgd", "sigma", 10.0)],
 )  # fmt: skip
 def test_every_optimizer_trains_gpt2_and_the_written_file_reloads_in_peft(optimizer, train, lr, tmp_path):
     """A stock transformers GPT-2 (Conv1D, an embedding, modules_to_save, lora_only biases): each optimizer lowers
@@ -301,7 +303,7 @@ def test_train_batches_are_what_the_rounds_train_on(problem, tmp_path):
         (["--lr", "0"], 2, "is not positive"),
         (["--optimizer", "lbfgs"], 2, "is not one of"),
         (["--train", "everything"], 2, "is not one of"),
-        (["--rounds", "1", "--optimizer", "sgd", "--lr", "1e12"], 1, "Training diverged"),
+        (["--rounds", "1", "--optimizer", "sgd", "--lr", "1e30"], 1, "Training diverged"),
     ],
     ids=["no-calib", "sigma-altlora", "auto-budget", "negative-rounds", "no-steps", "zero-lr", "optimizer",
          "train", "diverges"],
