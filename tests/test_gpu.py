@@ -52,3 +52,16 @@ def test_curvature_on_cuda_matches_cpu(kind):
     scale_h = float(cpu.hessian.abs().max())
     assert float((gpu.gradient - cpu.gradient).abs().max()) <= 1e-8 * scale_g
     assert float((gpu.hessian - cpu.hessian).abs().max()) <= 1e-8 * scale_h
+
+
+@pytest.mark.parametrize(("optimizer", "train"), [("adam", "factors"), ("lorsum", "factors"), ("adam", "sigma")])
+def test_training_rounds_on_cuda_match_cpu(tmp_path, run_cli, optimizer, train):
+    """Alternating rounds (issue 14) train on the device: master factors, optimizer state, probes and re-initialised
+    components all follow --device, and float64 training gives the CPU's losses and kept sets."""
+    common = ("--dtype", "float64", "--rounds", "2", "--train-steps", "20", "--optimizer", optimizer, "--train", train)
+    cpu = prune_json(run_cli, tmp_path / "cpu", *common, "--device", "cpu")
+    gpu = prune_json(run_cli, tmp_path / "gpu", *common, "--device", "cuda")
+    assert [m["kept"] for m in gpu["modules"]] == [m["kept"] for m in cpu["modules"]]
+    for round_cpu, round_gpu in zip(cpu["rounds"], gpu["rounds"], strict=True):
+        assert round_gpu["loss_after_training"] == pytest.approx(round_cpu["loss_after_training"], rel=1e-5)
+    assert gpu["loss"]["after"] == pytest.approx(cpu["loss"]["after"], rel=1e-5)

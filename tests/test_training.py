@@ -348,3 +348,30 @@ def test_the_optimizer_registry_names_what_each_trains():
     assert set(OPTIMIZERS) == {"sgd", "adam", "altlora", "altlora+", "lorsum"}
     assert {name for name, spec in OPTIMIZERS.items() if "sigma" in spec.trains} == {"sgd", "adam"}
     assert all(spec.default_lr > 0 for spec in OPTIMIZERS.values())
+
+
+def test_two_torchrun_processes_train_as_one(problem, tmp_path):
+    """Under torchrun each process takes every N-th training batch and the gradients are averaged: with the same
+    batch on both processes that is exactly one process's step, so the rounds end at the same adapter."""
+    from test_distributed import launch
+
+    adapter, calib = problem
+    script = tmp_path / "calib.py"
+    three_batches = "return [torch.randn(16, 3, generator=g) for _ in range(3)]"
+    one_batch_twice = "b = torch.randn(16, 3, generator=g); return [b, b]"
+    script.write_text(calib.read_text().replace(three_batches, one_batch_twice))
+    (tmp_path / "base.safetensors").write_bytes((calib.parent / "base.safetensors").read_bytes())
+    reports = {}
+    for world in (1, 2):
+        out = tmp_path / f"out{world}"
+        args = ["-m", "sublora_cli", "prune", str(adapter), "--calib", str(script), "-b", "3", "--dtype", "float64",
+                "--rounds", "2", "--train-steps", "6", "--lr", "0.01", "--out", str(out)]  # fmt: skip
+        for result in launch(args, world):
+            assert result.returncode == 0, result.stderr
+        reports[world] = json.loads((out / "sublora_report.json").read_text())
+    one, two = reports[1], reports[2]
+    assert two["distributed"]["world_size"] == 2
+    assert [m["kept"] for m in one["modules"]] == [m["kept"] for m in two["modules"]]
+    for a, b in zip(one["rounds"], two["rounds"], strict=True):
+        assert b["loss_after_training"] == pytest.approx(a["loss_after_training"], rel=1e-12)
+    assert two["loss"]["after"] == pytest.approx(one["loss"]["after"], rel=1e-12)
