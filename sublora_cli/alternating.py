@@ -61,6 +61,7 @@ class Alternated:
     decision: Decision
     rounds: list[RoundRecord]
     losses: list[float]  # the training loss of every step, all rounds in order
+    batches: int  # how many training batches a pass over the data takes
 
     def report(self) -> list[dict]:
         return [asdict(r) for r in self.rounds]
@@ -118,7 +119,7 @@ def alternate(
         losses.extend(round_losses)
         if k < rounds:
             state = after_prune(state, written.pruned, generator)
-    return Alternated(trained, trained_spectra, decision, records, losses)
+    return Alternated(trained, trained_spectra, decision, records, losses, len(batches))
 
 
 def _check_representable(spectra: list[Spectrum], dtype: torch.dtype, k: int, settings: TrainSettings) -> None:
@@ -136,6 +137,11 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def _running_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of the last `window` values at each step (an epoch's mean when `window` is the batch count)."""
+    return [_mean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+
+
 def plot_training(alternated: Alternated, loss_before: float, path: Path, title: str) -> bool:
     """training.png, the shape of the paper's Figure 4: the training loss of every step, a circle where each
     round's training ends (measured calibration loss) and a cross after its prune; False without matplotlib."""
@@ -147,7 +153,10 @@ def plot_training(alternated: Alternated, loss_before: float, path: Path, title:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(range(1, len(alternated.losses) + 1), alternated.losses, lw=0.8, color="tab:blue", label="training loss")
+    steps = range(1, len(alternated.losses) + 1)
+    ax.plot(steps, alternated.losses, lw=0.6, alpha=0.35, color="tab:blue", label="training loss (one batch)")
+    window = max(1, min(alternated.batches, len(alternated.losses)))
+    ax.plot(steps, _running_mean(alternated.losses, window), lw=1.4, color="tab:blue", label=f"mean of {window}")
     end = 0
     for r in alternated.rounds:
         end += r.steps

@@ -644,7 +644,8 @@ def prune(
             with timings.stage("write"):
                 write_adapter(adapter, pruned, tmp, provenance(report))
             write_reports(report, tmp)
-            if alternated is not None and not plot_training(alternated, loss["before"], tmp / TRAINING_PLOT, method):
+            title = f"{adapter_path.name}: {method}, --optimizer {options.optimizer}, --train {options.train}"
+            if alternated is not None and not plot_training(alternated, loss["before"], tmp / TRAINING_PLOT, title):
                 warnings.append(f"matplotlib is not installed: no {TRAINING_PLOT} (pip install 'sublora[plots]').")
     failure = None
     if quality is not None and not quality["passed"]:

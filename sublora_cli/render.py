@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sublora_cli.report import reading_phrase, refit_lines
+from sublora_cli.report import reading_phrase, refit_lines, round_lines
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
@@ -141,6 +141,8 @@ def prune_summary(report: dict, out_dir: Path) -> None:
         )
         for line in refit_lines(report):
             out.print(escape(line), style="bold red" if line.startswith("WARNING") else None)
+        for line in round_lines(report):
+            out.print(escape(line))
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():
             after = report["metrics"]["after"].get(name, float("nan"))

@@ -145,6 +145,22 @@ def provenance(report: dict) -> dict:
     }
 
 
+def round_lines(report: dict) -> list[str]:
+    """One line per round of --rounds: the loss after training, after selection and as written, the rank kept."""
+    rounds = report.get("rounds") or []
+    if not rounds:
+        return []
+    options = report["options"]
+    lines = [f"rounds: {len(rounds)} × {options['train_steps']} steps, --train {options['train']}, --optimizer "
+             f"{options['optimizer']} (see training.png)"]  # fmt: skip
+    for r in rounds:
+        lines.append(
+            f"  round {r['round']}: trained {r['loss_after_training']:.4g} → selected {r['loss_after_selection']:.4g} "
+            f"→ written {r['loss_after']:.4g}, rank {r['rank']}, {r['seconds']:.1f} s"
+        )
+    return lines
+
+
 def refit_lines(report: dict) -> list[str]:
     """The loss with the kept σ as trained, what the refit did, and the loss without the adapter, one line each
     (the terminal summary and the .md report print the same)."""
@@ -198,6 +214,7 @@ def render_markdown(report: dict) -> str:
             f"({loss['relative_increase']:.2%}), predicted {predicted}"
         )
         lines += [f"- {line}" for line in refit_lines(report)]
+        lines += [f"- {line}" for line in round_lines(report)]
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():
             lines.append(f"- {name}: {before:.6g} → {report['metrics']['after'].get(name, float('nan')):.6g}")
