@@ -175,7 +175,9 @@ class PruneOptions:
             "Peak learning rate of each round (cosine-decayed to 0 over its steps).",
             check=positive,
             show_default="per optimizer: "
-            + ", ".join(f"{name} {spec.default_lr:g}" for name, spec in OPTIMIZERS.items()),
+            + ", ".join(f"{name} {spec.default_lr:g}" for name, spec in OPTIMIZERS.items())
+            + "; with --train sigma: "
+            + ", ".join(f"{name} {spec.sigma_lr:g}" for name, spec in OPTIMIZERS.items() if spec.sigma_lr),
         ),
         None,
     )
@@ -195,7 +197,9 @@ class PruneOptions:
         return "sublora" if self.calib is not None else "magnitude"
 
     def train_settings(self) -> TrainSettings:
-        lr = self.lr if self.lr is not None else OPTIMIZERS[self.optimizer].default_lr
+        spec = OPTIMIZERS[self.optimizer]
+        default = spec.sigma_lr if self.train == "sigma" and spec.sigma_lr is not None else spec.default_lr
+        lr = self.lr if self.lr is not None else default
         return TrainSettings(self.train, self.optimizer, lr, self.train_steps, self.seed)
 
 
