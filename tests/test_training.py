@@ -125,17 +125,23 @@ def test_gradient_products_equal_those_of_the_dense_gradient(case, tmp_path):
     calibrated.close()
 
 
-def test_a_prune_leaves_the_update_as_written_and_fresh_components_can_grow(problem):
-    """After a prune the kept components are the written ones and the pruned ones come back as PEFT initialises
-    them (B = 0, A ~ U(±1/√in)): the update is unchanged until training moves them, and training does."""
+def after_keeping_two(problem, train: str):
+    """The tiny problem's calibration, adapter, spectra, a prune keeping 2 components per module, and the state
+    the next round would start from."""
     adapter_path, calib = problem
     adapter = read_adapter(adapter_path)
     spectra = adapter_spectra(adapter)
     calibrated = open_calibration(calib, adapter, spectra, dtype="float64")
-    model = calibrated.sigma_model
-    state = initial_state(adapter, spectra, "factors", torch.float64, model.device)
+    state = initial_state(adapter, spectra, train, torch.float64, calibrated.sigma_model.device)
     pruned = [PrunedModule.keeping(m, s, [0, 1]) for m, s in zip(adapter.modules, spectra, strict=True)]
-    fresh = after_prune(state, pruned, torch.Generator().manual_seed(0))
+    return calibrated, adapter, spectra, pruned, after_prune(state, pruned, torch.Generator().manual_seed(0))
+
+
+def test_a_prune_leaves_the_update_as_written_and_fresh_components_can_grow(problem):
+    """After a prune the kept components are the written ones and the pruned ones come back as PEFT initialises
+    them (B = 0, A ~ U(±1/√in)): the update is unchanged until training moves them, and training does."""
+    calibrated, adapter, spectra, pruned, fresh = after_keeping_two(problem, "factors")
+    model = calibrated.sigma_model
     for low_rank, p in zip(fresh.factors, pruned, strict=True):
         assert low_rank.B.shape == p.module.B.shape and low_rank.A.shape == p.module.A.shape
         torch.testing.assert_close(low_rank.scale * low_rank.B @ low_rank.A, p.spectrum.dense(), rtol=1e-10, atol=1e-12)
@@ -148,14 +154,8 @@ def test_a_prune_leaves_the_update_as_written_and_fresh_components_can_grow(prob
 
 
 def test_sigma_training_moves_only_sigma_and_a_pruned_sigma_regrows(problem):
-    adapter_path, calib = problem
-    adapter = read_adapter(adapter_path)
-    spectra = adapter_spectra(adapter)
-    calibrated = open_calibration(calib, adapter, spectra, dtype="float64")
+    calibrated, adapter, spectra, _, state = after_keeping_two(problem, "sigma")
     model = calibrated.sigma_model
-    state = initial_state(adapter, spectra, "sigma", torch.float64, model.device)
-    pruned = [PrunedModule.keeping(m, s, [0, 1]) for m, s in zip(adapter.modules, spectra, strict=True)]
-    state = after_prune(state, pruned, torch.Generator().manual_seed(0))
     assert isinstance(state, SigmaState)
     sigma = state.sigma.view(len(spectra), -1)
     assert not sigma[:, 2:].any() and torch.allclose(sigma[:, :2], torch.stack([s.sigma[:2] for s in spectra]))
