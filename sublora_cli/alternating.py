@@ -39,8 +39,8 @@ class RoundRecord:
 
     round: int
     steps: int
-    training_loss_first: float  # mean training loss over the first tenth of the round's steps
-    training_loss_last: float  # and over the last tenth: below the first when the round converges
+    training_loss_first: float  # mean training loss over the round's first tenth (whole passes over the batches)
+    training_loss_last: float  # and over its last tenth: below the first when the round converges
     loss_after_training: float  # the trained adapter in its storage dtype, before the prune
     loss_after_selection: float  # the kept components with σ as trained
     loss_after: float  # as written after the prune (after the refit when it was accepted)
@@ -103,8 +103,8 @@ def alternate(
             RoundRecord(
                 round=k,
                 steps=len(round_losses),
-                training_loss_first=_mean(round_losses[: max(1, len(round_losses) // 10)]),
-                training_loss_last=_mean(round_losses[-max(1, len(round_losses) // 10) :]),
+                training_loss_first=_mean(round_losses[: _tenth(len(round_losses), len(batches))]),
+                training_loss_last=_mean(round_losses[-_tenth(len(round_losses), len(batches)) :]),
                 loss_after_training=after_training,
                 loss_after_selection=written.loss_after_selection,
                 loss_after=written.loss_after,
@@ -131,6 +131,13 @@ def _check_representable(spectra: list[Spectrum], dtype: torch.dtype, k: int, se
             f"{str(dtype).removeprefix('torch.')} (--optimizer {settings.optimizer}, --lr {settings.lr:g}). Lower "
             "--lr; nothing was written."
         )
+
+
+def _tenth(steps: int, batches: int) -> int:
+    """About a tenth of a round's steps, in whole passes over the batches (at least one, at most all steps), so
+    that the first and last stretch average the same batches and compare like with like."""
+    passes = max(1, steps // 10 // batches)
+    return max(1, min(steps, passes * batches))
 
 
 def _mean(values: Sequence[float]) -> float:
