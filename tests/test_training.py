@@ -375,3 +375,27 @@ def test_two_torchrun_processes_train_as_one(problem, tmp_path):
     for a, b in zip(one["rounds"], two["rounds"], strict=True):
         assert b["loss_after_training"] == pytest.approx(a["loss_after_training"], rel=1e-12)
     assert two["loss"]["after"] == pytest.approx(one["loss"]["after"], rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lorsum"])
+def test_a_kohya_file_with_a_conv_layer_is_trained_and_written_in_its_format(optimizer, tmp_path, run_cli):
+    """Rounds on a kohya single file (a Linear and a LoCon Conv2d, names mapped onto the model): the written file
+    is kohya's again and `eval` measures on it the loss the report gives (lorsum: conv probes included)."""
+    import textwrap
+
+    from test_kohya import CALIB as KOHYA_CALIB
+    from test_kohya import kohya_file
+
+    shapes = {"lora_unet_down_blocks_0_proj_in": (8, 6, 3, None), "lora_unet_down_blocks_0_conv1": (2, 2, 2, 3)}
+    path = kohya_file(tmp_path / "k.safetensors", shapes, dtype=torch.float32)
+    calib = tmp_path / "calib.py"
+    calib.write_text(textwrap.dedent(KOHYA_CALIB))
+    args = ["--rounds", 2, "--train-steps", 5, "--optimizer", optimizer, "--lr", "0.01"]
+    result = run_cli("prune", path, "--calib", calib, "--budget", 3, *args, "--out", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["input"]["format"] == "kohya" and len(report["rounds"]) == 2
+    written = tmp_path / "out" / path.name
+    assert all(key.startswith("lora_unet_") for key in load_file(str(written)))
+    measured = run_cli("eval", written, "--calib", calib, "--json")
+    assert json.loads(measured.stdout)["loss"] == pytest.approx(report["loss"]["after"], rel=1e-6)
