@@ -172,7 +172,7 @@ class PruneOptions:
     lr: float | None = option(
         Option(
             ("--lr",),
-            "Peak learning rate of each round (cosine-decayed to 0 over its steps).",
+            "Peak learning rate of each round (linear warm-up over its first tenth, then cosine decay to 0).",
             check=positive,
             show_default="per optimizer: "
             + ", ".join(f"{name} {spec.default_lr:g}" for name, spec in OPTIMIZERS.items())

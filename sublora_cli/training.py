@@ -40,7 +40,8 @@ Progress = Callable[[str, int, int | None], None]
 @dataclass(frozen=True)
 class TrainSettings:
     """How each round trains: what (`train`), how long (`steps`, one batch each), with which optimizer and peak
-    learning rate (cosine-decayed to 0 over a round's steps), and the seed of re-initialised components."""
+    learning rate (warm-up, then cosine decay to 0 over a round's steps), and the seed of re-initialised
+    components."""
 
     train: str
     optimizer: str
@@ -63,9 +64,19 @@ def check_settings(train: str, optimizer: str) -> None:
         )
 
 
+WARMUP = 0.1  # share of a round's steps over which the rate rises to its peak
+
+
 def cosine_lr(lr: float, step: int, steps: int) -> float:
-    """The peak rate decayed to 0 along a half cosine over a round, so each round ends at a settled point."""
-    return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    """The rate of `step` (from 0) in a round: a linear warm-up over the first tenth, then the peak decayed to 0
+    along a half cosine, so each round ends at a settled point. The warm-up matters because every round starts
+    a fresh optimizer at an adapter that is already (nearly) trained: Adam's first steps move every entry by
+    about the full rate whatever the gradient, which on the PINN samples raised the loss 20-fold before
+    training recovered it."""
+    warmup = int(WARMUP * steps)
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
 def master_dtype(sigma_model: SigmaModel) -> torch.dtype:

@@ -168,9 +168,12 @@ def test_sigma_training_moves_only_sigma_and_a_pruned_sigma_regrows(problem):
     calibrated.close()
 
 
-def test_cosine_schedule_ends_at_zero():
-    assert cosine_lr(1.0, 0, 10) == 1.0 and cosine_lr(1.0, 5, 10) == pytest.approx(0.5)
-    assert cosine_lr(1.0, 10, 10) == pytest.approx(0.0, abs=1e-15)
+def test_the_schedule_warms_up_peaks_and_ends_at_zero():
+    rates = [cosine_lr(1.0, step, 100) for step in range(101)]
+    assert rates[0] == pytest.approx(1 / 11) and rates[:10] == sorted(rates[:10])  # warm-up over the first tenth
+    assert max(rates) == rates[10] == 1.0 and rates[55] == pytest.approx(0.5)
+    assert rates[10:] == sorted(rates[10:], reverse=True) and rates[100] == pytest.approx(0.0, abs=1e-15)
+    assert cosine_lr(1.0, 0, 5) == 1.0  # too short for a warm-up
 
 
 def rounds_options(calib: Path, **changes) -> PruneOptions:
