@@ -106,8 +106,8 @@ def summarise(rows: list[dict], settings: dict) -> tuple[str, dict]:
         "# Alternating SubLoRA on the shipped PINN adapters (bench/alternating.py)",
         "",
         f"Budget {settings['budget']} of the total rank (100 → 30), {settings['rounds']} rounds × {settings['steps']} "
-        f"steps (one calibration batch each; learning rate warmed up over the first tenth, then cosine-decayed), every optimizer at its default learning "
-        f"rate ({', '.join(f'{k} {v.default_lr:g}' for k, v in OPTIMIZERS.items())}), exact curvature (auto), refit on "
+        "steps (one calibration batch each; learning rate warmed up over the first tenth, then cosine-decayed), "
+        f"every optimizer at its default learning rate ({', '.join(f'{k} {v.default_lr:g}' for k, v in OPTIMIZERS.items())}), exact curvature (auto), refit on "
         f"after every prune. {settings['workers']} worker processes on one torch thread each; {settings['machine']}. "
         f"Wall time {settings['seconds'] / 60:.1f} min.",
         "",
