@@ -102,12 +102,13 @@ def summarise(rows: list[dict], settings: dict) -> tuple[str, dict]:
     by = {(r["family"], r["name"], r["label"]): r for r in rows}
     adapters = sorted({(r["family"], r["name"]) for r in rows}, key=lambda a: (list(FAMILIES).index(a[0]), a[1]))
     labels = [label for label, *_ in CONFIGS if any(r["label"] == label for r in rows)]
+    defaults = ", ".join(f"{k} {v.default_lr:g}" for k, v in OPTIMIZERS.items())
     lines = [
         "# Alternating SubLoRA on the shipped PINN adapters (bench/alternating.py)",
         "",
         f"Budget {settings['budget']} of the total rank (100 → 30), {settings['rounds']} rounds × {settings['steps']} "
         "steps (one calibration batch each; learning rate warmed up over the first tenth, then cosine-decayed), "
-        f"every optimizer at its default learning rate ({', '.join(f'{k} {v.default_lr:g}' for k, v in OPTIMIZERS.items())}), exact curvature (auto), refit on "
+        f"every optimizer at its default learning rate ({defaults}), exact curvature (auto), refit on "
         f"after every prune. {settings['workers']} worker processes on one torch thread each; {settings['machine']}. "
         f"Wall time {settings['seconds'] / 60:.1f} min.",
         "",
