@@ -22,6 +22,7 @@ import torch
 from sublora_cli.adapters import Adapter
 from sublora_cli.calibrated import Calibrated
 from sublora_cli.errors import SubloraError
+from sublora_cli.output import pyplot
 from sublora_cli.spectra import adapter_spectra
 from sublora_cli.svd import Spectrum
 from sublora_cli.training import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
@@ -152,12 +153,8 @@ def _running_mean(values: Sequence[float], window: int) -> list[float]:
 def plot_training(alternated: Alternated, loss_before: float, path: Path, title: str) -> bool:
     """training.png, the shape of the paper's Figure 4: the training loss of every step, a circle where each
     round's training ends (measured calibration loss) and a cross after its prune; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = range(1, len(alternated.losses) + 1)

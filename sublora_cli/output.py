@@ -95,3 +95,16 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed (plots are the
+    optional `plots` extra; without it the plot is skipped with a warning)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

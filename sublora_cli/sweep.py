@@ -36,7 +36,7 @@ from sublora_cli.options import (
     Option,
     option,
 )
-from sublora_cli.output import atomic_output_dir
+from sublora_cli.output import atomic_output_dir, pyplot
 from sublora_cli.prune import (
     Finish,
     Info,
@@ -366,12 +366,8 @@ def _log_plottable(value: float | None) -> bool:
 def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
     """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the loss before the
     refit); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
     panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in plottable[:1]]

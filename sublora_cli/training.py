@@ -277,16 +277,21 @@ def train(
     for step in range(settings.steps):
         index = (step * world + rank) % len(batches)
         loss = step_fn(batches[index], index, cosine_lr(settings.lr, step, settings.steps))
-        if not math.isfinite(loss) or not _finite_state(state):
-            raise SubloraError(
-                f"Training diverged at {stage}, step {step + 1}: the loss is {loss:g}"
-                f"{'' if _finite_state(state) else ' and the factors are no longer finite'} "
-                f"(--optimizer {settings.optimizer}, --lr {settings.lr:g}). Lower --lr; nothing was written."
-            )
+        if not math.isfinite(loss):
+            raise _diverged(f"{stage}, step {step + 1}: the loss is {loss:g}", settings)
         losses.append(loss)
         if progress is not None:
             progress(stage, step + 1, settings.steps)
+    if not _finite_state(state):  # once per round: a non-finite factor makes the next step's loss non-finite
+        raise _diverged(f"{stage}, step {settings.steps}: the factors are no longer finite", settings)
     return state, losses
+
+
+def _diverged(where: str, settings: TrainSettings) -> SubloraError:
+    return SubloraError(
+        f"Training diverged at {where} (--optimizer {settings.optimizer}, --lr {settings.lr:g}). Lower --lr; "
+        "nothing was written."
+    )
 
 
 def _finite_state(state: State) -> bool:
