@@ -30,6 +30,7 @@ from sublora_cli.adapters import Adapter, LoraModule, PrunedModule
 from sublora_cli.calibration import check_loss
 from sublora_cli.errors import SubloraError
 from sublora_cli.optimizers import OPTIMIZERS, LowRank, make_optimizer
+from sublora_cli.refit import written_spectrum
 from sublora_cli.reparam import SigmaModel
 from sublora_cli.svd import Spectrum, balanced_factors
 
@@ -175,9 +176,7 @@ def _factors_of(state: State, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return state.factors[index].B, state.factors[index].A
     base = state.spectra[index]
     offset = sum(s.rank for s in state.spectra[:index])
-    sigma = state.sigma[offset : offset + base.rank].to(base.sigma)
-    signs = torch.where(sigma < 0, -1.0, 1.0).to(sigma)
-    signed = Spectrum(U=base.U * signs, sigma=sigma.abs(), V=base.V)
+    signed = written_spectrum(base, state.sigma[offset : offset + base.rank].detach(), range(base.rank))
     return balanced_factors(signed, list(range(base.rank)), state.scales[index])
 
 
