@@ -265,13 +265,9 @@ def run_sweep(
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
     """
-    if curvature is not None and curvature.hessian is None:
-        needing = [m for m in methods if REGISTRY[m].needs == "matrix"]
-        if needing:
-            raise SubloraError(
-                f"--curvature {curvature.kind} gives no full Hessian, which {', '.join(needing)} need; "
-                "use --curvature exact (or fisher) or drop those methods."
-            )
+    if curvature is not None:
+        for method in methods:
+            check_curvature(method, curvature.kind)
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sublora_cli.core.methods import Need
+from sublora_cli.core.methods import CURVATURES, Need
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.formats import Adapter
@@ -73,7 +73,7 @@ def attention_kernel_for(kind: str) -> AbstractContextManager:
     (attn_implementation="sdpa"). The math kernel computes the same attention from plain ops, so the model
     needs no change. The Fisher needs first derivatives only and keeps the fast kernels.
     """
-    return nullcontext() if kind == "fisher" else sdpa_kernel(SDPBackend.MATH)
+    return nullcontext() if kind in CURVATURES and not CURVATURES[kind].second_order else sdpa_kernel(SDPBackend.MATH)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Calibrated:
         `auto` never picks a second-order kind (exact, diag) this model cannot differentiate twice: one
         Hessian-vector product on the first batch is tried first, and on failure auto takes the Fisher."""
         kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
-        if requested != AUTO or kind not in ("exact", "diag"):
+        if requested != AUTO or kind not in CURVATURES or not CURVATURES[kind].second_order:
             return kind, reason
         failure = self.second_order_failure()
         if failure is None:

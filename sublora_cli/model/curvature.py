@@ -44,14 +44,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sublora_cli.core.methods import NEEDS, Need, lookup, most_demanding
+from sublora_cli.core.methods import CURVATURES, NEEDS, Need, lookup, most_demanding
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.batchloop import Meter, Sums, over_batches
 from sublora_cli.model.fisher import per_sample_gradients
 from sublora_cli.model.reparam import SigmaModel
 from sublora_cli.model.script import check_loss
 
-KINDS = ("exact", "diag", "fisher")
+KINDS = tuple(CURVATURES)
 AUTO = "auto"
 CHUNK = 4  # Hessian rows per batched backward pass on the CPU (see the module docstring for the measurements)
 CHUNK_GPU = 32  # on an accelerator the small ops are launch-bound: more rows per pass
@@ -87,7 +87,7 @@ class Curvature:
         (docs/curvature.md).
         """
         gradient = self.gradient
-        if self.kind == "fisher" and lookup(name).needs_at_least("diagonal"):
+        if CURVATURES[self.kind].drops_gradient and lookup(name).needs_at_least("diagonal"):
             gradient = torch.zeros_like(gradient)
         return {"gradient": gradient, "hessian": self.hessian, "hessian_diag": self.hessian_diag}
 
@@ -114,12 +114,12 @@ def estimate_cost(R: int, n_batches: int, kind: str, loss_seconds: float | None 
     if kind not in KINDS:
         raise ValueError(f"unknown curvature kind {kind!r}")
     cost = {
-        "hessian_bytes": 8 * R * R if kind in ("exact", "fisher") else 8 * R,
-        "hvps": R * n_batches if kind != "fisher" else 0,
+        "hessian_bytes": 8 * R * R if CURVATURES[kind].matrix else 8 * R,
+        "hvps": R * n_batches if CURVATURES[kind].second_order else 0,
         "passes": n_batches,
     }
     if loss_seconds is not None:
-        factor = SECONDS_FISHER if kind == "fisher" else SECONDS_PER_HVP_ROW * R
+        factor = SECONDS_PER_HVP_ROW * R if CURVATURES[kind].second_order else SECONDS_FISHER
         cost["seconds"] = factor * loss_seconds
     return cost
 
@@ -197,7 +197,7 @@ def default_threads(device: torch.device) -> int:
 def intra_op_threads(kind: str, device: torch.device, threads: int | None = None) -> int:
     """torch's intra-op thread count while `kind` is computed: 1 while worker threads share the cores (the
     HVPs of exact and diag on the CPU), else torch's own (the Fisher)."""
-    if kind == "fisher":
+    if not CURVATURES[kind].second_order:
         return torch.get_num_threads()
     threads = default_threads(device) if threads is None else threads
     return 1 if threads > 1 else torch.get_num_threads()
@@ -285,7 +285,7 @@ def compute_curvature(
         raise SubloraError("No calibration batches to compute the curvature on.")
     R = sigma_model.size
     cost = estimate_cost(R, len(batches), kind)
-    if kind in ("exact", "fisher") and cost["hessian_bytes"] > max_hessian_gb * 1e9:
+    if CURVATURES[kind].matrix and cost["hessian_bytes"] > max_hessian_gb * 1e9:
         raise SubloraError(
             f"The {'exact Hessian' if kind == 'exact' else 'Fisher matrix'} over the adapter's R = {R} singular "
             f"values would take {cost['hessian_bytes'] / 1e9:.1f} GB in float64, above the limit of "
