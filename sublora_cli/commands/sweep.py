@@ -20,7 +20,6 @@ from sublora_cli.commands.options import (
     DEFAULT_CURVATURE,
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
-    DEFAULT_MAX_HESSIAN_GB,
     DEVICE,
     DTYPE,
     MAX_BATCHES,
@@ -31,12 +30,13 @@ from sublora_cli.commands.options import (
     Option,
     option,
 )
+from sublora_cli.constants import DEFAULT_MAX_BATCHES, DEFAULT_MAX_HESSIAN_GB
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.core.methods import METHODS, REGISTRY
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.budgeting import adapter_pricing
 from sublora_cli.pipeline.calibrate import calibration, measure_before
 from sublora_cli.pipeline.choose import rank_bounds

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sublora_cli.constants import AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, MODEL_DTYPES
 from sublora_cli.core.methods import CURVATURES, Need
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
@@ -26,17 +27,15 @@ from sublora_cli.model.curvature import (
     AUTO,
     Curvature,
     compute_curvature,
-    intra_op_thread_count,
-    intra_op_threads,
     resolve_kind,
 )
 from sublora_cli.model.reparam import SigmaModel
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
+from sublora_cli.model.script import CalibrationScript, check_loss, load_calibration
+from sublora_cli.model.threads import intra_op_thread_count, intra_op_threads
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
-AUTO_PLACEMENT = "auto"  # --device/--dtype auto: keep the model where and as load_model() returned it
 
 
 def resolve_device(name: str) -> torch.device | None:
