@@ -24,26 +24,26 @@ from sublora_cli.commands.options import (
     option,
     positive,
 )
-from sublora_cli.core.budget import UNITS, budget_unit, read_budget, read_tolerance, resolve_budget
+from sublora_cli.core.budget import budget_unit, read_budget, read_tolerance
 from sublora_cli.core.methods import METHODS
 from sublora_cli.errors import SubloraError
 from sublora_cli.model import distributed
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.pipeline.budgeting import (
     adapter_pricing,
+    allowance_for,
     budget_block,
     budget_spec,
     nothing_to_prune,
     out_suffix,
     quality_threshold,
     resolved,
-    whole_adapter_cap,
 )
 from sublora_cli.pipeline.calibrate import calibration, measure_before, train_batches, without_adapter
 from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, select_kept, shortfall
 from sublora_cli.pipeline.curvature_choice import check_method
 from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
-from sublora_cli.pipeline.read import DTYPES_OUT, in_dtype, load_adapter, output_dir
+from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings
 from sublora_cli.pipeline.spectra import svd_form
 from sublora_cli.pipeline.timings import Info, Progress, Timings
@@ -74,15 +74,6 @@ class PruneOptions(SelectionOptions):
         ),
         None,
     )
-    budget_unit: str | None = option(  # None: the budget's own unit (12MiB: bytes), else rank
-        Option(
-            ("--budget-unit",),
-            f"What a percentage, a fraction or auto counts: {', '.join(UNITS)}.",
-            check=one_of(UNITS),
-            show_default="rank, or the unit --budget states",
-        ),
-        None,
-    )
     method: str | None = option(  # None: "sublora" with a calibration script, "magnitude" without
         Option(
             ("--method", "-m"),
@@ -104,16 +95,6 @@ class PruneOptions(SelectionOptions):
             show_default=False,
         ),
         None,
-    )
-    dtype_out: str = option(
-        Option(
-            ("--dtype-out",),
-            f"Dtype of the written adapter (LoRA factors and carried tensors): {', '.join(DTYPES_OUT)}; same keeps "
-            "the input's. Bytes budgets and the report's byte totals count it; the loss before is measured on the "
-            "adapter in this dtype, so the increase is what pruning adds.",
-            check=one_of(tuple(DTYPES_OUT)),
-        ),
-        "same",
     )
 
     rounds: int = option(
@@ -202,11 +183,11 @@ def prune(
     unit = budget_unit(spec, options.budget_unit)
     pricing = adapter_pricing(adapter)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    allowance = None if spec.reading == "auto" else resolve_budget(spec, unit, pricing)
-    out_dir = output_dir(adapter_path, out_dir, f"pruned-{out_suffix(spec, allowance)}", overwrite)
-    if allowance is not None:
-        allowance, unpruned = whole_adapter_cap(allowance)
+    allowance = None
+    if spec.reading != "auto":
+        allowance, unpruned = allowance_for(spec, unit, pricing)
         warnings.extend(nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
+    out_dir = output_dir(adapter_path, out_dir, f"pruned-{out_suffix(spec, unit, adapter.total_rank)}", overwrite)
     spectra = svd_form(adapter, timings)
 
     loss = metrics = alternated = None

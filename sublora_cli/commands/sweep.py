@@ -9,7 +9,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,18 +20,18 @@ from sublora_cli.commands.options import (
     SelectionOptions,
     option,
 )
-from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
+from sublora_cli.core.budget import UNIT_TABLE, Budget, Pricing, budget_unit, read_budget_axis
 from sublora_cli.core.methods import METHODS, REGISTRY
 from sublora_cli.core.rank_bounds import RankBounds
 from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.budgeting import adapter_pricing, allowance_for
 from sublora_cli.pipeline.calibrate import calibration, measure_before
 from sublora_cli.pipeline.choose import rank_bounds
 from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
 from sublora_cli.pipeline.output import atomic_output_dir, pyplot
-from sublora_cli.pipeline.read import load_adapter, output_dir
+from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
 from sublora_cli.pipeline.spectra import svd_form
 from sublora_cli.pipeline.timings import Info, Progress, Timings
@@ -43,7 +43,7 @@ DEFAULT_METHODS = tuple(m.name for m in REGISTRY.values() if m.in_default_sweep)
 
 @dataclass(frozen=True)
 class SweepRow:
-    budget: int
+    budget: int | float  # the kept count (ranks), else the written adapter's size (carried tensors included)
     method: str
     seed: int | None  # sublora-random only
     rank_after: int
@@ -57,53 +57,6 @@ class SweepRow:
     unit: str = "rank"  # what `budget` counts: rank, or bytes / params of the written adapter (carried included)
 
 
-def parse_budgets(text: str, total_rank: int) -> list[int]:
-    """`10,20,40`, `25%,50%` or a range `start:stop:step` (stop included) → sorted distinct budgets."""
-    raw = str(text).strip()
-    if ":" in raw:
-        parts = raw.split(":")
-        try:
-            start, stop, step = (int(p) for p in parts) if len(parts) == 3 else (None, None, None)
-        except ValueError:
-            start = None
-        if start is None or step <= 0 or start <= 0 or stop < start:
-            raise SubloraError(
-                f"--budgets {raw!r}: a range is start:stop:step with positive whole numbers and stop ≥ start, "
-                "e.g. 10:100:10."
-            )
-        budgets = list(range(start, stop + 1, step))
-    else:
-        items = [item for item in raw.split(",") if item.strip()]
-        if not items:
-            raise SubloraError(f"--budgets {raw!r}: give a list (10,20,40) or a range (10:100:10).")
-        budgets = [parse_budget(item, total_rank) for item in items]
-    return sorted({min(b, total_rank) for b in budgets})
-
-
-def parse_sizes(text: str) -> tuple[str, list[int]] | None:
-    """A bytes or parameters axis, `100KB:1MB:100KB` or `200KB,1MiB` (one unit), as (unit, sorted amounts); None
-    for a rank axis (parse_budgets reads those)."""
-    raw = str(text).strip()
-    range_ = ":" in raw
-    items = [item.strip() for item in raw.split(":" if range_ else ",") if item.strip()]
-    if not any(item[-1:].isalpha() for item in items):
-        return None
-    specs = [read_budget(item) for item in items]
-    units = {spec.unit for spec in specs}
-    if len(units) != 1 or None in units or "rank" in units or (range_ and len(specs) != 3):
-        raise SubloraError(
-            f"--budgets {raw!r}: a size axis is a list (200KB,1MiB) or a range start:stop:step (100KB:1MB:100KB) "
-            "whose every entry is a size in bytes, or every one a parameter count (300k:3M:300k)."
-        )
-    amounts = [int(spec.value) for spec in specs]
-    if range_:
-        start, stop, step = amounts
-        if stop < start:
-            raise SubloraError(f"--budgets {raw!r}: a range needs stop ≥ start.")
-        amounts = list(range(start, stop + 1, step))
-    return units.pop(), sorted(set(amounts))
-
-
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in str(text).split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -113,9 +66,26 @@ def parse_methods(text: str) -> list[str]:
 
 
 def budgets_syntax(text: str) -> None:
-    """--budgets errors never depend on the adapter's total rank, so any rank checks the syntax."""
-    if parse_sizes(text) is None:
-        parse_budgets(text, total_rank=1)
+    """--budgets errors never depend on the adapter, so the syntax is checked with the flags."""
+    read_budget_axis(text)
+
+
+def budget_axis(text: str, unit_flag: str | None, pricing: Pricing) -> tuple[str, list[tuple[int | float, Budget]]]:
+    """The sweep's budgets, each resolved exactly as `prune --budget` resolves it (pipeline/budgeting.py), as
+    (unit, [(what the row reports, the Budget)]): the row's figure is the kept count for whole units (ranks), else
+    the size of the written adapter, carried tensors included, capped at the whole adapter; duplicates after the
+    cap are measured once."""
+    specs = read_budget_axis(text)
+    units = {budget_unit(spec, unit_flag) for spec in specs}
+    if len(units) != 1:
+        raise SubloraError(f"--budgets {text!r} mixes {' and '.join(sorted(units))}: a sweep's axis has one unit.")
+    unit = units.pop()
+    axis: dict[int | float, Budget] = {}
+    for spec in specs:
+        allowance, _ = allowance_for(spec, unit, pricing)
+        figure = int(allowance.capacity) if UNIT_TABLE[unit].whole else allowance.capacity + pricing.fixed(unit)
+        axis.setdefault(figure, allowance)
+    return unit, sorted(axis.items(), key=lambda item: item[0])
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -178,9 +148,9 @@ def sweep(
     for method in methods:
         check_curvature(method, options.curvature)
     timings = Timings()
-    adapter = load_adapter(adapter_path, timings)
+    adapter = in_dtype(load_adapter(adapter_path, timings), options.dtype_out)
     pricing = adapter_pricing(adapter)
-    unit, budgets = parse_sizes(options.budgets) or ("rank", parse_budgets(options.budgets, adapter.total_rank))
+    unit, axis = budget_axis(options.budgets, options.budget_unit, pricing)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
     out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
     spectra = svd_form(adapter, timings)
@@ -195,12 +165,11 @@ def sweep(
                 torch.cat([s.sigma for s in spectra]),
                 curvature,
                 bounds,
-                budgets,
+                axis,
                 methods,
                 list(options.seeds),
                 loss_before,
                 progress=progress,
-                pricing=pricing,
                 unit=unit,
             )
     meta = {
@@ -211,7 +180,7 @@ def sweep(
         "curvature_reason": reason,
         "curvature_notes": curvature.notes_for(methods) if curvature is not None else [],
         "total_rank": adapter.total_rank,
-        "budgets": budgets,
+        "budgets": [figure for figure, _ in axis],
         "budget_unit": unit,
         "methods": methods,
         "seeds": list(options.seeds),
@@ -234,15 +203,15 @@ def run_sweep(
     sigma: torch.Tensor,
     curvature: Curvature | None,
     bounds: RankBounds,
-    budgets: list[int],
+    axis: list[tuple[int | float, Budget]],
     methods: list[str],
     seeds: list[int],
     loss_before: float,
     progress: Callable[[str, int, int], None] | None = None,
-    pricing: Pricing | None = None,
     unit: str = "rank",
 ) -> list[SweepRow]:
     """Every budget × method (× seed for sublora-random), each kept set refit and measured by `finish` (as written).
+    `axis`: (the row's budget figure, the Budget it spends), as `budget_axis` resolves them.
 
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
@@ -253,14 +222,13 @@ def run_sweep(
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]
-    total, done = len(budgets) * len(runs), 0
+    total, done = len(axis) * len(runs), 0
     rows = []
-    for budget in budgets:
+    for budget, allowance in axis:
         for method, seed in runs:
             start = time.perf_counter()
             try:
                 inputs = curvature.selection_inputs(method) if curvature is not None else {}
-                allowance = Budget.ranks(budget, sigma.numel()) if unit == "rank" else _sized(budget, unit, pricing)
                 selection = select(method, sigma, allowance, bounds, seed=seed or 0, **inputs)
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
@@ -286,12 +254,6 @@ def run_sweep(
             if progress:
                 progress("sweep", done, total)
     return rows
-
-
-def _sized(amount: int, unit: str, pricing: Pricing) -> Budget:
-    """A bytes or parameters budget for the whole written adapter, capped at all of it."""
-    budget = resolve_budget(BudgetSpec(unit, amount), unit, pricing)
-    return replace(budget, capacity=min(budget.capacity, float(budget.cost.sum())))
 
 
 def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:

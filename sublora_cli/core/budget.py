@@ -134,6 +134,41 @@ def read_budget(text: str | int | float) -> BudgetSpec:
     return BudgetSpec("rank", value)
 
 
+
+AXIS_FORMS = (
+    "give a list of budgets (10,20,40 or 10%,25% or 200KB,1MiB) or a range start:stop:step of ranks, sizes or "
+    "parameter counts in one unit (10:100:10, 100KB:1MB:100KB, 300k:3M:300k)"
+)
+
+
+def read_budget_axis(text: str) -> list[BudgetSpec]:
+    """A sweep's --budgets: each entry read as --budget reads it (read_budget), a range expanded in its unit
+    (stop included). Syntax only; `auto` has no place on an axis."""
+    raw = str(text).strip()
+    if ":" not in raw:
+        try:
+            specs = [read_budget(item) for item in raw.split(",") if item.strip()]
+        except SubloraError as e:
+            raise SubloraError(f"--budgets {e}") from None
+    else:
+        parts = raw.split(":")
+        try:
+            start, stop, step = (read_budget(p) for p in parts) if len(parts) == 3 else (None, None, None)
+        except SubloraError:
+            start = None
+        if start is None or len({start.reading, stop.reading, step.reading}) != 1 or start.is_share:
+            raise SubloraError(f"--budgets {raw!r}: a range is start:stop:step in one unit; {AXIS_FORMS}.")
+        if stop.value < start.value:
+            raise SubloraError(f"--budgets {raw!r}: a range needs stop ≥ start.")
+        count = math.floor((stop.value - start.value) / step.value + 1e-9) + 1
+        specs = [BudgetSpec(start.reading, start.value + k * step.value) for k in range(count)]
+    if not specs or any(spec.reading == "auto" for spec in specs):
+        raise SubloraError(f"--budgets {raw!r}: {AXIS_FORMS}.")
+    stated = {spec.unit for spec in specs} - {None}
+    if len(stated) > 1:
+        raise SubloraError(f"--budgets {raw!r} mixes {' and '.join(sorted(stated))}: a sweep's axis has one unit.")
+    return specs
+
 def parse_budget(text: str, total_rank: int) -> int:
     """Resolve a rank budget string to a number of kept components (may exceed total_rank; callers warn)."""
     try:

@@ -17,6 +17,7 @@ from sublora_cli.core.budget import (
     Pricing,
     parse_tolerance,
     read_budget,
+    resolve_budget,
 )
 from sublora_cli.core.rank_bounds import RankBounds
 from sublora_cli.core.select import Selection
@@ -54,6 +55,12 @@ def adapter_pricing(adapter: Adapter) -> Pricing:
     )
 
 
+def allowance_for(spec: BudgetSpec, unit: str, pricing: Pricing) -> tuple[Budget, bool]:
+    """A written (non-auto) budget priced for this adapter and capped at the whole of it, and whether the cap was
+    reached (nothing to prune): what `prune` spends, and what every row of a `sweep` spends."""
+    return whole_adapter_cap(resolve_budget(spec, unit, pricing))
+
+
 def whole_adapter_cap(allowance: Budget) -> tuple[Budget, bool]:
     """The budget capped at the whole adapter, and whether it reached it (nothing to prune)."""
     whole = float(allowance.cost.sum())
@@ -71,10 +78,10 @@ def nothing_to_prune(requested: str | None, allowance: Budget, unpruned: bool, f
     return [f"--budget {requested} is at least the adapter's {whole}: nothing to prune, the adapter is written as is."]
 
 
-def out_suffix(spec: BudgetSpec, allowance: Budget | None) -> str:
+def out_suffix(spec: BudgetSpec, unit: str, total_rank: int) -> str:
     """The default output directory's suffix: the kept count of a rank budget, else the budget as written."""
-    if allowance is not None and allowance.unit == "rank":
-        return str(int(allowance.capacity))
+    if spec.reading != "auto" and unit == "rank":
+        return str(spec.resolve(total_rank))
     return "auto" if spec.reading == "auto" else f"{spec.value:g}".replace(".", "p") + spec.reading
 
 
