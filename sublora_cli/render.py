@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sublora_cli.budget import SIZE_UNITS, in_unit, stated_unit
 from sublora_cli.report import reading_phrase, refit_lines, round_lines
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
@@ -118,13 +120,15 @@ def prune_summary(report: dict, out_dir: Path) -> None:
     out.print(rows)
     budget, t = report["budget"], report["totals"]
     reading = reading_phrase(budget["reading"])
-    out.print(f"budget {escape(budget['requested'])}, read as {reading}: {_budget_amounts(budget)}")
+    sizes, counts = _amount_writers(str(budget["requested"]))
+    amounts = _budget_amounts(budget, sizes, counts)
+    out.print(f"budget {escape(str(budget['requested']))}, read as {reading}: {amounts}")
     carried = t.get("carried_bytes", 0)
     out.print(
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
-        f"[bold]{t['params_after']:,}[/], bytes {human_bytes(t['bytes_before'] + carried)} → "
-        f"[bold]{human_bytes(t['bytes_after'] + carried)}[/]"
-        + (f" (incl. {human_bytes(carried)} of carried tensors)" if carried else "")
+        f"[bold]{t['params_after']:,}[/], bytes {sizes(t['bytes_before'] + carried)} → "
+        f"[bold]{sizes(t['bytes_after'] + carried)}[/]"
+        + (f" (incl. {sizes(carried)} of carried tensors)" if carried else "")
     )
     if budget.get("search"):
         search = budget["search"]
@@ -150,12 +154,26 @@ def prune_summary(report: dict, out_dir: Path) -> None:
     out.print(escape(f"wrote {out_dir} (adapter + sublora_report.json, sublora_report.md)"))
 
 
-def _budget_amounts(budget: dict) -> str:
-    """"12 of 40 components" for a rank budget; "used 1.2 MiB of 1.5 MiB allowed, 3.0 MiB in all" for bytes."""
+def _amount_writers(requested: str) -> tuple[Callable[[float], str], Callable[[float], str]]:
+    """How the summary writes bytes and parameter counts: in the unit the budget was written in (`50KB`: KB, as
+    the budget read it, powers of 1000), else bytes in KiB/MiB and counts in full."""
+    suffix = stated_unit(requested)
+    stated = partial(in_unit, suffix=suffix)
+    if suffix in SIZE_UNITS:
+        return stated, _parameters
+    return human_bytes, stated if suffix is not None else _parameters
+
+
+def _parameters(count: float) -> str:
+    return f"{count:,.0f} parameters"
+
+
+def _budget_amounts(budget: dict, sizes: Callable[[float], str], counts: Callable[[float], str]) -> str:
+    """'12 of 40 components' for a rank budget; 'used 49.2 KB of 50 KB allowed, 102.4 KB in all' for bytes."""
     unit = budget.get("unit", "rank")
     if unit == "rank":
         return f"{budget['capacity']:g} of {budget['whole']:g} components"
-    show = human_bytes if unit == "bytes" else (lambda n: f"{n:,.0f} parameters")
+    show = sizes if unit == "bytes" else counts
     return f"used {show(budget['used'])} of {show(budget['capacity'])} allowed, {show(budget['whole'])} in all"
 
 
@@ -172,17 +190,24 @@ def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> N
         method_name = r.method if r.seed is None else f"{r.method} (seed {r.seed})"
         metrics = [f"{(r.metrics_after or {}).get(m, float('nan')):.4g}" for m in metric_names]
         result.add_row(
-            str(r.budget),
+            str(r.budget) if meta.get("budget_shown_in") is None else in_unit(r.budget, meta["budget_shown_in"]),
             method_name,
             str(r.rank_after),
             _maybe(r.predicted_increase, ".3g"),
             f"{r.increase:.3g}",
             f"{r.loss_after_selection:.4g}",
-            "off" if r.refit_accepted is None else f"{r.loss_after:.4g}" + ("" if r.refit_accepted else " (=)"),
+            _refit_cell(r, meta["total_rank"]),
             *metrics,
         )
     out.print(result)
     out.print(escape("wrote " + ", ".join(str(p) for p in written)))
+
+
+def _refit_cell(row, total_rank: int) -> str:
+    """The loss as written after the refit; "(=)": no refit candidate was better; nothing pruned: none to do."""
+    if row.refit_accepted is not None:
+        return f"{row.loss_after:.4g}" + ("" if row.refit_accepted else " (=)")
+    return "all kept" if row.rank_after == total_rank else "off"
 
 
 def eval_lines(adapter: Path, result: dict) -> None:

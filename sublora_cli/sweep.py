@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
+from sublora_cli.budget import (
+    Budget,
+    BudgetSpec,
+    Pricing,
+    in_unit,
+    parse_budget,
+    read_budget,
+    resolve_budget,
+    stated_unit,
+    unit_scale,
+)
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import Curvature
 from sublora_cli.errors import SubloraError
@@ -99,9 +109,10 @@ def parse_budgets(text: str, total_rank: int) -> list[int]:
     return sorted({min(b, total_rank) for b in budgets})
 
 
-def parse_sizes(text: str) -> tuple[str, list[int]] | None:
-    """A bytes or parameters axis, `100KB:1MB:100KB` or `200KB,1MiB` (one unit), as (unit, sorted amounts); None
-    for a rank axis (parse_budgets reads those)."""
+def parse_sizes(text: str) -> tuple[str, list[int], str] | None:
+    """A bytes or parameters axis, `100KB:1MB:100KB` or `200KB,1MiB` (one unit), as (unit, sorted amounts, the
+    unit its first entry is written in: tables and plots show the axis in it); None for a rank axis
+    (parse_budgets reads those)."""
     raw = str(text).strip()
     range_ = ":" in raw
     items = [item.strip() for item in raw.split(":" if range_ else ",") if item.strip()]
@@ -120,7 +131,7 @@ def parse_sizes(text: str) -> tuple[str, list[int]] | None:
         if stop < start:
             raise SubloraError(f"--budgets {raw!r}: a range needs stop ≥ start.")
         amounts = list(range(start, stop + 1, step))
-    return units.pop(), sorted(set(amounts))
+    return units.pop(), sorted(set(amounts)), stated_unit(items[0])
 
 
 def parse_methods(text: str) -> list[str]:
@@ -206,7 +217,8 @@ def sweep(
     timings = Timings()
     adapter = load_adapter(adapter_path, timings)
     pricing = adapter_pricing(adapter)
-    unit, budgets = parse_sizes(options.budgets) or ("rank", parse_budgets(options.budgets, adapter.total_rank))
+    sizes = parse_sizes(options.budgets)
+    unit, budgets, shown_in = sizes or ("rank", parse_budgets(options.budgets, adapter.total_rank), None)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
     out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
     spectra = svd_form(adapter, timings)
@@ -239,6 +251,7 @@ def sweep(
         "total_rank": adapter.total_rank,
         "budgets": budgets,
         "budget_unit": unit,
+        "budget_shown_in": shown_in,  # the unit the user wrote the sizes in (KB, MiB, M), None for ranks
         "methods": methods,
         "seeds": list(options.seeds),
         "loss_before": loss_before,
@@ -252,7 +265,17 @@ def sweep(
     warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
         diverged, "after pruning in some selections"
     )
+    warnings += _whole_adapter_budgets(rows, adapter.total_rank, shown_in)
     return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)
+
+
+def _whole_adapter_budgets(rows: list[SweepRow], total_rank: int, shown_in: str | None) -> list[str]:
+    """Say which budgets reach the whole adapter (a rank above it is read as all of it): those rows prune nothing."""
+    whole = sorted({r.budget for r in rows if r.rank_after == total_rank})
+    if not whole:
+        return []
+    listed = ", ".join(str(b) if shown_in is None else in_unit(b, shown_in) for b in whole)
+    return [f"--budgets {listed}: at least the whole adapter (total rank {total_rank}), so nothing is pruned there."]
 
 
 def run_sweep(
@@ -363,43 +386,58 @@ def _log_plottable(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
+def _value(row: SweepRow, key: str) -> float:
+    """A loss field of a row (loss_after, loss_after_selection) or one of its evaluate() metrics (NaN if absent)."""
+    if key in ("loss_after", "loss_after_selection"):
+        return getattr(row, key)
+    return (row.metrics_after or {}).get(key, math.nan)
+
+
+def _means(rows: list[SweepRow], budgets: list[int], key: str) -> list[float]:
+    """`key`'s value per budget, the mean over the seeds of sublora-random."""
+    return [_mean([_value(r, key) for r in rows if r.budget == b]) for b in budgets]
+
+
 def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
-    """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the loss before the
-    refit); False without matplotlib."""
+    """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the kept σ as
+    trained, before the refit), the size axis in the user's unit; the legend sits outside the panels so it never
+    hides a curve. False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
     plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
-    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in plottable[:1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
+    panels = [("loss_after", "calibration loss after pruning")] + [(m, f"{m} after pruning") for m in plottable[:1]]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.2), squeeze=False, layout="constrained"
+    )
+    suffix = meta.get("budget_shown_in")
+    scale = 1 if suffix is None else unit_scale(suffix)
+    refit_ran = False
+    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
         for method in dict.fromkeys(r.method for r in rows):
-            by_budget: dict[int, list[float]] = {}
-            for r in rows:
-                if r.method == method:
-                    value = r.loss_after if key == "loss_after" else (r.metrics_after or {}).get(key, math.nan)
-                    by_budget.setdefault(r.budget, []).append(value)
-            budgets = sorted(by_budget)
-            line = ax.plot(budgets, [_mean(by_budget[b]) for b in budgets], marker="o", label=method)[0]
-            selected = [r for r in rows if r.method == method and r.refit_accepted is not None]
-            if key == "loss_after" and selected:  # the same kept sets with the σ as trained: what the refit buys
-                trained = {b: _mean([r.loss_after_selection for r in selected if r.budget == b]) for b in budgets}
-                label = f"{method}, no refit"
-                ax.plot(budgets, [trained[b] for b in budgets], ls=":", color=line.get_color(), label=label)
-        ax.axhline(
-            meta["loss_before"] if key == "loss_after" else (meta.get("metrics_before") or {}).get(key, math.nan),
-            ls="--",
-            color="grey",
-            label="before pruning",
-        )
-        unit = rows[0].unit if rows else "rank"
-        ax.set_xlabel("budget (total rank kept)" if unit == "rank" else f"size of the written adapter ({unit})")
-        ax.set_ylabel(label)
+            of_method = [r for r in rows if r.method == method]
+            budgets = sorted({r.budget for r in of_method})
+            x = [b / scale for b in budgets]
+            line = ax.plot(x, _means(of_method, budgets, key), marker="o", label=method)[0]
+            if key == "loss_after" and any(r.refit_accepted is not None for r in of_method):
+                refit_ran = True  # the same kept sets with the σ as trained: what the refit buys
+                ax.plot(x, _means(of_method, budgets, "loss_after_selection"), ls=":", color=line.get_color())
+        before = meta["loss_before"] if key == "loss_after" else (meta.get("metrics_before") or {}).get(key, math.nan)
+        ax.axhline(before, ls="--", color="grey", label="before pruning")
+        unit = meta.get("budget_unit", "rank")
+        what = "size of the written adapter" if unit == "bytes" else "parameters of the written adapter"
+        ax.set_xlabel("budget (total rank kept)" if unit == "rank" else f"budget: {what} ({suffix})")
+        ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    from matplotlib.lines import Line2D  # matplotlib is optional: imported once pyplot() found it
+
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if refit_ran:
+        handles.append(Line2D([], [], ls=":", color="black"))
+        labels.append("dotted: kept σ as trained (no refit)")
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.suptitle(f"{Path(meta['adapter']).name}: curvature {meta['curvature']}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
