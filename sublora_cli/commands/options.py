@@ -90,6 +90,12 @@ CALIB = Option(
     "Enables the calibrated methods and measured loss before/after.",
     show_default=False,
 )
+EVAL_CALIB = Option(
+    ("--calib", "-c"),
+    "Calibration script (load_model, batches, loss[, evaluate]); runs its code. eval prints the adapter's mean "
+    "loss over its batches and its evaluate() metrics, as the adapter is.",
+    show_default=False,
+)
 CURVATURES = (*KINDS, AUTO)
 CURVATURE = Option(
     ("--curvature",),
@@ -145,7 +151,7 @@ DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO,
 class EvalOptions:
     """What `sublora eval` can be told."""
 
-    calib: Path = option(CALIB)
+    calib: Path = option(EVAL_CALIB)
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)

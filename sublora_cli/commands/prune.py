@@ -85,9 +85,10 @@ class PruneOptions:
         Option(
             ("--budget", "-b"),
             "What to keep: a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter (in "
-            "--budget-unit), a size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC "
-            "KiB/MiB/GiB powers of 1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within "
-            "--max-loss-increase. Required unless --max-loss-increase is given.",
+            "--budget-unit; a number of 1 or more is a rank even with a decimal point: 1.0 keeps one component), a "
+            "size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC KiB/MiB/GiB powers of "
+            "1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within --max-loss-increase. "
+            "Required unless --max-loss-increase is given.",
             check=read_budget,
             config_types=(str, int, float),
             show_default=False,

@@ -1,0 +1,54 @@
+"""What a new user trips on when following the README: --debug where they add it, help texts that name what the
+tool reads and how it exits, refusals that come before the expensive work, default output folders that do not
+collide."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli_errors import write_adapter
+
+import sublora_cli.cli.app as app
+from sublora_cli.formats import FORMATS
+
+
+def crash(*args, **kwargs):
+    raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_debug_is_accepted_before_and_after_the_command(tmp_path, run_cli, monkeypatch, where):
+    monkeypatch.setattr(app, "prune", crash)
+    args = ["prune", write_adapter(tmp_path / "a"), "--budget", "1", "-o", tmp_path / "o"]
+    with pytest.raises(RuntimeError, match="a bug"):  # the traceback is shown: the exception is not caught
+        run_cli(*(args + ["--debug"] if where == "after" else ["--debug", *args]))
+
+
+def test_crash_hint_names_a_form_that_works(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setattr(app, "sweep", crash)
+    args = ["sweep", write_adapter(tmp_path / "a"), "--calib", tmp_path / "c.py", "-o", tmp_path / "o"]
+    result = run_cli(*args)
+    assert result.code == 1 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "unexpected RuntimeError: a bug" in message and "sublora sweep … --debug" in message
+    with pytest.raises(RuntimeError):  # and that form does show it
+        run_cli(*args, "--debug")
+
+
+@pytest.mark.parametrize("command", ["inspect", "prune", "eval", "sweep"])
+def test_help_names_every_format_and_the_exit_codes(run_cli, command):
+    result = run_cli(command, "--help")
+    assert result.code == 0, result.stderr
+    text = " ".join(result.stdout.split()).lower()
+    for fmt in FORMATS:
+        assert fmt.name in text, fmt.name
+    assert "diffusers" in text and "peft lora adapter directory" not in text
+    assert "exit codes: 0 success; 1 bad input or failure" in text
+    assert "2 command-line usage" in text and "3 a quality guard" in text
+
+
+def test_help_says_what_eval_calib_does_and_that_1_0_is_a_rank(run_cli):
+    eval_help = " ".join(run_cli("eval", "--help").stdout.split())
+    assert "calibrated methods" not in eval_help
+    assert "eval prints the adapter's mean loss over its batches and its evaluate() metrics" in eval_help
+    prune_help = " ".join(run_cli("prune", "--help").stdout.split())
+    assert "a number of 1 or more is a rank even with a decimal point: 1.0 keeps one component" in prune_help
