@@ -5,7 +5,8 @@ collide."""
 from __future__ import annotations
 
 import pytest
-from test_cli_errors import write_adapter
+import torch
+from test_cli_errors import PREFIX, assert_refused, write_adapter
 
 import sublora_cli.cli.app as app
 from sublora_cli.formats import FORMATS
@@ -52,3 +53,27 @@ def test_help_says_what_eval_calib_does_and_that_1_0_is_a_rank(run_cli):
     assert "eval prints the adapter's mean loss over its batches and its evaluate() metrics" in eval_help
     prune_help = " ".join(run_cli("prune", "--help").stdout.split())
     assert "a number of 1 or more is a rank even with a decimal point: 1.0 keeps one component" in prune_help
+
+
+def wide_adapter(path, rank=40):
+    """One module `lin` (out 48, in 48) of rank 40: choosing 20 of its components is C(40, 20) ≈ 1.4e11 subsets."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"{PREFIX}lin.lora_A.weight": torch.randn(rank, 48, generator=g),
+        f"{PREFIX}lin.lora_B.weight": torch.randn(48, rank, generator=g),
+    }
+    return write_adapter(path, tensors=tensors, config={"r": rank, "lora_alpha": rank})
+
+
+UNCALLABLE_SCRIPT = "def load_model():\n    raise RuntimeError('the calibration script was run')\n"
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_exhaustive_over_too_many_subsets_is_refused_before_the_calibration(tmp_path, run_cli, command):
+    calib = tmp_path / "calib.py"
+    calib.write_text(UNCALLABLE_SCRIPT)
+    args = ["--budget", "20", "--method"] if command == "prune" else ["--budgets", "20", "--methods"]
+    out = tmp_path / "o"
+    result = run_cli(command, wide_adapter(tmp_path / "a"), "--calib", calib, *args, "exhaustive", "-o", out)
+    assert_refused(result, "exhaustive search would evaluate", "over the limit of 2,000,000", out=out)
+    assert "calibration script was run" not in result.stderr

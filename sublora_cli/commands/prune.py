@@ -54,7 +54,7 @@ from sublora_cli.core.budget import (
 from sublora_cli.core.methods import METHODS, Need, lookup
 from sublora_cli.core.rank_patterns import per_module
 from sublora_cli.core.refit import RefitResult, psd_part, refit, written_spectrum
-from sublora_cli.core.select import RankBounds, Selection, select
+from sublora_cli.core.select import RankBounds, Selection, check_selectable, select
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, UsageError
 from sublora_cli.formats import Adapter, PrunedModule, read_adapter, write_adapter
@@ -334,6 +334,15 @@ def _curvature(
     return calibrated.curvature(kind, max_hessian_gb, progress), reason
 
 
+def refuse_unselectable(method: str, budget: Budget, bounds: RankBounds, where: str = "") -> None:
+    """Refuse a method the budget rules out (exhaustive over too many subsets, a search by number of picks under
+    a bytes budget) before the calibration and curvature are computed."""
+    try:
+        check_selectable(method, budget, bounds)
+    except ValueError as e:
+        raise SubloraError(f"{where}{e}.") from e
+
+
 def _select(
     method: str, sigma: torch.Tensor, budget: Budget, bounds: RankBounds, curvature: Curvature | None, seed: int
 ) -> Selection:
@@ -578,6 +587,7 @@ def prune(
     if allowance is not None:
         allowance, unpruned = _whole_adapter_cap(allowance)
         warnings.extend(_nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
+        refuse_unselectable(method, allowance, bounds)
     spectra = svd_form(adapter, timings)
     sigma = torch.cat([s.sigma for s in spectra])
 

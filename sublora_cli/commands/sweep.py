@@ -43,6 +43,7 @@ from sublora_cli.commands.prune import (
     measure_before,
     output_dir,
     rank_bounds,
+    refuse_unselectable,
     svd_form,
     timed_curvature,
     written_outcome,
@@ -220,6 +221,10 @@ def sweep(
     sizes = parse_sizes(options.budgets)
     unit, budgets, shown_in = sizes or ("rank", parse_budgets(options.budgets, adapter.total_rank), None)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
+    for budget in budgets:
+        for method in methods:
+            where = f"--methods {method} at budget {budget if shown_in is None else in_unit(budget, shown_in)}: "
+            refuse_unselectable(method, _allowance(budget, unit, adapter.total_rank, pricing), bounds, where)
     out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
@@ -313,7 +318,7 @@ def run_sweep(
             start = time.perf_counter()
             try:
                 inputs = curvature.selection_inputs(method) if curvature is not None else {}
-                allowance = Budget.ranks(budget, sigma.numel()) if unit == "rank" else _sized(budget, unit, pricing)
+                allowance = _allowance(budget, unit, sigma.numel(), pricing)
                 selection = select(method, sigma, allowance, bounds, seed=seed or 0, **inputs)
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
@@ -339,6 +344,11 @@ def run_sweep(
             if progress:
                 progress("sweep", done, total)
     return rows
+
+
+def _allowance(amount: int, unit: str, total_rank: int, pricing: Pricing | None) -> Budget:
+    """One budget of the axis as selection spends it: a rank, or bytes / parameters of the whole written adapter."""
+    return Budget.ranks(amount, total_rank) if unit == "rank" else _sized(amount, unit, pricing)
 
 
 def _sized(amount: int, unit: str, pricing: Pricing) -> Budget:
