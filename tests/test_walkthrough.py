@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_cli_errors import PREFIX, assert_refused, write_adapter
+from test_prune_calibrated import make_problem
 
 import sublora_cli.cli.app as app
 from sublora_cli.formats import FORMATS
@@ -77,3 +78,23 @@ def test_exhaustive_over_too_many_subsets_is_refused_before_the_calibration(tmp_
     result = run_cli(command, wide_adapter(tmp_path / "a"), "--calib", calib, *args, "exhaustive", "-o", out)
     assert_refused(result, "exhaustive search would evaluate", "over the limit of 2,000,000", out=out)
     assert "calibration script was run" not in result.stderr
+
+
+def test_readme_examples_in_order_write_their_own_default_folders(tmp_path, run_cli):
+    """The README's prune examples one after another, without --out: each writes its own sibling folder (named with
+    the method and the budget as written), so the CI guard exits 3 as documented, not 1 for a folder in the way."""
+    adapter, calib = make_problem(tmp_path / "p")
+    examples = [
+        ("--budget", "4"),
+        ("--budget", "0.25", "--calib", calib),
+        ("--budget", "4", "--calib", calib, "--method", "diag", "--curvature", "diag"),
+        ("--budget", "2", "--calib", calib, "--max-loss-increase", "5%", "--json"),
+        ("--budget", "25%"),
+    ]
+    codes = [run_cli("prune", adapter, *args).code for args in examples]
+    assert codes == [0, 0, 0, 3, 0]
+    folders = sorted(p.name for p in adapter.parent.iterdir() if p.name.startswith("adapter-"))
+    assert folders == [
+        "adapter-pruned-diag-4", "adapter-pruned-magnitude-25pct", "adapter-pruned-magnitude-4",
+        "adapter-pruned-sublora-0p25", "adapter-pruned-sublora-2",
+    ]  # fmt: skip

@@ -114,7 +114,9 @@ def prune_command(
     ] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-pruned-<budget>"),
+        typer.Option(
+            "--out", "-o", help="Output directory.", show_default="a sibling <adapter>-pruned-<method>-<budget>"
+        ),
     ] = None,
     config: Annotated[
         Path | None,

@@ -8,6 +8,7 @@ curvature: curvature.py; kept sets, predicted increase and diagnostics: select.p
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -583,7 +584,7 @@ def prune(
     pricing = adapter_pricing(adapter)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
     allowance = None if spec.reading == "auto" else resolve_budget(spec, unit, pricing)
-    out_dir = output_dir(adapter_path, out_dir, f"pruned-{_suffix(spec, allowance)}", overwrite)
+    out_dir = output_dir(adapter_path, out_dir, _suffix(method, options.budget), overwrite)
     if allowance is not None:
         allowance, unpruned = _whole_adapter_cap(allowance)
         warnings.extend(_nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
@@ -814,11 +815,11 @@ def _nothing_to_prune(requested: str | None, allowance: Budget, unpruned: bool, 
     return [f"--budget {requested} is at least the adapter's {whole}: nothing to prune, the adapter is written as is."]
 
 
-def _suffix(spec: BudgetSpec, allowance: Budget | None) -> str:
-    """The default output directory's suffix: the kept count of a rank budget, else the budget as written."""
-    if allowance is not None and allowance.unit == "rank":
-        return str(int(allowance.capacity))
-    return "auto" if spec.reading == "auto" else f"{spec.value:g}".replace(".", "p") + spec.reading
+def _suffix(method: str, budget: str | None) -> str:
+    """The default output directory's name after the adapter's: `pruned-<method>-<budget as written>` (25% →
+    25pct, 0.25 → 0p25, 12MiB), so runs of the README's examples with other methods or budgets never collide."""
+    written = str(budget or "auto").replace("%", "pct").replace(".", "p")
+    return f"pruned-{method}-{re.sub(r'[^A-Za-z0-9_-]', '', written)}"
 
 
 def _resolved(allowance: Budget) -> int | float:
