@@ -17,22 +17,6 @@ def problem(tmp_path_factory):
     return make_problem(tmp_path_factory.mktemp("sweep") / "problem")
 
 
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """Every matplotlib figure the command saves, with the path it was saved to."""
-    from matplotlib.figure import Figure
-
-    saved = []
-    real_savefig = Figure.savefig
-
-    def savefig(self, path, *args, **kwargs):
-        saved.append((self, path))
-        return real_savefig(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return saved
-
-
 def legend_texts(figure) -> list[str]:
     return [t.get_text() for legend in figure.legends for t in legend.get_texts()]
 

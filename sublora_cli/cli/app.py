@@ -35,7 +35,7 @@ from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.formats import read_adapter
 from sublora_cli.model import distributed
 from sublora_cli.pipeline.report import strict_json
-from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter
+from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter, write_spectra_plot
 
 app = typer.Typer(
     name="sublora",
@@ -98,15 +98,26 @@ def common(
 def inspect(
     adapter: Annotated[Path, typer.Argument(help=ADAPTER_HELP, show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of tables.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Also draw every module's σ spectrum, one panel per module type, to this PNG.",
+            show_default=False,
+        ),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Show each adapted module's singular-value spectrum and summary figures, then adapter totals."""
     loaded = read_adapter(adapter)
     description = describe_adapter(loaded, adapter_spectra(loaded))
+    if plot is not None:
+        write_spectra_plot(description, plot, f"{adapter} ({loaded.format.name}): singular values of ΔW")
     if as_json:
         print(strict_json(description))
-        return
-    render.inspect_tables(description, adapter, loaded.format.name)
+    else:
+        render.inspect_tables(description, adapter, loaded.format.name)
+    if plot is not None:
+        render.info(f"wrote {plot}")
 
 
 def prune_command(

@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from sublora_cli.core.budget import SIZE_UNITS, in_unit, stated_unit
+from sublora_cli.pipeline.names import common_prefix, tail
 from sublora_cli.pipeline.report import reading_phrase, refit_lines, round_lines
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
@@ -49,7 +51,10 @@ def human_bytes(n: int) -> str:
 def table(title: str, columns: Iterable[str], left: Iterable[str]) -> Table:
     """The one table style: an escaped, left-aligned title; the `left` columns left-aligned, the rest right."""
     left = set(left)
-    result = Table(title=escape(title), title_justify="left")
+    result = Table(
+        title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+        padding=(0, 1, 0, 0), min_width=max(map(len, title.splitlines())),  # a title (a path) is never wrapped
+    )  # fmt: skip
     for column in columns:
         result.add_column(escape(column), justify="left" if column in left else "right")
     return result
@@ -72,33 +77,70 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 
+# inspect's columns after the module and σ spectrum; two-line headers keep the figures' columns narrow
+INSPECT_FIGURES = ("shape", "rank", "scale", "50/90/99%", "eff.\nrank", "stable\nrank", "‖ΔW‖F")
+INSPECT_DROPPABLE = ("stable\nrank", "eff.\nrank")  # left out, in this order, when even short names do not fit
+COLUMN_GAP = 2  # characters between two columns of the table style
+MIN_NAME, MIN_SPARK, MAX_SPARK = 12, len("σ spectrum"), 32
+
+
 def inspect_tables(description: dict, adapter: Path, format_name: str) -> None:
-    """`sublora inspect`: one row per module with its σ spectrum and summary figures, then the totals."""
-    columns = ("module", "shape", "rank", "scale", "σ spectrum", "50%", "90%", "99%", "eff.rank", "stable", "‖ΔW‖F")
-    rows = table(f"{adapter}  ({format_name})", columns, left=("module", "shape", "σ spectrum"))
-    for m in description["modules"]:
-        energy = m["energy_components"]
+    """`sublora inspect`: one row per module with its σ spectrum and summary figures, then the totals. The table is
+    fitted to the terminal: the prefix all module names share is said once in the title, a scale every module
+    shares too, the sparkline narrows, then names are cut from the left; shapes and figures are never cut."""
+    modules = description["modules"]
+    prefix = common_prefix([m["name"] for m in modules])
+    scales = {m["scale"] for m in modules}
+    figures = {
+        "shape": [shape(m["shape"]) for m in modules],
+        "rank": [str(m["rank"]) for m in modules],
+        "scale": [f"{m['scale']:.3g}" for m in modules],
+        "50/90/99%": ["/".join(str(m["energy_components"][k]) for k in ("50%", "90%", "99%")) for m in modules],
+        "eff.\nrank": [f"{m['effective_rank']:.1f}" for m in modules],
+        "stable\nrank": [f"{m['stable_rank']:.1f}" for m in modules],
+        "‖ΔW‖F": [f"{m['frobenius']:.3g}" for m in modules],
+    }
+    if len(scales) == 1:
+        del figures["scale"]
+    names = [m["name"][len(prefix) :] for m in modules]
+    name_width, spark_width = _fit_inspect(figures, names, max((m["rank"] for m in modules), default=1))
+    shared = [f"names below follow {prefix}"] if prefix else []
+    shared += [f"scale {scales.pop():.3g} in every module"] if len(scales) == 1 else []
+    title = f"{adapter}  ({format_name})" + "".join(f"\n{line}" for line in shared)
+    rows = table(title, ("module", *figures, "σ spectrum"), left=("module", "shape", "σ spectrum"))
+    for i, m in enumerate(modules):
         rows.add_row(
-            escape(m["name"]),
-            shape(m["shape"]),
-            str(m["rank"]),
-            f"{m['scale']:.3g}",
-            sparkline(m["sigma"], width=32),
-            str(energy["50%"]),
-            str(energy["90%"]),
-            str(energy["99%"]),
-            f"{m['effective_rank']:.1f}",
-            f"{m['stable_rank']:.1f}",
-            f"{m['frobenius']:.4g}",
+            escape(tail(names[i], name_width)),
+            *(figures[column][i] for column in figures),
+            sparkline(m["sigma"], width=spark_width),
         )
     out.print(rows)
     t = description["totals"]
     out.print(
         f"[bold]{t['modules']}[/] modules, total rank [bold]{t['rank']}[/], "
         f"{t['params']:,} parameters, {human_bytes(t['bytes'])}.  "
-        "Columns 50/90/99%: components needed for that share of ‖ΔW‖F²."
+        "50/90/99%: components needed for that share of ‖ΔW‖F²."
     )
     warnings(description["warnings"])
+
+
+def _fit_inspect(figures: dict[str, list[str]], names: list[str], rank: int) -> tuple[int, int]:
+    """(name width, sparkline width) that fit the figures' columns into the terminal, dropping the least needed
+    figures (from `figures`, in place) when even the narrowest names and sparkline do not fit."""
+
+    def room() -> int:
+        widths = [max(len(h) for h in column.split("\n")) for column in figures]
+        widths = [max(w, *(len(v) for v in figures[c])) for w, c in zip(widths, figures, strict=True)]
+        return out.width - sum(widths) - COLUMN_GAP * (len(figures) + 1)
+
+    for column in INSPECT_DROPPABLE:
+        if room() >= MIN_NAME + MIN_SPARK:
+            break
+        figures.pop(column)
+    left = room()
+    name_width = max((len(n) for n in names), default=len("module"))
+    spark_width = max(MIN_SPARK, min(MAX_SPARK, rank, left - name_width))
+    return max(MIN_NAME, min(name_width, left - spark_width)), spark_width
 
 
 def prune_summary(report: dict, out_dir: Path) -> None:
