@@ -4,6 +4,8 @@ collide."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from test_cli_errors import PREFIX, assert_refused, write_adapter
@@ -98,3 +100,17 @@ def test_readme_examples_in_order_write_their_own_default_folders(tmp_path, run_
         "adapter-pruned-diag-4", "adapter-pruned-magnitude-25pct", "adapter-pruned-magnitude-4",
         "adapter-pruned-sublora-0p25", "adapter-pruned-sublora-2",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("budget", "allowed", "whole"), [("0.4KB", "0.4 KB", "0.624 KB"), ("0.5KiB", "0.5 KiB", "0.6094 KiB")]
+)
+def test_a_size_budget_is_echoed_in_the_unit_it_was_written_in(tmp_path, run_cli, budget, allowed, whole):
+    adapter, _ = make_problem(tmp_path / "p")  # rank 4 on a 12×3 and a 12×12 layer, float32: 624 bytes
+    result = run_cli("prune", adapter, "--budget", budget, "-o", tmp_path / "o")
+    assert result.code == 0, result.stderr
+    summary = " ".join(result.stdout.split())
+    unit = allowed.split()[1]
+    used = rf"used [0-9.]+ {unit} of {allowed} allowed, {whole} in all"
+    assert re.search(rf"budget {budget}, read as a size in bytes: {used}", summary), summary
+    assert re.search(rf"bytes {whole} → [0-9.]+ {unit}", summary)

@@ -262,5 +262,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
 
 
 def reading_phrase(reading: str) -> str:
-    """How a budget was read, in a sentence: "a rank", "a percentage", "an auto search"."""
-    return "an auto search" if reading == "auto" else f"a {reading}"
+    """How a budget was read, in a sentence: "a rank", "a percentage", "a size in bytes", "an auto search"."""
+    return {"auto": "an auto search", "bytes": "a size in bytes", "params": "a parameter count"}.get(
+        reading, f"a {reading}"
+    )
