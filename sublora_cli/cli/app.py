@@ -169,7 +169,11 @@ def _path(value: str | None) -> Path | None:
 
 @contextmanager
 def live_progress(quiet: bool = False) -> Iterator[tuple]:
-    """Progress bars and news lines on stderr (stdout stays clean for --json)."""
+    """Progress bars and news lines on stderr (stdout stays clean for --json); where stderr is a log, not a
+    terminal, progress lines instead (render.LogProgress)."""
+    if not quiet and not render.err.is_terminal:
+        yield render.LogProgress(), render.info
+        return
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.table import Table
 from sublora_cli.core.budget import SIZE_UNITS, in_unit, stated_unit
 from sublora_cli.pipeline.names import common_prefix, tail
 from sublora_cli.pipeline.report import reading_phrase, refit_lines, round_lines
+from sublora_cli.pipeline.timings import duration
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
@@ -75,6 +77,46 @@ def info(message: str) -> None:
 
 def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+class LogProgress:
+    """Progress where stderr is a log, not a terminal (CI, `2> run.log`), which a bar cannot redraw: a stage writes a
+    line when it starts, one at each further tenth of its loop (when QUIET_SECONDS have passed since its last
+    line, so quick loops stay short) and one when it ends, with the time elapsed and an estimate of what is left."""
+
+    QUIET_SECONDS = 2.0
+    COUNTING_SECONDS = 30.0  # a count with no total yet (batches() being collected): a line this often
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.stages: dict[str, dict] = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        now = self.clock()
+        state = self.stages.get(stage)
+        if state is None or (state["ended"] and (total is None or done < total)):  # a stage may run again
+            state = self.stages[stage] = {"start": now, "first": done, "line": now, "tenth": 0, "ended": False}
+            info(f"{stage}: started" + (f", {total:,} steps" if total else ""))
+        elapsed = now - state["start"]
+        if total is None:
+            if now - state["line"] >= self.COUNTING_SECONDS:
+                self._line(state, now, f"{stage}: {done:,} so far, {duration(elapsed)} elapsed")
+        elif done >= total:
+            if not state["ended"]:
+                state["ended"] = True
+                self._line(state, now, f"{stage}: done, {total:,} in {duration(elapsed)}")
+        elif 10 * done // total > state["tenth"] and now - state["line"] >= self.QUIET_SECONDS:
+            state["tenth"] = 10 * done // total
+            left = duration(elapsed * (total - done) / max(1, done - state["first"]))  # the rate since the start
+            self._line(
+                state, now, f"{stage}: {done:,}/{total:,} ({10 * done // total}0%), {duration(elapsed)} elapsed, "
+                f"about {left} left",
+            )  # fmt: skip
+
+    @staticmethod
+    def _line(state: dict, now: float, message: str) -> None:
+        state["line"] = now
+        info(message)
 
 
 # inspect's columns after the module and σ spectrum; two-line headers keep the figures' columns narrow

@@ -31,6 +31,7 @@ from sublora_cli.commands.options import (
     Option,
     option,
 )
+from sublora_cli.commands.sweep_plot import plot_sweep
 from sublora_cli.core.budget import (
     Budget,
     BudgetSpec,
@@ -40,22 +41,22 @@ from sublora_cli.core.budget import (
     read_budget,
     resolve_budget,
     stated_unit,
-    unit_scale,
 )
 from sublora_cli.core.methods import METHODS, REGISTRY
+from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS
 from sublora_cli.core.select import RankBounds, select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.budgeting import adapter_pricing
-from sublora_cli.pipeline.calibrate import calibration, measure_before
+from sublora_cli.pipeline.calibrate import calibration
 from sublora_cli.pipeline.choose import rank_bounds, refuse_unselectable
 from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
-from sublora_cli.pipeline.output import atomic_output_dir, pyplot
+from sublora_cli.pipeline.output import atomic_output_dir
 from sublora_cli.pipeline.read import load_adapter, output_dir
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
 from sublora_cli.pipeline.spectra import svd_form
-from sublora_cli.pipeline.timings import Info, Progress, Timings
+from sublora_cli.pipeline.timings import Info, Progress, Timings, duration
 from sublora_cli.pipeline.written import Finish, written_outcome
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
@@ -219,10 +220,17 @@ def sweep(
     out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
-        loss_before, metrics_before = measure_before(calibrated, timings, options.evaluate)
+        with timings.stage("eval"):
+            loss_seconds, loss_before = _timed(calibrated.loss)
+            metrics_seconds, metrics_before = _timed(calibrated.metrics) if options.evaluate else (0.0, None)
+        count = len(budgets) * sum(len(options.seeds) if m == "sublora-random" else 1 for m in methods)
+        estimate = SweepEstimate(count, loss_seconds, metrics_seconds, options.refit, info)
         curvature, reason = timed_curvature(
-            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit
-        )
+            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit,
+            estimated=estimate,
+        )  # fmt: skip
+        if not estimate.told:  # no curvature was computed: the selections are all there is
+            estimate(0.0)
         with timings.stage("sweep"):
             rows = run_sweep(
                 written_outcome(calibrated, adapter, spectra, curvature, options.refit, options.evaluate),
@@ -263,6 +271,38 @@ def sweep(
     )
     warnings += _whole_adapter_budgets(rows, adapter.total_rank, shown_in)
     return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)
+
+
+@dataclass
+class SweepEstimate:
+    """Says up front how long the whole sweep takes: the curvature's estimate plus every selection measured as
+    written, each costing what measuring the adapter before took (its loss, its evaluate()) plus the refit's loss
+    evaluations (one per damping when its first step is accepted, at most refit.MAX_EVALUATIONS)."""
+
+    count: int  # selections: budgets × methods (× seeds of sublora-random)
+    loss_seconds: float  # one loss evaluation over the calibration batches (the adapter before pruning)
+    metrics_seconds: float  # its evaluate() (0 with --no-evaluate)
+    refit: bool
+    info: Info | None
+    told: bool = False
+
+    def __call__(self, curvature_seconds: float) -> None:
+        self.told = True
+        if self.info is None:
+            return
+        refits = (len(DAMPINGS), MAX_EVALUATIONS) if self.refit else (0, 0)
+        each = [self.metrics_seconds + self.loss_seconds * (1 + n) for n in refits]
+        low, high = (curvature_seconds + self.count * seconds for seconds in each)
+        what = "its loss" + (", the refit's losses" if self.refit else "")
+        what += ", evaluate()" if self.metrics_seconds else ""
+        span = duration(low) if low == high else f"{duration(low)} to {duration(high)}"
+        self.info(f"sweep: {self.count} selections, each measured as written ({what}): about {span} in all")
+
+
+def _timed(measure: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = measure()
+    return time.perf_counter() - start, value
 
 
 def _whole_adapter_budgets(rows: list[SweepRow], total_rank: int, shown_in: str | None) -> list[str]:
@@ -376,69 +416,3 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _log_plottable(value: float | None) -> bool:
-    """A value a log axis can show (a metric that is NaN, Inf or ≤ 0 everywhere gets no panel)."""
-    return value is not None and math.isfinite(value) and value > 0
-
-
-def _value(row: SweepRow, key: str) -> float:
-    """A loss field of a row (loss_after, loss_after_selection) or one of its evaluate() metrics (NaN if absent)."""
-    if key in ("loss_after", "loss_after_selection"):
-        return getattr(row, key)
-    return (row.metrics_after or {}).get(key, math.nan)
-
-
-def _means(rows: list[SweepRow], budgets: list[int], key: str) -> list[float]:
-    """`key`'s value per budget, the mean over the seeds of sublora-random."""
-    return [_mean([_value(r, key) for r in rows if r.budget == b]) for b in budgets]
-
-
-def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
-    """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the kept σ as
-    trained, before the refit), the size axis in the user's unit; the legend sits outside the panels so it never
-    hides a curve. False without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
-    panels = [("loss_after", "calibration loss after pruning")] + [(m, f"{m} after pruning") for m in plottable[:1]]
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.2), squeeze=False, layout="constrained"
-    )
-    suffix = meta.get("budget_shown_in")
-    scale = 1 if suffix is None else unit_scale(suffix)
-    refit_ran = False
-    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
-        for method in dict.fromkeys(r.method for r in rows):
-            of_method = [r for r in rows if r.method == method]
-            budgets = sorted({r.budget for r in of_method})
-            x = [b / scale for b in budgets]
-            line = ax.plot(x, _means(of_method, budgets, key), marker="o", label=method)[0]
-            if key == "loss_after" and any(r.refit_accepted is not None for r in of_method):
-                refit_ran = True  # the same kept sets with the σ as trained: what the refit buys
-                ax.plot(x, _means(of_method, budgets, "loss_after_selection"), ls=":", color=line.get_color())
-        before = meta["loss_before"] if key == "loss_after" else (meta.get("metrics_before") or {}).get(key, math.nan)
-        ax.axhline(before, ls="--", color="grey", label="before pruning")
-        unit = meta.get("budget_unit", "rank")
-        what = "size of the written adapter" if unit == "bytes" else "parameters of the written adapter"
-        ax.set_xlabel("budget (total rank kept)" if unit == "rank" else f"budget: {what} ({suffix})")
-        ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D  # matplotlib is optional: imported once pyplot() found it
-
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if refit_ran:
-        handles.append(Line2D([], [], ls=":", color="black"))
-        labels.append("dotted: kept σ as trained (no refit)")
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{Path(meta['adapter']).name}: curvature {meta['curvature']}")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
