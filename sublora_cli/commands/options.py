@@ -19,11 +19,16 @@ from typing import Annotated, Any, get_type_hints
 import torch
 import typer
 
-from sublora_cli.core.rank_patterns import read_rank_bound
+from sublora_cli.constants import (
+    AUTO,
+    AUTO_MAX_HVPS,
+    AUTO_PLACEMENT,
+    DEFAULT_MAX_BATCHES,
+    MODEL_DTYPES,
+)
+from sublora_cli.core.methods import CURVATURES as KINDS
+from sublora_cli.core.rank_bounds import read_rank_bound
 from sublora_cli.errors import SubloraError
-from sublora_cli.model.calibrated import AUTO_PLACEMENT, DTYPES
-from sublora_cli.model.curvature import AUTO, AUTO_MAX_HVPS, KINDS
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 
 SCHEMA = "sublora_option"  # the metadata key of a field's Option
 Check = Callable[[Any], object]  # raises SubloraError on a malformed value
@@ -133,9 +138,9 @@ DEVICE = Option(
 )
 DTYPE = Option(
     ("--dtype",),
-    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(DTYPES)}. Curvature accumulates in "
+    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(MODEL_DTYPES)}. Curvature accumulates in "
     "float64.",
-    check=one_of((AUTO_PLACEMENT, *DTYPES)),
+    check=one_of((AUTO_PLACEMENT, *MODEL_DTYPES)),
 )
 
 REFIT = Option(
@@ -144,7 +149,7 @@ REFIT = Option(
     "PSD part of the curvature, kept only where the measured loss drops; docs/design.md).",
 )
 
-DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, 4.0, AUTO_PLACEMENT, AUTO_PLACEMENT
+DEFAULT_CURVATURE, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, AUTO_PLACEMENT, AUTO_PLACEMENT
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sublora_cli.core.budget import unit_scale
 from sublora_cli.pipeline.output import pyplot
 
-if TYPE_CHECKING:
-    from sublora_cli.commands.sweep import SweepRow
+# `rows` are sweep.py's SweepRow (not imported: sweep.py imports this module)
 
 
 def _mean(values: list[float]) -> float:
@@ -23,19 +21,19 @@ def _log_plottable(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
-def _value(row: SweepRow, key: str) -> float:
+def _value(row, key: str) -> float:
     """A loss field of a row (loss_after, loss_after_selection) or one of its evaluate() metrics (NaN if absent)."""
     if key in ("loss_after", "loss_after_selection"):
         return getattr(row, key)
     return (row.metrics_after or {}).get(key, math.nan)
 
 
-def _means(rows: list[SweepRow], budgets: list[int], key: str) -> list[float]:
+def _means(rows: list, budgets: list[int], key: str) -> list[float]:
     """`key`'s value per budget, the mean over the seeds of sublora-random."""
     return [_mean([_value(r, key) for r in rows if r.budget == b]) for b in budgets]
 
 
-def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
+def plot_sweep(rows: list, meta: dict, path: Path, metric_names: list[str]) -> bool:
     """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the kept σ as
     trained, before the refit), the size axis in the user's unit; the legend sits outside the panels so it never
     hides a curve. False without matplotlib."""

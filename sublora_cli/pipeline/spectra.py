@@ -9,7 +9,7 @@ from pathlib import Path
 from sublora_cli.core.svd import Spectrum, factor_svd, spectrum_stats
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter, PrunedModule
-from sublora_cli.model.curvature import intra_op_thread_count
+from sublora_cli.model.threads import intra_op_thread_count
 from sublora_cli.pipeline.names import common_prefix, module_type, tail
 from sublora_cli.pipeline.output import pyplot
 from sublora_cli.pipeline.timings import Timings
