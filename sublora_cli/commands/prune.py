@@ -262,6 +262,8 @@ def prune(
         predicted = selection.predicted_increase if alternated is None else None  # a round's model is of its own start
         loss = loss_summary(loss_before, written.loss_after, predicted, decision.curvature)
         loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
+        if alternated is not None:
+            loss["training_free"] = alternated.training_free  # a prune of the input adapter to the same budget
         warnings.extend(worse_than_nothing(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
@@ -297,7 +299,11 @@ def prune(
     report["distributed"] = distributed.describe()
     extras = []
     if alternated is not None:
-        title = f"{adapter_path.name}: {method}, --optimizer {options.optimizer}, --train {options.train}"
+        title = (
+            f"{adapter_path.name}: {method}, budget {options.budget} (rank {int(selection.kept.sum())} kept)\n"
+            f"--rounds {options.rounds} × {options.train_steps} steps, --optimizer {options.optimizer}, "
+            f"--train {options.train}"
+        )
         extras.append(lambda folder: plot_training(alternated, loss["before"], folder / TRAINING_PLOT, title))
     for drawn in write_outputs(out_dir, adapter, pruned, report, timings, extras):
         if not drawn:

@@ -153,6 +153,9 @@ def round_lines(report: dict) -> list[str]:
     options = report["options"]
     lines = [f"rounds: {len(rounds)} × {options['train_steps']} steps, --train {options['train']}, --optimizer "
              f"{options['optimizer']} (see training.png)"]  # fmt: skip
+    training_free = report["loss"].get("training_free")
+    if training_free is not None:
+        lines.append(f"  no rounds (a prune of the input adapter to the same budget): written {training_free:.4g}")
     for r in rounds:
         lines.append(
             f"  round {r['round']}: trained {r['loss_after_training']:.4g} → selected {r['loss_after_selection']:.4g} "
