@@ -253,7 +253,7 @@ def _parameters(count: float) -> str:
 
 
 def _budget_amounts(budget: dict, sizes: Callable[[float], str], counts: Callable[[float], str]) -> str:
-    """'12 of 40 components' for a rank budget; 'used 49.2 KB of 50 KB allowed, 102.4 KB in all' for bytes."""
+    """'12 of 40 components' for a rank budget; 'used 49.15 KB of 50 KB allowed, 102.4 KB in all' for bytes."""
     unit = budget.get("unit", "rank")
     if unit == "rank":
         return f"{budget['capacity']:g} of {budget['whole']:g} components"
