@@ -114,3 +114,13 @@ def test_a_size_budget_is_echoed_in_the_unit_it_was_written_in(tmp_path, run_cli
     used = rf"used [0-9.]+ {unit} of {allowed} allowed, {whole} in all"
     assert re.search(rf"budget {budget}, read as a size in bytes: {used}", summary), summary
     assert re.search(rf"bytes {whole} → [0-9.]+ {unit}", summary)
+
+
+def test_readme_sweeps_in_order_write_their_own_default_folders(tmp_path, run_cli):
+    """The README's two sweeps (a rank axis, then a size axis) one after another, without --out."""
+    adapter, calib = make_problem(tmp_path / "p")
+    for budgets in ("2:6:2", "200B:600B:200B"):
+        args = ("sweep", adapter, "--calib", calib, "--budgets", budgets, "--methods", "magnitude", "--no-evaluate")
+        assert run_cli(*args).code == 0
+    folders = sorted(p.name for p in adapter.parent.iterdir() if p.name.startswith("adapter-"))
+    assert folders == ["adapter-sweep-200B-600B-200B", "adapter-sweep-2-6-2"]

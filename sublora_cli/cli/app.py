@@ -218,7 +218,8 @@ def eval_command(
 def sweep_command(
     adapter: Annotated[Path, typer.Argument(help=ADAPTER_HELP, show_default=False)],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-sweep")
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-sweep-<budgets>"),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON on stdout.")] = False,

@@ -48,7 +48,7 @@ from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS
 from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.budgeting import adapter_pricing, in_folder_name
 from sublora_cli.pipeline.calibrate import calibration
 from sublora_cli.pipeline.choose import rank_bounds, refuse_unselectable
 from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
@@ -217,7 +217,7 @@ def sweep(
         for method in methods:
             where = f"--methods {method} at budget {budget if shown_in is None else in_unit(budget, shown_in)}: "
             refuse_unselectable(method, _allowance(budget, unit, adapter.total_rank, pricing), bounds, where)
-    out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
+    out_dir = output_dir(adapter_path, out_dir, f"sweep-{in_folder_name(options.budgets)}", overwrite)
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
         with timings.stage("eval"):

@@ -72,10 +72,15 @@ def nothing_to_prune(requested: str | None, allowance: Budget, unpruned: bool, f
 
 
 def out_suffix(method: str, budget: str | None) -> str:
-    """The default output directory's name after the adapter's: `pruned-<method>-<budget as written>` (25% →
-    25pct, 0.25 → 0p25, 12MiB), so runs of the README's examples with other methods or budgets never collide."""
-    written = str(budget or "auto").replace("%", "pct").replace(".", "p")
-    return f"pruned-{method}-{re.sub(r'[^A-Za-z0-9_-]', '', written)}"
+    """The default output directory's name after the adapter's: `pruned-<method>-<budget as written>`, so runs of
+    the README's examples with other methods or budgets never collide."""
+    return f"pruned-{method}-{in_folder_name(str(budget or 'auto'))}"
+
+
+def in_folder_name(written: str) -> str:
+    """A budget or a list of budgets as written, safe in a folder name: 25% → 25pct, 0.25 → 0p25, 12MiB,
+    10:90:10 → 10-90-10."""
+    return re.sub(r"[^A-Za-z0-9_]+", "-", written.replace("%", "pct").replace(".", "p")).strip("-")
 
 
 def resolved(allowance: Budget) -> int | float:
