@@ -123,4 +123,4 @@ def test_readme_sweeps_in_order_write_their_own_default_folders(tmp_path, run_cl
         args = ("sweep", adapter, "--calib", calib, "--budgets", budgets, "--methods", "magnitude", "--no-evaluate")
         assert run_cli(*args).code == 0
     folders = sorted(p.name for p in adapter.parent.iterdir() if p.name.startswith("adapter-"))
-    assert folders == ["adapter-sweep-200B-600B-200B", "adapter-sweep-2-6-2"]
+    assert folders == ["adapter-sweep-2-6-2", "adapter-sweep-200B-600B-200B"]
