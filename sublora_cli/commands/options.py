@@ -98,6 +98,12 @@ CALIB = Option(
     "Enables the calibrated methods and measured loss before/after.",
     show_default=False,
 )
+EVAL_CALIB = Option(
+    ("--calib", "-c"),
+    "Calibration script (load_model, batches, loss[, evaluate]); runs its code. eval prints the adapter's mean "
+    "loss over its batches and its evaluate() metrics, as the adapter is.",
+    show_default=False,
+)
 CURVATURES = (*KINDS, AUTO)
 CURVATURE = Option(
     ("--curvature",),
@@ -193,7 +199,7 @@ class SelectionOptions(CalibrationOptions):
 class EvalOptions(CalibrationOptions):
     """What `sublora eval` can be told: the calibration group, with the script required."""
 
-    calib: Path = option(CALIB)
+    calib: Path = option(EVAL_CALIB)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from sublora_cli.pipeline.budgeting import (
     resolved,
 )
 from sublora_cli.pipeline.calibrate import calibration, measure_before, train_batches, without_adapter
-from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, select_kept, shortfall
+from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, refuse_unselectable, select_kept, shortfall
 from sublora_cli.pipeline.curvature_choice import check_method
 from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
 from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
@@ -65,9 +65,10 @@ class PruneOptions(SelectionOptions):
         Option(
             ("--budget", "-b"),
             "What to keep: a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter (in "
-            "--budget-unit), a size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC "
-            "KiB/MiB/GiB powers of 1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within "
-            "--max-loss-increase. Required unless --max-loss-increase is given.",
+            "--budget-unit; a number of 1 or more is a rank even with a decimal point: 1.0 keeps one component), a "
+            "size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC KiB/MiB/GiB powers of "
+            "1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within --max-loss-increase. "
+            "Required unless --max-loss-increase is given.",
             check=read_budget,
             config_types=(str, int, float),
             show_default=False,
@@ -187,7 +188,8 @@ def prune(
     if spec.reading != "auto":
         allowance, unpruned = allowance_for(spec, unit, pricing)
         warnings.extend(nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
-    out_dir = output_dir(adapter_path, out_dir, f"pruned-{out_suffix(spec, unit, adapter.total_rank)}", overwrite)
+        refuse_unselectable(method, allowance, bounds)
+    out_dir = output_dir(adapter_path, out_dir, out_suffix(method, options.budget), overwrite)
     spectra = svd_form(adapter, timings)
 
     loss = metrics = alternated = None
@@ -221,6 +223,8 @@ def prune(
         predicted = selection.predicted_increase if alternated is None else None  # a round's model is of its own start
         loss = loss_summary(loss_before, written.loss_after, predicted, decision.curvature)
         loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
+        if alternated is not None:
+            loss["training_free"] = alternated.training_free  # a prune of the input adapter to the same budget
         warnings.extend(worse_than_nothing(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
@@ -256,7 +260,11 @@ def prune(
     report["distributed"] = distributed.describe()
     extras = []
     if alternated is not None:
-        title = f"{adapter_path.name}: {method}, --optimizer {options.optimizer}, --train {options.train}"
+        title = (
+            f"{adapter_path.name}: {method}, budget {options.budget} (rank {int(selection.kept.sum())} kept)\n"
+            f"--rounds {options.rounds} × {options.train_steps} steps, --optimizer {options.optimizer}, "
+            f"--train {options.train}"
+        )
         extras.append(lambda folder: plot_training(alternated, loss["before"], folder / TRAINING_PLOT, title))
     for drawn in write_outputs(out_dir, adapter, pruned, report, timings, extras):
         if not drawn:

@@ -20,21 +20,23 @@ from sublora_cli.commands.options import (
     SelectionOptions,
     option,
 )
-from sublora_cli.core.budget import UNIT_TABLE, Budget, Pricing, budget_unit, read_budget_axis
+from sublora_cli.commands.sweep_plot import plot_sweep
+from sublora_cli.core.budget import UNIT_TABLE, Budget, Pricing, budget_unit, in_unit, read_budget_axis, stated_unit
 from sublora_cli.core.methods import METHODS, REGISTRY
 from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS
 from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.pipeline.budgeting import adapter_pricing, allowance_for
-from sublora_cli.pipeline.calibrate import calibration, measure_before
-from sublora_cli.pipeline.choose import rank_bounds
+from sublora_cli.pipeline.budgeting import adapter_pricing, allowance_for, in_folder_name
+from sublora_cli.pipeline.calibrate import calibration
+from sublora_cli.pipeline.choose import rank_bounds, refuse_unselectable
 from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
-from sublora_cli.pipeline.output import atomic_output_dir, pyplot
+from sublora_cli.pipeline.output import atomic_output_dir
 from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
 from sublora_cli.pipeline.spectra import svd_form
-from sublora_cli.pipeline.timings import Info, Progress, Timings
+from sublora_cli.pipeline.timings import Info, Progress, Timings, duration
 from sublora_cli.pipeline.written import Finish, written_outcome
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
@@ -151,14 +153,27 @@ def sweep(
     adapter = in_dtype(load_adapter(adapter_path, timings), options.dtype_out)
     pricing = adapter_pricing(adapter)
     unit, axis = budget_axis(options.budgets, options.budget_unit, pricing)
+    first = options.budgets.replace(":", ",").split(",")[0]
+    shown_in = stated_unit(first) if unit != "rank" else None
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
+    for budget, allowance in axis:
+        for method in methods:
+            where = f"--methods {method} at budget {budget if shown_in is None else in_unit(budget, shown_in)}: "
+            refuse_unselectable(method, allowance, bounds, where)
+    out_dir = output_dir(adapter_path, out_dir, f"sweep-{in_folder_name(options.budgets)}", overwrite)
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
-        loss_before, metrics_before = measure_before(calibrated, timings, options.evaluate)
+        with timings.stage("eval"):
+            loss_seconds, loss_before = _timed(calibrated.loss)
+            metrics_seconds, metrics_before = _timed(calibrated.metrics) if options.evaluate else (0.0, None)
+        count = len(axis) * sum(len(options.seeds) if m == "sublora-random" else 1 for m in methods)
+        estimate = SweepEstimate(count, loss_seconds, metrics_seconds, options.refit, info)
         curvature, reason = timed_curvature(
-            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit
-        )
+            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit,
+            estimated=estimate,
+        )  # fmt: skip
+        if not estimate.told:  # no curvature was computed: the selections are all there is
+            estimate(0.0)
         with timings.stage("sweep"):
             rows = run_sweep(
                 written_outcome(calibrated, adapter, spectra, curvature, options.refit, options.evaluate),
@@ -182,6 +197,7 @@ def sweep(
         "total_rank": adapter.total_rank,
         "budgets": [figure for figure, _ in axis],
         "budget_unit": unit,
+        "budget_shown_in": shown_in,  # the unit the user wrote the sizes in (KB, MiB, M), None for ranks
         "methods": methods,
         "seeds": list(options.seeds),
         "loss_before": loss_before,
@@ -195,7 +211,49 @@ def sweep(
     warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
         diverged, "after pruning in some selections"
     )
+    warnings += _whole_adapter_budgets(rows, adapter.total_rank, shown_in)
     return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)
+
+
+@dataclass
+class SweepEstimate:
+    """Says up front how long the whole sweep takes: the curvature's estimate plus every selection measured as
+    written, each costing what measuring the adapter before took (its loss, its evaluate()) plus the refit's loss
+    evaluations (one per damping when its first step is accepted, at most refit.MAX_EVALUATIONS)."""
+
+    count: int  # selections: budgets × methods (× seeds of sublora-random)
+    loss_seconds: float  # one loss evaluation over the calibration batches (the adapter before pruning)
+    metrics_seconds: float  # its evaluate() (0 with --no-evaluate)
+    refit: bool
+    info: Info | None
+    told: bool = False
+
+    def __call__(self, curvature_seconds: float) -> None:
+        self.told = True
+        if self.info is None:
+            return
+        refits = (len(DAMPINGS), MAX_EVALUATIONS) if self.refit else (0, 0)
+        each = [self.metrics_seconds + self.loss_seconds * (1 + n) for n in refits]
+        low, high = (curvature_seconds + self.count * seconds for seconds in each)
+        what = "its loss" + (", the refit's losses" if self.refit else "")
+        what += ", evaluate()" if self.metrics_seconds else ""
+        span = duration(low) if low == high else f"{duration(low)} to {duration(high)}"
+        self.info(f"sweep: {self.count} selections, each measured as written ({what}): about {span} in all")
+
+
+def _timed(measure: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = measure()
+    return time.perf_counter() - start, value
+
+
+def _whole_adapter_budgets(rows: list[SweepRow], total_rank: int, shown_in: str | None) -> list[str]:
+    """Say which budgets reach the whole adapter (a rank above it is read as all of it): those rows prune nothing."""
+    whole = sorted({r.budget for r in rows if r.rank_after == total_rank})
+    if not whole:
+        return []
+    listed = ", ".join(str(b) if shown_in is None else in_unit(b, shown_in) for b in whole)
+    return [f"--budgets {listed}: at least the whole adapter (total rank {total_rank}), so nothing is pruned there."]
 
 
 def run_sweep(
@@ -284,54 +342,3 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _log_plottable(value: float | None) -> bool:
-    """A value a log axis can show (a metric that is NaN, Inf or ≤ 0 everywhere gets no panel)."""
-    return value is not None and math.isfinite(value) and value > 0
-
-
-def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
-    """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the loss before the
-    refit); False without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
-    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in plottable[:1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for method in dict.fromkeys(r.method for r in rows):
-            by_budget: dict[int, list[float]] = {}
-            for r in rows:
-                if r.method == method:
-                    value = r.loss_after if key == "loss_after" else (r.metrics_after or {}).get(key, math.nan)
-                    by_budget.setdefault(r.budget, []).append(value)
-            budgets = sorted(by_budget)
-            line = ax.plot(budgets, [_mean(by_budget[b]) for b in budgets], marker="o", label=method)[0]
-            selected = [r for r in rows if r.method == method and r.refit_accepted is not None]
-            if key == "loss_after" and selected:  # the same kept sets with the σ as trained: what the refit buys
-                trained = {b: _mean([r.loss_after_selection for r in selected if r.budget == b]) for b in budgets}
-                label = f"{method}, no refit"
-                ax.plot(budgets, [trained[b] for b in budgets], ls=":", color=line.get_color(), label=label)
-        ax.axhline(
-            meta["loss_before"] if key == "loss_after" else (meta.get("metrics_before") or {}).get(key, math.nan),
-            ls="--",
-            color="grey",
-            label="before pruning",
-        )
-        unit = rows[0].unit if rows else "rank"
-        ax.set_xlabel("budget (total rank kept)" if unit == "rank" else f"size of the written adapter ({unit})")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{Path(meta['adapter']).name}: curvature {meta['curvature']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

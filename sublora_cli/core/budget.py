@@ -169,6 +169,27 @@ def read_budget_axis(text: str) -> list[BudgetSpec]:
         raise SubloraError(f"--budgets {raw!r} mixes {' and '.join(sorted(stated))}: a sweep's axis has one unit.")
     return specs
 
+
+def stated_unit(text: str | int | float) -> str | None:
+    """The unit a size or count is written in (`50KB` → "KB", `2.5M` → "M"), so that amounts are echoed in the
+    user's own unit; None for a rank, a share or auto."""
+    match = _WRITTEN.fullmatch(str(text).strip())
+    suffix = match["suffix"] if match else ""
+    return suffix if suffix in SIZE_UNITS or suffix in COUNT_UNITS else None
+
+
+def unit_scale(suffix: str) -> int:
+    """Bytes or parameters per one of a stated unit ("KB" → 1000, "MiB" → 2**20, "M" → 10**6)."""
+    return SIZE_UNITS.get(suffix) or COUNT_UNITS[suffix]
+
+
+def in_unit(amount: float, suffix: str) -> str:
+    """Bytes or parameters in a stated unit: (48900, "KB") → "48.9 KB", (2.5e6, "M") → "2.5M parameters"."""
+    value = amount / unit_scale(suffix)
+    number = f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+    return f"{number} {suffix}" if suffix in SIZE_UNITS else f"{number}{suffix} parameters"
+
+
 def parse_budget(text: str, total_rank: int) -> int:
     """Resolve a rank budget string to a number of kept components (may exceed total_rank; callers warn)."""
     try:
