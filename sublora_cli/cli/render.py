@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sublora_cli.pipeline.report import reading_phrase, refit_lines, round_lines
+from sublora_cli.pipeline.report import loss_lines, reading_phrase, round_lines
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
@@ -133,14 +133,8 @@ def prune_summary(report: dict, out_dir: Path) -> None:
             f"{len(search['evaluations'])} loss evaluations"
         )
     if report["loss"]:
-        loss = report["loss"]
-        predicted = loss["predicted_increase"]
-        out.print(
-            f"loss {loss['before']:.4g} → [bold]{loss['after']:.4g}[/] (measured increase {loss['increase']:.3g}, "
-            f"{loss['relative_increase']:+.1%}; predicted {_maybe(predicted, '.3g')}), curvature {report['curvature']}"
-        )
-        for line in refit_lines(report):
-            out.print(escape(line), style="bold red" if line.startswith("WARNING") else None)
+        for line in loss_lines(report):
+            out.print(escape(line), style="bold red" if line.startswith("WARNING") else None, highlight=False)
         for line in round_lines(report):
             out.print(escape(line))
     if report["metrics"]:
@@ -189,6 +183,8 @@ def eval_lines(adapter: Path, result: dict) -> None:
     """`sublora eval`: the loss and each evaluate() metric, one line each."""
     out.print(escape(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches"))
     out.print(f"loss [bold]{result['loss']:.6g}[/]")
+    if result["heldout_loss"] is not None:
+        out.print(f"held-out loss [bold]{result['heldout_loss']:.6g}[/] ({result['heldout_batches']} batches)")
     for name, value in (result["metrics"] or {}).items():
         out.print(f"{escape(name)} [bold]{value:.6g}[/]")
 

@@ -23,6 +23,7 @@ from sublora_cli.core.rank_patterns import read_rank_bound
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.calibrated import AUTO_PLACEMENT, DTYPES
 from sublora_cli.model.curvature import AUTO, AUTO_MAX_HVPS, KINDS
+from sublora_cli.model.holdout import DEFAULT_FRACTION, HOLDOUT_AUTO, MIN_BATCHES_TO_SPLIT, read_holdout
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 
 SCHEMA = "sublora_option"  # the metadata key of a field's Option
@@ -132,6 +133,15 @@ DTYPE = Option(
     check=one_of((AUTO_PLACEMENT, *DTYPES)),
 )
 
+HOLDOUT = Option(
+    ("--holdout",),
+    "Calibration batches measured but never fitted, to check every data-driven decision (refit, budget search, "
+    f"selection) on data it did not fit: {HOLDOUT_AUTO} takes the script's heldout_batches(), else "
+    f"{DEFAULT_FRACTION:.0%} of batches() when there are {MIN_BATCHES_TO_SPLIT} or more; a fraction (0.25, 25%) "
+    "splits batches(); 0 fits and checks on every batch.",
+    config_types=(str, int, float),
+    parse=read_holdout,
+)
 REFIT = Option(
     ("--refit/--no-refit",),
     "With --calib: after selection, refit the kept σ to absorb what the pruned ones carried (damped step on the "
@@ -149,6 +159,7 @@ class EvalOptions:
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+    holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (read_holdout)
 
 
 @dataclass(frozen=True)
@@ -289,6 +300,7 @@ class CalibrationSettings(Protocol):
     device: str
     dtype: str
     max_batches: int
+    holdout: str | float
 
 
 def path_keys(cls: type) -> tuple[str, ...]:

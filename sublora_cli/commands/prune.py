@@ -25,6 +25,7 @@ from sublora_cli.commands.options import (
     DEFAULT_MAX_HESSIAN_GB,
     DEVICE,
     DTYPE,
+    HOLDOUT,
     MAX_BATCHES,
     MAX_HESSIAN_GB,
     MAX_RANK,
@@ -61,7 +62,9 @@ from sublora_cli.formats import Adapter, PrunedModule, read_adapter, write_adapt
 from sublora_cli.model import distributed
 from sublora_cli.model.calibrated import Calibrated, open_calibration
 from sublora_cli.model.curvature import AUTO, Curvature, estimate_cost
+from sublora_cli.model.holdout import HOLDOUT_AUTO
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES
+from sublora_cli.pipeline.heldout import heldout_block, overfit_warnings
 from sublora_cli.pipeline.output import atomic_output_dir, check_output_dir
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings, provenance, write_reports
 from sublora_cli.pipeline.spectra import adapter_spectra, stored_spectra
@@ -131,6 +134,7 @@ class PruneOptions:
     )
     max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+    holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (holdout.read_holdout)
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     refit: bool = option(REFIT, True)
@@ -410,7 +414,14 @@ def calibration(
     """The calibration script's model with the adapter in SVD form, closed (its hooks removed) however we leave."""
     with timings.stage("calibrate"):
         calibrated = open_calibration(
-            settings.calib, adapter, spectra, settings.device, settings.dtype, settings.max_batches, progress
+            settings.calib,
+            adapter,
+            spectra,
+            settings.device,
+            settings.dtype,
+            settings.max_batches,
+            progress,
+            settings.holdout,
         )
     try:
         yield calibrated
@@ -451,14 +462,17 @@ def measure_written(
 @dataclass(frozen=True)
 class Written:
     """A kept set as it is written: its modules, the measured loss with the kept σ as trained
-    (`loss_after_selection`) and as written (`loss_after`: after the refit when one was accepted), the written
-    adapter's metrics, and the refit's record (None when the refit did not run)."""
+    (`loss_after_selection`) and as written (`loss_after`: after the refit when one was accepted), the same two
+    on the held-out batches (None without them), the written adapter's metrics, and the refit's record (None when
+    the refit did not run)."""
 
     pruned: list[PrunedModule]
     loss_after_selection: float
     loss_after: float
     metrics: dict[str, float] | None
     refit: RefitResult | None
+    heldout_after_selection: float | None = None
+    heldout_after: float | None = None
 
 
 Finish = Callable[[torch.Tensor], Written]  # kept mask → the adapter as written, measured
@@ -488,22 +502,30 @@ def written_outcome(
     sigma = torch.cat([s.sigma for s in spectra])
     inputs = refit_inputs(curvature) if refit_kept and curvature is not None else None
 
-    def loss_with(candidate: torch.Tensor, kept: torch.Tensor) -> float:
-        return measure_written(calibrated, adapter, refit_modules(adapter, spectra, candidate, kept), False)[0]
+    def written(candidate: torch.Tensor, kept: torch.Tensor) -> list[Spectrum]:
+        return stored_spectra(adapter, refit_modules(adapter, spectra, candidate, kept))
 
     def finish(kept: torch.Tensor) -> Written:
         pruned = pruned_modules(adapter, spectra, kept)
-        selected = measure_written(calibrated, adapter, pruned, evaluate=False)[0]
+        selected = stored_spectra(adapter, pruned)
+        loss_selected, heldout_selected = calibrated.loss_of(selected), calibrated.heldout_loss_of(selected)
         result = None
         if inputs is not None and not bool(kept.all()):  # nothing pruned: the adapter is written unchanged
             gradient, matrix = inputs
             movable = kept & (sigma != 0)  # a kept σ = 0 stays 0: its directions are arbitrary
-            result = refit(sigma, movable, gradient, matrix, lambda c: loss_with(c, kept), selected, psd=True)
+            check = (lambda c: calibrated.heldout_loss_of(written(c, kept))) if heldout_selected is not None else None
+            result = refit(
+                sigma, movable, gradient, matrix, lambda c: calibrated.loss_of(written(c, kept)), loss_selected,
+                psd=True, check=check, check_after_selection=heldout_selected,
+            )  # fmt: skip
             if result.accepted:
                 pruned = refit_modules(adapter, spectra, result.sigma, kept)
-        metrics = calibrated.metrics_of(stored_spectra(adapter, pruned)) if evaluate else None
-        after = result.loss_after_refit if result is not None else selected
-        return Written(pruned, selected, after, metrics, result)
+        final = stored_spectra(adapter, pruned)
+        metrics = calibrated.metrics_of(final) if evaluate else None
+        accepted = result is not None and result.accepted
+        after = result.loss_after_refit if accepted else loss_selected
+        heldout_after = result.heldout_after_refit if accepted else heldout_selected
+        return Written(pruned, loss_selected, after, metrics, result, heldout_selected, heldout_after)
 
     return finish
 
@@ -533,6 +555,8 @@ def refit_record(result: RefitResult | None) -> dict | None:
         "predicted_change": result.predicted_change,
         "measured_change": result.measured_change,
         "evaluations": result.evaluations,
+        "heldout_change": result.heldout_change,
+        "rejected_on_heldout": result.overfit,
     }
 
 
@@ -590,6 +614,10 @@ def prune(
     else:
         with calibration(options, adapter, spectra, timings, progress) as calibrated:
             loss_before, metrics_before = measure_before(calibrated, timings)
+            with timings.stage("eval"):
+                heldout_before = calibrated.heldout_loss()
+            if info is not None:
+                info(calibrated.holdout_note)
             loss_without = without_adapter(calibrated, timings)
             decide = _decider(
                 calibrated, options, method, threshold, allowance, unit, bounds, pricing, loss_before, timings, info,
@@ -611,8 +639,17 @@ def prune(
         pruned, metrics_after = written.pruned, written.metrics
         predicted = selection.predicted_increase if alternated is None else None  # a round's model is of its own start
         loss = loss_summary(loss_before, written.loss_after, predicted, curvature)
-        loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
+        loss.update(
+            after_selection=written.loss_after_selection,
+            increase_after_selection=written.loss_after_selection - loss_before,
+            without_adapter=loss_without,
+            heldout=heldout_block(
+                len(calibrated.heldout), calibrated.holdout_note, heldout_before, written.heldout_after_selection,
+                written.heldout_after,
+            ),
+        )  # fmt: skip
         warnings.extend(worse_than_nothing(loss))
+        warnings.extend(overfit_warnings(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
         warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
@@ -915,5 +952,7 @@ def evaluate_adapter(adapter_path: Path, options: EvalOptions, progress: Progres
             "total_rank": adapter.total_rank,
             "batches": len(calibrated.batches),
             "loss": loss,
+            "heldout_batches": len(calibrated.heldout),
+            "heldout_loss": calibrated.heldout_loss(),
             "metrics": metrics,
         }

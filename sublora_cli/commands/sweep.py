@@ -23,6 +23,7 @@ from sublora_cli.commands.options import (
     DEFAULT_MAX_HESSIAN_GB,
     DEVICE,
     DTYPE,
+    HOLDOUT,
     MAX_BATCHES,
     MAX_HESSIAN_GB,
     MAX_RANK,
@@ -52,6 +53,7 @@ from sublora_cli.core.methods import METHODS, REGISTRY
 from sublora_cli.core.select import RankBounds, select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
+from sublora_cli.model.holdout import HOLDOUT_AUTO
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.output import atomic_output_dir, pyplot
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
@@ -175,6 +177,7 @@ class SweepOptions:
     max_rank: str | None = option(MAX_RANK, None)
     max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+    holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (holdout.read_holdout)
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     evaluate: bool = option(

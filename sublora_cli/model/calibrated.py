@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from sublora_cli.model.curvature import (
     intra_op_threads,
     resolve_kind,
 )
+from sublora_cli.model.holdout import split_batches
 from sublora_cli.model.reparam import SigmaModel
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
 
@@ -78,11 +79,16 @@ def attention_kernel_for(kind: str) -> AbstractContextManager:
 
 @dataclass
 class Calibrated:
-    """A calibration script bound to one adapter; `kept` masks select which components are active."""
+    """A calibration script bound to one adapter; `kept` masks select which components are active.
+
+    `batches` are what is fitted (gradient, curvature, refit); `heldout` are only ever measured (holdout.py):
+    every `heldout_*` figure is None when there are none."""
 
     script: CalibrationScript
     sigma_model: SigmaModel
     batches: list
+    heldout: list = field(default_factory=list)
+    holdout_note: str = ""
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -97,6 +103,10 @@ class Calibrated:
     def loss(self, kept: torch.Tensor | None = None) -> float:
         """Mean calibration loss with only the `kept` components active."""
         return self.sigma_model.mean_loss(self.masked(kept), self.batches)
+
+    def heldout_loss(self, kept: torch.Tensor | None = None) -> float | None:
+        """Mean loss over the held-out batches with only the `kept` components active."""
+        return self.sigma_model.mean_loss(self.masked(kept), self.heldout) if self.heldout else None
 
     def steady_loss_seconds(self, kind: str) -> float:
         """Seconds of one loss evaluation over all batches once warm, under the threading the curvature `kind`
@@ -123,6 +133,13 @@ class Calibrated:
         factors as they will be stored); a spectrum may have fewer components than the module."""
         with self.sigma_model.using(spectra) as sigma:
             return self.sigma_model.mean_loss(sigma, self.batches)
+
+    def heldout_loss_of(self, spectra: Sequence[Spectrum]) -> float | None:
+        """Mean held-out loss with each module replaced by its spectrum in `spectra`; None without held-out data."""
+        if not self.heldout:
+            return None
+        with self.sigma_model.using(spectra) as sigma:
+            return self.sigma_model.mean_loss(sigma, self.heldout)
 
     def metrics_of(self, spectra: Sequence[Spectrum]) -> dict[str, float] | None:
         """The script's evaluate(model) with each module replaced by its spectrum in `spectra`."""
@@ -227,14 +244,20 @@ def open_calibration(
     dtype: str = AUTO_PLACEMENT,
     max_batches: int = DEFAULT_MAX_BATCHES,
     progress: Callable[[str, int, int | None], None] | None = None,
+    holdout: str | float = 0,
 ) -> Calibrated:
-    """Run the script's load_model() and batches() (at most `max_batches`) and hook the adapter's modules into
-    the model."""
+    """Run the script's load_model() and batches() (at most `max_batches`), set the held-out batches aside
+    (`holdout`: holdout.split_batches; the commands default to auto, a library caller gets none unless it asks)
+    and hook the adapter's modules into the model."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     script = load_calibration(calib)
     model = script.call_load_model()
     load_carried_tensors(model, adapter)
     batches = script.call_batches(max_batches, progress)
+    defined = script.heldout_batches is not None
+    split = split_batches(
+        batches, holdout, (lambda: script.call_heldout_batches(max_batches, progress)) if defined else None
+    )
     sigma_model = SigmaModel(
         model,
         adapter.modules,
@@ -245,4 +268,6 @@ def open_calibration(
         per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
         paths=module_paths(model, adapter),
     )
-    return Calibrated(script=script, sigma_model=sigma_model, batches=batches)
+    return Calibrated(
+        script=script, sigma_model=sigma_model, batches=split.fit, heldout=split.heldout, holdout_note=split.note
+    )
