@@ -14,7 +14,7 @@ import types
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Protocol, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 import torch
 import typer
@@ -291,16 +291,6 @@ def resolve(cls: type, flags: dict[str, Any], config: dict[str, Any] | None = No
 def echo(options: Any) -> dict[str, Any]:
     """The resolved value of every setting, JSON-ready (the report's `options`)."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
-
-
-class CalibrationSettings(Protocol):
-    """The settings every calibrated command shares (how the calibration script's model is run)."""
-
-    calib: Path | None
-    device: str
-    dtype: str
-    max_batches: int
-    holdout: str | float
 
 
 def path_keys(cls: type) -> tuple[str, ...]:

@@ -32,22 +32,6 @@ from sublora_cli.commands.options import (
     Option,
     option,
 )
-from sublora_cli.commands.prune import (
-    Finish,
-    Info,
-    Progress,
-    Timings,
-    _check_curvature,
-    adapter_pricing,
-    calibration,
-    load_adapter,
-    measure_before,
-    output_dir,
-    rank_bounds,
-    svd_form,
-    timed_curvature,
-    written_outcome,
-)
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.core.methods import METHODS, REGISTRY
 from sublora_cli.core.select import RankBounds, select
@@ -55,8 +39,16 @@ from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.model.holdout import HOLDOUT_AUTO
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES
+from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.calibrate import calibration, measure_before
+from sublora_cli.pipeline.choose import rank_bounds
+from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
 from sublora_cli.pipeline.output import atomic_output_dir, pyplot
+from sublora_cli.pipeline.read import load_adapter, output_dir
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
+from sublora_cli.pipeline.spectra import svd_form
+from sublora_cli.pipeline.timings import Info, Progress, Timings
+from sublora_cli.pipeline.written import Finish, written_outcome
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
 DEFAULT_METHODS = tuple(m.name for m in REGISTRY.values() if m.in_default_sweep)
@@ -205,7 +197,7 @@ def sweep(
     """One curvature computation, then every budget × method measured; writes sweep.csv/json/png."""
     methods = list(options.methods)
     for method in methods:
-        _check_curvature(method, options.curvature)
+        check_curvature(method, options.curvature)
     timings = Timings()
     adapter = load_adapter(adapter_path, timings)
     pricing = adapter_pricing(adapter)
