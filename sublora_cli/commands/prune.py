@@ -64,7 +64,7 @@ from sublora_cli.pipeline.calibrate import (
 from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, select_kept, shortfall
 from sublora_cli.pipeline.curvature_choice import check_method
 from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
-from sublora_cli.pipeline.heldout import heldout_block, overfit_warnings
+from sublora_cli.pipeline.heldout import gated_increase, heldout_block, overfit_warnings
 from sublora_cli.pipeline.read import DTYPES_OUT, in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings
 from sublora_cli.pipeline.spectra import svd_form
@@ -260,7 +260,7 @@ def prune(
             if info is not None:
                 info(calibrated.holdout_note)
             loss_without = without_adapter(calibrated, timings)
-            run = Run(calibrated, loss_before, timings, info, progress)
+            run = Run(calibrated, loss_before, timings, info, progress, heldout_loss_before)
             if options.rounds:
                 batches = train_batches(calibrated, options.max_batches, progress)
                 alternated = alternate(plan, run, adapter, spectra, options.train_settings(), options.rounds, batches)
@@ -290,8 +290,13 @@ def prune(
     quality = None
     if threshold is not None:
         assert loss is not None, "a quality threshold needs --calib"
-        passed = loss["relative_increase"] <= threshold
-        quality = {"max_loss_increase": str(options.max_loss_increase), "threshold": threshold, "passed": passed}
+        increase, gated_before, gated_after, gated = gated_increase(loss)
+        quality = {
+            "max_loss_increase": str(options.max_loss_increase),
+            "threshold": threshold,
+            "passed": increase <= threshold,
+            "measured_on": gated,
+        }
     allowance = decision.allowance
     report = build_report(
         adapter=adapter,
@@ -313,6 +318,7 @@ def prune(
     )
     report["refit"] = refit_record(decision.written.refit if decision.written is not None else None)
     report["rounds"] = alternated.report() if alternated is not None else None
+    report["candidates"] = decision.candidates
     report["options"] = echo(options)
     report["distributed"] = distributed.describe()
     extras = []
@@ -325,8 +331,8 @@ def prune(
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (
-            f"the measured loss increase {loss['relative_increase']:.2%} (loss {loss['before']:.6g} → "
-            f"{loss['after']:.6g}) exceeds --max-loss-increase {options.max_loss_increase}; the pruned adapter "
+            f"the measured {gated} increase {increase:.2%} ({gated} {gated_before:.6g} → "
+            f"{gated_after:.6g}) exceeds --max-loss-increase {options.max_loss_increase}; the pruned adapter "
             f"and report were written to {out_dir} anyway."
         )
     return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)

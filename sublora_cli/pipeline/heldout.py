@@ -48,6 +48,16 @@ def overfit_warnings(loss: dict) -> list[str]:
     ]
 
 
+def gated_increase(loss: dict) -> tuple[float, float, float, str]:
+    """What --max-loss-increase holds the written adapter to: the relative increase of the held-out loss when
+    there is one (the calibration batches were fitted), else of the calibration loss; with its before, after and
+    the name of the loss."""
+    heldout = loss.get("heldout")
+    if heldout is not None:
+        return heldout["relative_increase"], heldout["before"], heldout["after"], "held-out loss"
+    return loss["relative_increase"], loss["before"], loss["after"], "loss"
+
+
 def lowest_heldout(losses: Sequence[float | None]) -> int:
     """The index of the candidate with the lowest held-out loss, the first one on a tie or without data."""
     known = [(loss, i) for i, loss in enumerate(losses) if loss is not None]

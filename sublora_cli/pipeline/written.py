@@ -118,6 +118,24 @@ def selected_loss(calibrated: Calibrated, adapter: Adapter, spectra: list[Spectr
     return lambda kept: measure_written(calibrated, adapter, pruned_modules(adapter, spectra, kept), False)[0]
 
 
+def searched_loss(
+    calibrated: Calibrated,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    curvature: Curvature | None,
+    refit_kept: bool,
+    loss_before: float,
+    heldout_before: float | None,
+) -> tuple[Callable[[torch.Tensor], float], float]:
+    """What `--max-loss-increase` bisects on, with its reference: the loss of the file a kept set would be written
+    as (refit included), on the held-out batches when there are any (the refit fits the calibration batches, so
+    their loss would flatter it), else on the calibration batches."""
+    finish = written_outcome(calibrated, adapter, spectra, curvature, refit_kept, evaluate=False)
+    if heldout_before is not None:
+        return (lambda kept: finish(kept).heldout_after), heldout_before
+    return (lambda kept: finish(kept).loss_after), loss_before
+
+
 def time_refit(timings: Timings, result: RefitResult | None) -> None:
     """Move the refit's own time (its measured candidates) from the measuring stage to a `refit` stage."""
     if result is not None:
