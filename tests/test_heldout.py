@@ -264,3 +264,14 @@ def test_max_loss_increase_holds_the_written_file_on_heldout_data(overfit, tmp_p
     evaluations = {e["rank"]: e for e in report["budget"]["search"]["evaluations"]}
     assert len(evaluations) <= 12
     assert evaluations[rank]["passed"] and not evaluations[rank - 1]["passed"]
+
+
+def test_auto_takes_the_fisher_when_the_exact_hessian_would_take_too_long(overfit, tmp_path, run_cli, monkeypatch):
+    import sublora_cli.model.calibrated
+
+    monkeypatch.setattr(sublora_cli.model.calibrated, "AUTO_MAX_EXACT_SECONDS", 0.0)
+    adapter, calib = overfit
+    out = tmp_path / "out"
+    report = report_of(run_cli("prune", adapter, "-c", calib, "-b", 4, "-o", out), out)
+    assert report["curvature"] == "fisher" and "by estimate, past auto's 0 s" in report["calibration"]["curvature_reason"]
+    assert [c["curvature"] for c in report["candidates"]] == ["fisher", "fisher"]  # no exact: no Fisher rival

@@ -24,8 +24,10 @@ from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.formats import Adapter
 from sublora_cli.model.curvature import (
     AUTO,
+    AUTO_MAX_EXACT_SECONDS,
     Curvature,
     compute_curvature,
+    estimate_cost,
     intra_op_thread_count,
     intra_op_threads,
     resolve_kind,
@@ -150,11 +152,19 @@ class Calibrated:
 
     def choose_curvature(self, requested: str, methods: list[str], at_least: Need = "none") -> tuple[str, str]:
         """The curvature kind to compute for `methods`, with its reason (curvature.resolve_kind), except that
-        `auto` never picks a second-order kind (exact, diag) this model cannot differentiate twice: one
-        Hessian-vector product on the first batch is tried first, and on failure auto takes the Fisher."""
+        `auto` never picks a second-order kind (exact, diag) that would take more than AUTO_MAX_EXACT_SECONDS by
+        its estimate, or that this model cannot differentiate twice (one Hessian-vector product on the first batch
+        is tried first): it takes the Fisher instead."""
         kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
         if requested != AUTO or kind not in ("exact", "diag"):
             return kind, reason
+        cost = estimate_cost(self.sigma_model.size, len(self.batches), kind, self.steady_loss_seconds(kind))
+        if cost["seconds"] > AUTO_MAX_EXACT_SECONDS:
+            return "fisher", (
+                f"{reason[:1].lower()}{reason[1:]} But they would take about {cost['seconds'] / 60:.1f} min by "
+                f"estimate, past auto's {AUTO_MAX_EXACT_SECONDS:.0f} s, so auto computes the empirical Fisher (one "
+                "pass per batch)."
+            )
         failure = self.second_order_failure()
         if failure is None:
             return kind, reason
