@@ -273,5 +273,21 @@ def test_auto_takes_the_fisher_when_the_exact_hessian_would_take_too_long(overfi
     adapter, calib = overfit
     out = tmp_path / "out"
     report = report_of(run_cli("prune", adapter, "-c", calib, "-b", 4, "-o", out), out)
-    assert report["curvature"] == "fisher" and "by estimate, past auto's 0 s" in report["calibration"]["curvature_reason"]
+    assert report["curvature"] == "fisher"
+    assert "by estimate, past auto's 0 s" in report["calibration"]["curvature_reason"]
     assert [c["curvature"] for c in report["candidates"]] == ["fisher", "fisher"]  # no exact: no Fisher rival
+
+
+def test_rounds_write_the_round_with_the_lowest_heldout_loss(overfit, tmp_path, run_cli):
+    """Training on 8 noisy samples overfits them round after round; with held-out data the written prune is the
+    round that is best on them (early stopping), and the report's figures are that round's."""
+    adapter, calib = overfit
+    out = tmp_path / "out"
+    args = ("--rounds", 3, "--train-steps", 20, "--lr", "3e-2", "--curvature", "fisher", "-m", "sublora")
+    report = report_of(run_cli("prune", adapter, "-c", calib, "-b", "50%", *args, "-o", out), out)
+    rounds = report["rounds"]
+    best = min(rounds, key=lambda r: r["heldout_after"])
+    assert [r["written"] for r in rounds] == [r is best for r in rounds]
+    assert report["loss"]["heldout"]["after"] == best["heldout_after"] and report["loss"]["after"] == best["loss_after"]
+    assert report["totals"]["rank_after"] == best["rank"]
+    assert heldout_loss_of(out, calib, run_cli) == pytest.approx(best["heldout_after"], rel=1e-6)

@@ -114,10 +114,7 @@ def decide(plan: Plan, run: Run, adapter: Adapter, spectra: list[Spectrum], eval
         candidates += rivals(plan, run, adapter, spectra, budget, curvature)
     chosen = best(candidates)
     final = candidates[chosen]
-    written = final.written
-    if evaluate:
-        with timings.stage("eval"):
-            written = replace(written, metrics=calibrated.metrics_of(stored_spectra(adapter, written.pruned)))
+    written = with_metrics(run, adapter, final.written) if evaluate else final.written
     for candidate in candidates:
         time_refit(timings, candidate.written.refit)
     if len(candidates) > 1 and run.info is not None:
@@ -126,6 +123,12 @@ def decide(plan: Plan, run: Run, adapter: Adapter, spectra: list[Spectrum], eval
         final.curvature, reason, final.selection, budget, search, written, warnings,
         candidates_record(candidates, chosen),
     )  # fmt: skip
+
+
+def with_metrics(run: Run, adapter: Adapter, written: Written) -> Written:
+    """`written` with the script's evaluate() metrics of the adapter as it is written."""
+    with run.timings.stage("eval"):
+        return replace(written, metrics=run.calibrated.metrics_of(stored_spectra(adapter, written.pruned)))
 
 
 def measured(
