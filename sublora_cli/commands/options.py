@@ -19,12 +19,20 @@ from typing import Annotated, Any, get_type_hints
 import torch
 import typer
 
-from sublora_cli.core.rank_patterns import read_rank_bound
+from sublora_cli.constants import (
+    AUTO,
+    AUTO_MAX_HVPS,
+    AUTO_PLACEMENT,
+    DEFAULT_HOLDOUT_FRACTION,
+    DEFAULT_MAX_BATCHES,
+    HOLDOUT_AUTO,
+    MIN_BATCHES_TO_SPLIT,
+    MODEL_DTYPES,
+)
+from sublora_cli.core.methods import CURVATURES as KINDS
+from sublora_cli.core.rank_bounds import read_rank_bound
 from sublora_cli.errors import SubloraError
-from sublora_cli.model.calibrated import AUTO_PLACEMENT, DTYPES
-from sublora_cli.model.curvature import AUTO, AUTO_MAX_HVPS, KINDS
-from sublora_cli.model.holdout import DEFAULT_FRACTION, HOLDOUT_AUTO, MIN_BATCHES_TO_SPLIT, read_holdout
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
+from sublora_cli.model.holdout import read_holdout
 
 SCHEMA = "sublora_option"  # the metadata key of a field's Option
 Check = Callable[[Any], object]  # raises SubloraError on a malformed value
@@ -128,17 +136,17 @@ DEVICE = Option(
 )
 DTYPE = Option(
     ("--dtype",),
-    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(DTYPES)}. Curvature accumulates in "
+    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(MODEL_DTYPES)}. Curvature accumulates in "
     "float64.",
-    check=one_of((AUTO_PLACEMENT, *DTYPES)),
+    check=one_of((AUTO_PLACEMENT, *MODEL_DTYPES)),
 )
 
 HOLDOUT = Option(
     ("--holdout",),
     "Calibration batches measured but never fitted, to check every data-driven decision (refit, budget search, "
     f"selection) on data it did not fit: {HOLDOUT_AUTO} takes the script's heldout_batches(), else "
-    f"{DEFAULT_FRACTION:.0%} of batches() when there are {MIN_BATCHES_TO_SPLIT} or more; a fraction (0.25, 25%) "
-    "splits batches(); 0 fits and checks on every batch.",
+    f"{DEFAULT_HOLDOUT_FRACTION:.0%} of batches() when there are {MIN_BATCHES_TO_SPLIT} or more; a fraction "
+    "(0.25, 25%) splits batches(); 0 fits and checks on every batch.",
     config_types=(str, int, float),
     parse=read_holdout,
 )
@@ -148,7 +156,7 @@ REFIT = Option(
     "PSD part of the curvature, kept only where the measured loss drops; docs/design.md).",
 )
 
-DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, 4.0, AUTO_PLACEMENT, AUTO_PLACEMENT
+DEFAULT_CURVATURE, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, AUTO_PLACEMENT, AUTO_PLACEMENT
 
 
 @dataclass(frozen=True)

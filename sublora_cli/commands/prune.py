@@ -21,7 +21,6 @@ from sublora_cli.commands.options import (
     DEFAULT_CURVATURE,
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
-    DEFAULT_MAX_HESSIAN_GB,
     DEVICE,
     DTYPE,
     HOLDOUT,
@@ -37,13 +36,12 @@ from sublora_cli.commands.options import (
     option,
     positive,
 )
+from sublora_cli.constants import DEFAULT_MAX_BATCHES, DEFAULT_MAX_HESSIAN_GB, HOLDOUT_AUTO
 from sublora_cli.core.budget import UNITS, budget_unit, read_budget, read_tolerance, resolve_budget
 from sublora_cli.core.methods import METHODS
 from sublora_cli.errors import SubloraError
 from sublora_cli.model import distributed
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.model.holdout import HOLDOUT_AUTO
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.budgeting import (
     adapter_pricing,
     budget_block,

@@ -20,7 +20,6 @@ from sublora_cli.commands.options import (
     DEFAULT_CURVATURE,
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
-    DEFAULT_MAX_HESSIAN_GB,
     DEVICE,
     DTYPE,
     HOLDOUT,
@@ -32,13 +31,13 @@ from sublora_cli.commands.options import (
     Option,
     option,
 )
+from sublora_cli.constants import DEFAULT_MAX_BATCHES, DEFAULT_MAX_HESSIAN_GB, HOLDOUT_AUTO
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.core.methods import METHODS, REGISTRY
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.model.holdout import HOLDOUT_AUTO
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.budgeting import adapter_pricing
 from sublora_cli.pipeline.calibrate import calibration, measure_before
 from sublora_cli.pipeline.choose import rank_bounds
@@ -268,13 +267,9 @@ def run_sweep(
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
     """
-    if curvature is not None and curvature.hessian is None:
-        needing = [m for m in methods if REGISTRY[m].needs == "matrix"]
-        if needing:
-            raise SubloraError(
-                f"--curvature {curvature.kind} gives no full Hessian, which {', '.join(needing)} need; "
-                "use --curvature exact (or fisher) or drop those methods."
-            )
+    if curvature is not None:
+        for method in methods:
+            check_curvature(method, curvature.kind)
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]

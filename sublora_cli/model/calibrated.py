@@ -18,28 +18,26 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sublora_cli.core.methods import Need
+from sublora_cli.constants import AUTO_MAX_EXACT_SECONDS, AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, MODEL_DTYPES
+from sublora_cli.core.methods import CURVATURES, Need
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.formats import Adapter
 from sublora_cli.model.curvature import (
     AUTO,
-    AUTO_MAX_EXACT_SECONDS,
     Curvature,
     compute_curvature,
     estimate_cost,
-    intra_op_thread_count,
-    intra_op_threads,
     resolve_kind,
 )
 from sublora_cli.model.holdout import split_batches
 from sublora_cli.model.reparam import SigmaModel
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
+from sublora_cli.model.script import CalibrationScript, check_loss, load_calibration
+from sublora_cli.model.threads import intra_op_thread_count, intra_op_threads
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
-AUTO_PLACEMENT = "auto"  # --device/--dtype auto: keep the model where and as load_model() returned it
 
 
 def resolve_device(name: str) -> torch.device | None:
@@ -76,7 +74,7 @@ def attention_kernel_for(kind: str) -> AbstractContextManager:
     (attn_implementation="sdpa"). The math kernel computes the same attention from plain ops, so the model
     needs no change. The Fisher needs first derivatives only and keeps the fast kernels.
     """
-    return nullcontext() if kind == "fisher" else sdpa_kernel(SDPBackend.MATH)
+    return nullcontext() if kind in CURVATURES and not CURVATURES[kind].second_order else sdpa_kernel(SDPBackend.MATH)
 
 
 @dataclass
@@ -156,7 +154,7 @@ class Calibrated:
         its estimate, or that this model cannot differentiate twice (one Hessian-vector product on the first batch
         is tried first): it takes the Fisher instead."""
         kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
-        if requested != AUTO or kind not in ("exact", "diag"):
+        if requested != AUTO or kind not in CURVATURES or not CURVATURES[kind].second_order:
             return kind, reason
         cost = estimate_cost(self.sigma_model.size, len(self.batches), kind, self.steady_loss_seconds(kind))
         if cost["seconds"] > AUTO_MAX_EXACT_SECONDS:

@@ -13,11 +13,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sublora_cli.constants import DEFAULT_HOLDOUT_FRACTION, HOLDOUT_AUTO, MIN_BATCHES_TO_SPLIT
 from sublora_cli.errors import SubloraError
-
-HOLDOUT_AUTO = "auto"
-DEFAULT_FRACTION = 0.25  # auto holds out a quarter of batches() ...
-MIN_BATCHES_TO_SPLIT = 4  # ... when there are at least this many, so the fit keeps three or more
 
 
 def read_holdout(value: str | float) -> str | float:
@@ -80,7 +77,7 @@ def split_batches(batches: list, holdout: str | float, script_heldout: Callable[
             f"(--holdout auto needs {MIN_BATCHES_TO_SPLIT}); decisions use the calibration loss alone. Define "
             "heldout_batches() in the script, or pass --holdout 0.5.",
         )
-    fraction = DEFAULT_FRACTION if holdout == HOLDOUT_AUTO else float(holdout)
+    fraction = DEFAULT_HOLDOUT_FRACTION if holdout == HOLDOUT_AUTO else float(holdout)
     held = held_out_indices(count, fraction)
     if not held:
         return Split(batches, [], "none", f"no held-out data: one batch cannot be split (--holdout {holdout})")

@@ -17,7 +17,8 @@ from sublora_cli.core.budget import (
     parse_tolerance,
     read_budget,
 )
-from sublora_cli.core.select import RankBounds, Selection
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import Selection
 from sublora_cli.errors import SubloraError, UsageError
 from sublora_cli.formats import Adapter
 from sublora_cli.model.curvature import Curvature
