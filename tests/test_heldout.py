@@ -291,3 +291,16 @@ def test_rounds_write_the_round_with_the_lowest_heldout_loss(overfit, tmp_path, 
     assert report["loss"]["heldout"]["after"] == best["heldout_after"] and report["loss"]["after"] == best["loss_after"]
     assert report["totals"]["rank_after"] == best["rank"]
     assert heldout_loss_of(out, calib, run_cli) == pytest.approx(best["heldout_after"], rel=1e-6)
+
+
+def test_sweep_shows_the_heldout_loss_of_every_written_selection(overfit, tmp_path, run_cli):
+    adapter, calib = overfit
+    out = tmp_path / "sweep"
+    args = ("sweep", adapter, "-c", calib, "--budgets", "2,4,6", "--methods", "sublora,magnitude", "-o", out)
+    table = run_cli(*args)
+    assert table.code == 0, table.stderr
+    assert "held-out loss" in table.stdout and "held-out 0.337" in table.stdout
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["heldout_before"] == pytest.approx(0.33736, rel=1e-4)
+    assert all(r["heldout_after"] is not None for r in result["rows"]) and len(result["rows"]) == 6
+    assert "heldout_after" in (out / "sweep.csv").read_text().splitlines()[0]

@@ -154,14 +154,16 @@ def _budget_amounts(budget: dict) -> str:
 
 
 def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> None:
-    """`sublora sweep`: one row per (budget, method, seed) with predicted and measured loss (the kept σ as trained,
-    then as written after the refit; "(=)": no refit candidate was better) and the metrics."""
+    """`sublora sweep`: one row per (budget, method, seed) with the predicted and measured increase of the same
+    thing (the kept σ as trained), the loss as written after the refit ("(=)": no refit candidate was better), the
+    held-out loss as written when there are held-out batches, and the metrics."""
     metric_names = sorted({k for r in rows for k in (r.metrics_after or {})})
+    heldout = meta.get("heldout_before") is not None
     columns = ("budget", "method", "rank", "predicted Δloss", "measured Δloss", "loss selected", "loss refit")
-    columns = (*columns, *metric_names)
-    result = table(
-        f"{adapter}: loss before {meta['loss_before']:.4g}, curvature {meta['curvature']}", columns, left=("method",)
-    )
+    columns = (*columns, *(("held-out loss",) if heldout else ()), *metric_names)
+    title = f"{adapter}: loss before {meta['loss_before']:.4g}"
+    title += f", held-out {meta['heldout_before']:.4g}" if heldout else ""
+    result = table(f"{title}, curvature {meta['curvature']}", columns, left=("method",))
     for r in rows:
         method_name = r.method if r.seed is None else f"{r.method} (seed {r.seed})"
         metrics = [f"{(r.metrics_after or {}).get(m, float('nan')):.4g}" for m in metric_names]
@@ -170,9 +172,10 @@ def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> N
             method_name,
             str(r.rank_after),
             _maybe(r.predicted_increase, ".3g"),
-            f"{r.increase:.3g}",
+            f"{r.loss_after_selection - meta['loss_before']:.3g}",
             f"{r.loss_after_selection:.4g}",
             "off" if r.refit_accepted is None else f"{r.loss_after:.4g}" + ("" if r.refit_accepted else " (=)"),
+            *((f"{r.heldout_after:.4g}",) if heldout else ()),
             *metrics,
         )
     out.print(result)
