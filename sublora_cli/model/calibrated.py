@@ -159,7 +159,7 @@ class Calibrated:
         cost = estimate_cost(self.sigma_model.size, len(self.batches), kind, self.steady_loss_seconds(kind))
         if cost["seconds"] > AUTO_MAX_EXACT_SECONDS:
             return "fisher", (
-                f"{reason[:1].lower()}{reason[1:]} But they would take about {cost['seconds'] / 60:.1f} min by "
+                f"{reason} But they would take about {cost['seconds'] / 60:.1f} min by "
                 f"estimate, past auto's {AUTO_MAX_EXACT_SECONDS:.0f} s, so auto computes the empirical Fisher (one "
                 "pass per batch)."
             )
@@ -167,7 +167,7 @@ class Calibrated:
         if failure is None:
             return kind, reason
         return "fisher", (
-            f"{reason[:1].lower()}{reason[1:]} But a Hessian-vector product on batch 0 failed ({failure}), so auto "
+            f"{reason} But a Hessian-vector product on batch 0 failed ({failure}), so auto "
             "computes the empirical Fisher, which needs first derivatives only."
         )
 

@@ -1,0 +1,245 @@
+"""Issue 20's evidence: is the default `prune --calib` better than keeping the largest σ on data it did not fit?
+
+For each adapter — the Llama sample (16 calibration sequences, 16 held-out ones from heldout_batches(), accuracy
+on 256 more), the 9 PINN samples (4 batches of collocation points, 2 held-out batches, rel_l2 against the exact
+solution) and MiniLM-L6 with a PEFT LoRA (bench/minilm_topics.py: 32 sentences, 32 held out, 256 for the
+metrics) — and each budget (5/12/25/50/75 % of the rank), three pipelines, each with and without the refit:
+
+* magnitude: `--method magnitude` (its refit checked on the held-out batches);
+* old default: sublora on the curvature the old `auto` picked (exact while R × batches ≤ 2048), every decision on
+  the calibration batches (`--holdout 0`);
+* new default: `prune --calib` as it is now (held-out checks, the judged candidates, auto by estimated time).
+
+Every cell runs the pipeline's own `decide` stage (what `prune` runs), with the curvature of each kind computed
+once per adapter and shared. The held-out loss of every written adapter is measured on the same held-out
+batches; the metrics come from the script's evaluate() on data neither side saw.
+
+    OMP_NUM_THREADS=1 python bench/heldout.py --out bench/results/heldout.json [--only llama] [--budgets 12,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sublora_cli.constants import AUTO, AUTO_MAX_HVPS
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.formats import read_adapter
+from sublora_cli.model.calibrated import Calibrated
+from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.calibrate import calibration
+from sublora_cli.pipeline.decide import Plan, Run, decide
+from sublora_cli.pipeline.spectra import adapter_spectra, stored_spectra
+from sublora_cli.pipeline.timings import Timings
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_checkpoints"
+BUDGETS = (5, 12, 25, 50, 75)  # % of the total rank
+PIPELINES = ("magnitude", "old default", "new default")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What calibration() needs; the script's heldout_batches() are the held-out data."""
+
+    calib: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batches: int = 100
+    holdout: str = AUTO
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cases(work: Path, only: str) -> list[tuple[str, Path, Path]]:
+    """(name, adapter, calibration script); MiniLM's adapter is trained into `work` (about a minute)."""
+    found = [("llama", SAMPLES / "llama" / "adapter", SAMPLES / "llama" / "calib.py")]
+    for family in ("elliptic", "allen_cahn", "hyperbolic"):
+        for adapter in sorted((SAMPLES / family).glob("adapter_*")):
+            found.append((f"{family}/{adapter.name}", adapter, SAMPLES / family / f"calib_{adapter.name[8:]}.py"))
+    found.append(("minilm", work / "minilm_adapter", ROOT / "bench" / "minilm_topics.py"))
+    found = [c for c in found if only in c[0]]
+    if any(name == "minilm" for name, _, _ in found):
+        sys.path.insert(0, str(ROOT / "bench"))
+        import minilm_topics
+
+        minilm_topics.make_adapter(work / "minilm_adapter")
+    return found
+
+
+def share_curvatures(judged: Calibrated, blind: Calibrated, seconds: dict) -> dict:
+    """Both views fit the same batches: compute each curvature kind once for both, timing it."""
+    cache: dict = {}
+    compute = judged.curvature
+
+    def cached(kind, max_hessian_gb, progress=None):
+        if kind not in cache:
+            start = time.perf_counter()
+            cache[kind] = compute(kind, max_hessian_gb, progress)
+            seconds[kind] = time.perf_counter() - start
+            log(f"  curvature {kind}: {seconds[kind]:.1f} s")
+        return cache[kind]
+
+    judged.curvature = blind.curvature = cached
+    return cache
+
+
+def plan(method: str, curvature: str, refit: bool, count: int, adapter) -> Plan:
+    ranks = [m.rank for m in adapter.modules]
+    return Plan(
+        method=method, curvature=curvature, max_hessian_gb=4.0, allowance=Budget.ranks(count, sum(ranks)),
+        tolerance=None, unit="rank", pricing=adapter_pricing(adapter), bounds=RankBounds.from_ranks(ranks),
+        refit=refit, seed=0,
+    )  # fmt: skip
+
+
+def cell(judged: Calibrated, view: Calibrated, the_plan: Plan, adapter, spectra, before: float, heldout: float):
+    """One pipeline at one budget: the decide stage on `view`, the result measured on the held-out batches."""
+    start = time.perf_counter()
+    decision = decide(the_plan, Run(view, before, Timings(), heldout_before=heldout if view.heldout else None),
+                      adapter, spectra, evaluate=True)  # fmt: skip
+    written = decision.written
+    return {
+        "rank": int(decision.selection.kept.sum()),
+        "curvature": decision.curvature.kind if decision.curvature is not None else None,
+        "loss_after": written.loss_after,
+        "heldout_after": judged.heldout_loss_of(stored_spectra(adapter, written.pruned)),
+        "metrics": written.metrics,
+        "refit_accepted": written.refit.accepted if written.refit is not None else None,
+        "candidates": decision.candidates,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_case(name: str, adapter_path: Path, calib: Path, budgets: list[int]) -> dict:
+    adapter = read_adapter(adapter_path)
+    spectra = adapter_spectra(adapter)
+    R = adapter.total_rank
+    with calibration(Settings(calib), adapter, spectra, Timings(), None) as judged:
+        blind = dataclasses.replace(judged, heldout=[], holdout_note="--holdout 0")
+        seconds: dict = {}
+        share_curvatures(judged, blind, seconds)
+        before, heldout_before, metrics_before = judged.loss(), judged.heldout_loss(), judged.metrics()
+        old_kind = "exact" if R * len(judged.batches) <= AUTO_MAX_HVPS else "fisher"
+        log(f"{name}: R = {R}, {len(judged.batches)} + {len(judged.heldout)} held-out batches, loss {before:.4g}, "
+            f"held-out {heldout_before:.4g}, old default's curvature {old_kind}")  # fmt: skip
+        views = {
+            "magnitude": (judged, "magnitude", AUTO),
+            "old default": (blind, "sublora", old_kind),
+            "new default": (judged, "sublora", AUTO),
+        }
+        cells = []
+        for percent in budgets:
+            count = max(1, round(percent / 100 * R))
+            for pipeline in PIPELINES:
+                view, method, curvature = views[pipeline]
+                for refit in (True, False):
+                    result = cell(judged, view, plan(method, curvature, refit, count, adapter), adapter, spectra,
+                                  before, heldout_before)  # fmt: skip
+                    cells.append({"budget": percent, "pipeline": pipeline, "refit": refit, **result})
+                    log(f"  {percent:>2}% {pipeline:<11} refit {refit!s:<5}: held-out {result['heldout_after']:.5g} "
+                        f"metrics {result['metrics']} ({result['curvature']}, {result['seconds']:.1f} s)")  # fmt: skip
+    return {
+        "R": R,
+        "batches": len(judged.batches),
+        "heldout_batches": len(judged.heldout),
+        "loss_before": before,
+        "heldout_before": heldout_before,
+        "metrics_before": metrics_before,
+        "curvature_seconds": seconds,
+        "cells": cells,
+    }
+
+
+def wall_time(adapter_path: Path, calib: Path, percent: int) -> dict:
+    """The default pipeline's wall time against the Fisher path's (`--curvature fisher`), each from scratch."""
+    adapter = read_adapter(adapter_path)
+    spectra = adapter_spectra(adapter)
+    count = max(1, round(percent / 100 * adapter.total_rank))
+    times = {}
+    for label, curvature in (("default", AUTO), ("fisher", "fisher")):
+        start = time.perf_counter()
+        with calibration(Settings(calib), adapter, spectra, Timings(), None) as calibrated:
+            before, heldout = calibrated.loss(), calibrated.heldout_loss()
+            decide(plan("sublora", curvature, True, count, adapter), Run(calibrated, before, Timings(),
+                   heldout_before=heldout), adapter, spectra, evaluate=True)  # fmt: skip
+        times[label] = time.perf_counter() - start
+    return {"budget": percent, "seconds": times, "ratio": times["default"] / times["fisher"]}
+
+
+def pair(cells: list[dict], budget: int, pipeline: str, refit: bool) -> dict:
+    return next(c for c in cells if (c["budget"], c["pipeline"], c["refit"]) == (budget, pipeline, refit))
+
+
+def targets(results: dict) -> dict:
+    """New default ≤ magnitude on held-out loss in every cell; ≤ the old default in ≥ 80 % of cells (with and
+    without the refit, like for like); the Llama sample's accuracy at 50 %."""
+    versus = {"magnitude": [0, 0], "old default": [0, 0]}
+    worse = []
+    for name, case in results["cases"].items():
+        for c in case["cells"]:
+            if c["pipeline"] != "new default":
+                continue
+            for rival in versus:
+                other = pair(case["cells"], c["budget"], rival, c["refit"])
+                versus[rival][1] += 1
+                if c["heldout_after"] <= other["heldout_after"] * (1 + 1e-9):
+                    versus[rival][0] += 1
+                elif rival == "magnitude":
+                    worse.append(f"{name} {c['budget']}% refit={c['refit']}")
+    summary = {f"new <= {k} (held-out loss)": f"{v[0]}/{v[1]}" for k, v in versus.items()}
+    summary["new > magnitude in"] = worse
+    if "llama" in results["cases"]:
+        llama = results["cases"]["llama"]["cells"]
+        if any(c["budget"] == 50 for c in llama):
+            summary["llama accuracy at 50% (new default, refit)"] = pair(llama, 50, "new default", True)["metrics"][
+                "accuracy"
+            ]
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default="", help="only cases whose name contains this (llama, elliptic, minilm…)")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--no-wall-time", action="store_true", help="skip MiniLM's default-vs-Fisher timing")
+    args = parser.parse_args()
+    budgets = [int(b) for b in args.budgets.split(",")]
+    started = time.perf_counter()
+    results: dict = {
+        "run": {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "budgets_percent": budgets,
+        },
+        "cases": {},
+    }
+    with tempfile.TemporaryDirectory() as work:
+        for name, adapter, calib in cases(Path(work), args.only):
+            results["cases"][name] = run_case(name, adapter, calib, budgets)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")  # partial results survive an interruption
+            if name == "minilm" and not args.no_wall_time:
+                results["minilm_wall_time"] = wall_time(adapter, calib, 25)
+                log(f"minilm wall time: {results['minilm_wall_time']}")
+    results["targets"] = targets(results)
+    results["run"]["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    log(json.dumps(results["targets"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
