@@ -304,3 +304,44 @@ def test_sweep_shows_the_heldout_loss_of_every_written_selection(overfit, tmp_pa
     assert result["heldout_before"] == pytest.approx(0.33736, rel=1e-4)
     assert all(r["heldout_after"] is not None for r in result["rows"]) and len(result["rows"]) == 6
     assert "heldout_after" in (out / "sweep.csv").read_text().splitlines()[0]
+
+
+def test_the_refit_backs_off_from_a_step_that_fits_the_calibration_loss_but_raises_the_heldout_one():
+    """A quadratic calibration loss whose minimum the full Newton step reaches, and a held-out loss whose minimum
+    lies halfway: the full step is rejected on held-out data and a half step is written."""
+    from sublora_cli.core.refit import refit
+
+    sigma = torch.ones(3, dtype=torch.float64)
+    kept = torch.tensor([True, True, False])
+    curvature = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.5, 0.5, 1.0]], dtype=torch.float64)
+
+    def calibration(c):
+        return float((c[:2] - 1.5).pow(2).sum())
+
+    def heldout(c):
+        return float((c[:2] - 1.2).pow(2).sum())
+
+    selected = torch.where(kept, sigma, torch.zeros_like(sigma))
+    blind = refit(sigma, kept, torch.zeros(3, dtype=torch.float64), curvature, calibration, calibration(selected))
+    assert blind.accepted and blind.step == 1.0 and blind.overfit == 0 and blind.heldout_change is None
+    checked = refit(
+        sigma, kept, torch.zeros(3, dtype=torch.float64), curvature, calibration, calibration(selected),
+        check=heldout, check_after_selection=heldout(selected),
+    )  # fmt: skip
+    assert checked.accepted and checked.step == 0.5 and checked.overfit >= 1
+    assert checked.heldout_after_refit == pytest.approx(heldout(checked.sigma))
+    assert checked.heldout_after_refit < heldout(selected)
+    assert checked.heldout_change == pytest.approx(checked.heldout_after_refit - heldout(selected))
+
+
+def test_without_heldout_data_holdout_0_and_auto_write_the_same_bytes(tmp_path, run_cli):
+    """A script with 3 batches and no heldout_batches() has no held-out data under auto: the run is the one
+    --holdout 0 makes, byte for byte (the pipeline before held-out data)."""
+    from test_prune_calibrated import make_problem
+
+    adapter, calib = make_problem(tmp_path / "p")
+    auto = run_cli("prune", adapter, "-c", calib, "-b", 3, "-o", tmp_path / "auto")
+    zero = run_cli("prune", adapter, "-c", calib, "-b", 3, "--holdout", "0", "-o", tmp_path / "zero")
+    assert auto.code == zero.code == 0 and "too few to set some aside" in auto.stderr
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "auto" / weights).read_bytes() == (tmp_path / "zero" / weights).read_bytes()
