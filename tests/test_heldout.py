@@ -274,7 +274,7 @@ def test_auto_takes_the_fisher_when_the_exact_hessian_would_take_too_long(overfi
     out = tmp_path / "out"
     report = report_of(run_cli("prune", adapter, "-c", calib, "-b", 4, "-o", out), out)
     assert report["curvature"] == "fisher"
-    assert "by estimate, past auto's 0 s" in report["calibration"]["curvature_reason"]
+    assert "of CPU time by estimate, past auto's 0 s" in report["calibration"]["curvature_reason"]
     assert [c["curvature"] for c in report["candidates"]] == ["fisher", "fisher"]  # no exact: no Fisher rival
 
 

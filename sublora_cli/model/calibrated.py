@@ -108,9 +108,10 @@ class Calibrated:
         """Mean loss over the held-out batches with only the `kept` components active."""
         return self.sigma_model.mean_loss(self.masked(kept), self.heldout) if self.heldout else None
 
-    def steady_loss_seconds(self, kind: str) -> float:
+    def steady_loss_seconds(self, kind: str, clock: Callable[[], float] = time.perf_counter) -> float:
         """Seconds of one loss evaluation over all batches once warm, under the threading the curvature `kind`
-        runs with: the unit of its time estimate.
+        runs with: the unit of its time estimate (`clock`: wall time for the message; the process's CPU time
+        for auto's choice, so that it does not flip with how busy the machine is).
 
         Timed on the first batch after an untimed call, so first-call costs (lazy initialisation, thread-pool
         start-up) are left out, and with the curvature's intra-op thread count: on busy cores torch's own
@@ -119,7 +120,7 @@ class Calibrated:
         first = self.batches[:1]
         with intra_op_thread_count(intra_op_threads(kind, self.sigma.device)):
             self.sigma_model.mean_loss(self.sigma, first)
-            best = min(_seconds(lambda: self.sigma_model.mean_loss(self.sigma, first)) for _ in range(2))
+            best = min(_seconds(lambda: self.sigma_model.mean_loss(self.sigma, first), clock) for _ in range(2))
         return best * len(self.batches)
 
     def metrics(self, kept: torch.Tensor | None = None) -> dict[str, float] | None:
@@ -156,12 +157,12 @@ class Calibrated:
         kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
         if requested != AUTO or kind not in CURVATURES or not CURVATURES[kind].second_order:
             return kind, reason
-        cost = estimate_cost(self.sigma_model.size, len(self.batches), kind, self.steady_loss_seconds(kind))
+        seconds = self.steady_loss_seconds(kind, time.process_time)
+        cost = estimate_cost(self.sigma_model.size, len(self.batches), kind, seconds)
         if cost["seconds"] > AUTO_MAX_EXACT_SECONDS:
             return "fisher", (
-                f"{reason} But they would take about {cost['seconds'] / 60:.1f} min by "
-                f"estimate, past auto's {AUTO_MAX_EXACT_SECONDS:.0f} s, so auto computes the empirical Fisher (one "
-                "pass per batch)."
+                f"{reason} But they would take about {cost['seconds'] / 60:.1f} min of CPU time by estimate, past "
+                f"auto's {AUTO_MAX_EXACT_SECONDS:.0f} s, so auto computes the empirical Fisher (one pass per batch)."
             )
         failure = self.second_order_failure()
         if failure is None:
@@ -209,10 +210,10 @@ class Calibrated:
         self.sigma_model.remove()
 
 
-def _seconds(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _seconds(call: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     call()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
