@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only cases whose name contains this (llama, elliptic, minilm…)")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--no-wall-time", action="store_true", help="skip MiniLM's default-vs-Fisher timing")
+    parser.add_argument("--update", action="store_true", help="keep the other cases already in --out")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
@@ -228,6 +229,11 @@ def main() -> None:
         },
         "cases": {},
     }
+    if args.update and args.out.exists():
+        kept = json.loads(args.out.read_text())
+        results["cases"] = kept["cases"]
+        results["minilm_wall_time"] = kept.get("minilm_wall_time")
+        results["run"]["updated_cases"] = args.only
     with tempfile.TemporaryDirectory() as work:
         for name, adapter, calib in cases(Path(work), args.only):
             results["cases"][name] = run_case(name, adapter, calib, budgets)
