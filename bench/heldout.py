@@ -15,6 +15,8 @@ once per adapter and shared. The held-out loss of every written adapter is measu
 batches; the metrics come from the script's evaluate() on data neither side saw.
 
     OMP_NUM_THREADS=1 python bench/heldout.py --out bench/results/heldout.json [--only llama] [--budgets 12,50]
+
+writes the results and, beside them, heldout_table.md (the table of bench/results/heldout.md).
 """
 
 from __future__ import annotations
@@ -209,6 +211,37 @@ def targets(results: dict) -> dict:
     return summary
 
 
+def metric_of(case: dict) -> str:
+    """The evaluate() figure a table shows for a case: accuracy where there is one, else the first metric."""
+    names = list(case["metrics_before"] or {})
+    return "accuracy" if "accuracy" in names else names[0]
+
+
+def table(results: dict) -> str:
+    """The Markdown table of bench/results/heldout.md: held-out loss and one metric per cell, the three pipelines
+    side by side (the best held-out loss of a row in bold), and which kept set the new default wrote."""
+    lines = [
+        "| adapter | budget | refit | held-out loss: magnitude | old default | new default | metric | magnitude "
+        "| old default | new default | new default wrote |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for name, case in results["cases"].items():
+        metric = metric_of(case)
+        for budget in sorted({c["budget"] for c in case["cells"]}):
+            for refit in (True, False):
+                row = [pair(case["cells"], budget, p, refit) for p in PIPELINES]
+                best = min(c["heldout_after"] for c in row)
+                losses = [f"**{c['heldout_after']:.4g}**" if c["heldout_after"] == best else f"{c['heldout_after']:.4g}"
+                          for c in row]  # fmt: skip
+                chosen = next((f"{k['method']} ({k['curvature']})" for k in row[2]["candidates"] or [] if k["chosen"]),
+                              f"{row[2]['curvature']} (only candidate)")  # fmt: skip
+                lines.append(
+                    f"| {name} | {budget}% | {'on' if refit else 'off'} | " + " | ".join(losses)
+                    + f" | {metric} | " + " | ".join(f"{c['metrics'][metric]:.4g}" for c in row) + f" | {chosen} |"
+                )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -244,6 +277,7 @@ def main() -> None:
     results["targets"] = targets(results)
     results["run"]["seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_name(args.out.stem + "_table.md").write_text(table(results))
     log(json.dumps(results["targets"], indent=1))
 
 
