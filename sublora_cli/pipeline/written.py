@@ -15,6 +15,7 @@ from sublora_cli.formats import Adapter, PrunedModule
 from sublora_cli.model.calibrated import Calibrated
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.pipeline.choose import pruned_modules
+from sublora_cli.pipeline.heldout import relative
 from sublora_cli.pipeline.spectra import stored_spectra
 from sublora_cli.pipeline.timings import Timings
 
@@ -165,14 +166,13 @@ def loss_summary(before: float, after: float, predicted: float | None, curvature
     """Loss before/after with the measured and predicted increases (relative to |before|, 0 → inf-safe); the
     prediction is labelled with the curvature its model used (None when the method has no model of the loss)."""
     increase = after - before
-    relative = increase / abs(before) if before != 0 else (0.0 if increase == 0 else float("inf"))
     return {
         "before": before,
         "after": after,
         "predicted_increase": predicted,
         "predicted_with": curvature.kind if predicted is not None and curvature is not None else None,
         "increase": increase,
-        "relative_increase": relative,
+        "relative_increase": relative(before, after),
     }
 
 
