@@ -25,6 +25,7 @@ from sublora_cli.constants import (
     AUTO_PLACEMENT,
     DEFAULT_HOLDOUT_FRACTION,
     DEFAULT_MAX_BATCHES,
+    DEFAULT_MAX_HESSIAN_GB,
     HOLDOUT_AUTO,
     MIN_BATCHES_TO_SPLIT,
     MODEL_DTYPES,
@@ -159,15 +160,33 @@ REFIT = Option(
 DEFAULT_CURVATURE, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, AUTO_PLACEMENT, AUTO_PLACEMENT
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    """What `sublora eval` can be told."""
+@dataclass(frozen=True, kw_only=True)
+class CalibrationOptions:
+    """How the calibration script's model is run: the group that eval, prune and sweep share."""
 
-    calib: Path = option(CALIB)
+    calib: Path | None = option(CALIB, None)
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
     holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (read_holdout)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionOptions(CalibrationOptions):
+    """How components are chosen and refit: the group that prune and sweep share."""
+
+    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
+    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (core/rank_bounds.py)
+    max_rank: str | None = option(MAX_RANK, None)
+    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
+    refit: bool = option(REFIT, True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions(CalibrationOptions):
+    """What `sublora eval` can be told: the calibration group, with the script required."""
+
+    calib: Path = option(CALIB)
 
 
 @dataclass(frozen=True)
@@ -200,12 +219,14 @@ class Setting:
 
 
 def settings_of(cls: type) -> list[Setting]:
-    """The schema of an options dataclass, in field order."""
+    """The schema of an options dataclass: the command's own settings first, then the shared groups it extends
+    (so `--help` leads with what the command is about), each in field order."""
     hints = get_type_hints(cls)
+    by_name = {f.name: f for f in fields(cls) if SCHEMA in f.metadata}
+    order = [n for klass in cls.__mro__ for n in vars(klass).get("__annotations__", {}) if n in by_name]
     return [
-        Setting(f.name, f.metadata[SCHEMA], _value_type(hints[f.name]), f.default)
-        for f in fields(cls)
-        if SCHEMA in f.metadata
+        Setting(name, by_name[name].metadata[SCHEMA], _value_type(hints[name]), by_name[name].default)
+        for name in dict.fromkeys(order)
     ]
 
 

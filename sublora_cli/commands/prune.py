@@ -16,27 +16,14 @@ from pathlib import Path
 import torch
 
 from sublora_cli.commands.options import (
-    CALIB,
-    CURVATURE,
-    DEFAULT_CURVATURE,
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEVICE,
-    DTYPE,
-    HOLDOUT,
-    MAX_BATCHES,
-    MAX_HESSIAN_GB,
-    MAX_RANK,
-    MIN_RANK,
-    REFIT,
     Option,
+    SelectionOptions,
     at_least,
     echo,
     one_of,
     option,
     positive,
 )
-from sublora_cli.constants import DEFAULT_MAX_BATCHES, DEFAULT_MAX_HESSIAN_GB, HOLDOUT_AUTO
 from sublora_cli.core.budget import UNITS, budget_unit, read_budget, read_tolerance, resolve_budget
 from sublora_cli.core.methods import METHODS
 from sublora_cli.errors import SubloraError
@@ -76,9 +63,10 @@ from sublora_cli.training.rounds import alternate, plot_training
 TRAINING_PLOT = "training.png"
 
 
-@dataclass(frozen=True)
-class PruneOptions:
-    """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py)."""
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions(SelectionOptions):
+    """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py): the shared
+    calibration and selection groups, and the budget, method, output and training settings."""
 
     budget: str | None = option(  # None: auto when --max-loss-increase is given, else a usage error
         Option(
@@ -111,10 +99,6 @@ class PruneOptions:
         ),
         None,
     )
-    calib: Path | None = option(CALIB, None)
-    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
-    max_rank: str | None = option(MAX_RANK, None)
     seed: int = option(Option(("--seed",), "Seed of the randomized greedy (sublora-random)."), 0)
     max_loss_increase: str | None = option(  # "0.05" or "5%", relative to the loss before pruning
         Option(
@@ -128,12 +112,6 @@ class PruneOptions:
         ),
         None,
     )
-    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
-    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
-    holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (holdout.read_holdout)
-    device: str = option(DEVICE, DEFAULT_DEVICE)
-    dtype: str = option(DTYPE, DEFAULT_DTYPE)
-    refit: bool = option(REFIT, True)
     dtype_out: str = option(
         Option(
             ("--dtype-out",),

@@ -16,22 +16,10 @@ import torch
 
 from sublora_cli.commands.options import (
     CALIB,
-    CURVATURE,
-    DEFAULT_CURVATURE,
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEVICE,
-    DTYPE,
-    HOLDOUT,
-    MAX_BATCHES,
-    MAX_HESSIAN_GB,
-    MAX_RANK,
-    MIN_RANK,
-    REFIT,
     Option,
+    SelectionOptions,
     option,
 )
-from sublora_cli.constants import DEFAULT_MAX_BATCHES, DEFAULT_MAX_HESSIAN_GB, HOLDOUT_AUTO
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.core.methods import METHODS, REGISTRY
 from sublora_cli.core.rank_bounds import RankBounds
@@ -139,9 +127,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise SubloraError(f"{text!r} is not a comma-separated list of integers.") from None
 
 
-@dataclass(frozen=True)
-class SweepOptions:
-    """Everything `sublora sweep` can be told (the schema: see options.py)."""
+@dataclass(frozen=True, kw_only=True)
+class SweepOptions(SelectionOptions):
+    """Everything `sublora sweep` can be told (the schema: see options.py): the shared calibration and selection
+    groups, with the script required, and the grid of budgets, methods and seeds."""
 
     calib: Path = option(CALIB)
     budgets: str = option(
@@ -164,18 +153,9 @@ class SweepOptions:
     seeds: tuple[int, ...] = option(
         Option(("--seeds",), "Seeds of sublora-random, comma-separated.", parse=parse_seeds), (0, 1, 2)
     )
-    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
-    max_rank: str | None = option(MAX_RANK, None)
-    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
-    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
-    holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (holdout.read_holdout)
-    device: str = option(DEVICE, DEFAULT_DEVICE)
-    dtype: str = option(DTYPE, DEFAULT_DTYPE)
     evaluate: bool = option(
         Option(("--evaluate/--no-evaluate",), "Run the script's evaluate() for every selection."), True
     )
-    refit: bool = option(REFIT, True)
 
 
 @dataclass
