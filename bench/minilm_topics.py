@@ -133,6 +133,11 @@ def make_adapter(out: Path, steps: int = 70, lr: float = 3e-4) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`python bench/minilm_topics.py OUT`: train the adapter into OUT."""
     target = make_adapter(Path(sys.argv[1]))
     print(f"wrote {target}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
