@@ -16,7 +16,7 @@ batches; the metrics come from the script's evaluate() on data neither side saw.
 
     OMP_NUM_THREADS=1 python bench/heldout.py --out bench/results/heldout.json [--only llama] [--budgets 12,50]
 
-writes the results and, beside them, heldout_table.md (the table of bench/results/heldout.md).
+writes the results and, beside them, heldout_table.md (the table in bench/results/heldout.md).
 """
 
 from __future__ import annotations
