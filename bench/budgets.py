@@ -84,6 +84,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     max_batches: int = 100
+    holdout: float = 0
 
 
 def build_llama(

@@ -74,11 +74,13 @@ def strip_volatile(value):
     return value
 
 
-def observe(adapter: Path, calib: Path, method: str, budget: int, extra: tuple[str, ...], work: Path) -> dict:
+def observe(
+    adapter: Path, calib: Path, method: str, budget: int, extra: tuple[str, ...], work: Path, flags: list[str]
+) -> dict:
     out = work / f"{adapter.parent.name}-{adapter.name}-{method}-{budget}{''.join(extra)}"
     args = ["prune", str(adapter), "--budget", str(budget), "--method", method, "--out", str(out), *extra]
     if method != "magnitude":
-        args += ["--calib", str(calib)]
+        args += ["--calib", str(calib), *flags]
     code = run_cli(args)
     if code != 0:
         return {"exit_code": code}
@@ -111,6 +113,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the observations (JSON)")
     parser.add_argument("--compare", type=Path, help="observations of an earlier run to compare with")
     parser.add_argument("--only", default="", help="only keys containing this, e.g. elliptic/adapter_k2")
+    parser.add_argument(
+        "--flags", default="", help="flags added to every calibrated prune, e.g. '--holdout 0' (the behaviour before)"
+    )
     args = parser.parse_args()
     observations = {}
     start = time.perf_counter()
@@ -119,7 +124,7 @@ def main() -> None:
             key = "/".join([adapter.parent.name, adapter.name, method, str(budget), *extra])
             if args.only not in key:
                 continue
-            observations[key] = observe(adapter, calib, method, budget, extra, Path(tmp))
+            observations[key] = observe(adapter, calib, method, budget, extra, Path(tmp), args.flags.split())
             print(f"{key}: exit {observations[key]['exit_code']}", flush=True)
     args.out.write_text(json.dumps(observations, indent=1, sort_keys=True) + "\n")
     print(f"{len(observations)} runs in {time.perf_counter() - start:.0f} s -> {args.out}")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 HIDDEN = ["fc1", "fc2"]  # the two hidden-to-hidden layers: LoRA's target_modules
 N_BATCHES, N_RES, N_BC = 4, 256, 64  # calibration set: 4 batches of 256 residual + 64 boundary points
 SEED = 1234  # collocation points (fixed: the calibration set must be deterministic)
+HELDOUT_SEED, N_HELDOUT = 4321, 2  # held-out collocation points: measured by the tool, never fitted
 
 
 class MLP(nn.Module):
@@ -194,7 +195,7 @@ def load_base(path: Path, d_in: int = 2) -> MLP:
 
 
 def calibration(family: str, directory: Path, **params):
-    """The five functions of the calibration protocol for one family and parameter value, plus the exact
+    """The six functions of the calibration protocol for one family and parameter value, plus the exact
     solution (for tests and plots). `directory` holds base.safetensors (the family directory)."""
     problem = FAMILIES[family](**params)
 
@@ -205,6 +206,10 @@ def calibration(family: str, directory: Path, **params):
         g = torch.Generator().manual_seed(SEED)
         return [sample(problem, N_RES, N_BC, g) for _ in range(N_BATCHES)]
 
+    def heldout_batches():
+        g = torch.Generator().manual_seed(HELDOUT_SEED)
+        return [sample(problem, N_RES, N_BC, g) for _ in range(N_HELDOUT)]
+
     def loss(model, batch):
         return pinn_loss(problem, model, batch)
 
@@ -214,4 +219,4 @@ def calibration(family: str, directory: Path, **params):
     def evaluate(model):
         return {"rel_l2": rel_l2(problem, model)}
 
-    return load_model, batches, loss, per_sample_loss, evaluate, problem.exact
+    return load_model, batches, heldout_batches, loss, per_sample_loss, evaluate, problem.exact

@@ -137,7 +137,7 @@ def test_max_loss_increase_exits_3_and_still_writes(problem, tmp_path, run_cli):
     assert failed.code == 3
     assert "exceeds --max-loss-increase 0%" in failed.stderr
     report = read_report(tmp_path / "x")
-    assert report["quality"] == {"max_loss_increase": "0%", "threshold": 0.0, "passed": False}
+    assert report["quality"] == {"max_loss_increase": "0%", "threshold": 0.0, "passed": False, "measured_on": "loss"}
     assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
     passed = run_cli(
         "prune", adapter, "--calib", calib, "-b", 2, "-o", tmp_path / "y", "--max-loss-increase", "1e9", "--json"

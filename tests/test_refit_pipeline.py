@@ -20,7 +20,16 @@ from sublora_cli.core.methods import lookup
 peft = pytest.importorskip("peft")
 
 WEIGHTS = "adapter_model.safetensors"
-REFIT_KEYS = {"accepted", "damping", "step", "predicted_change", "measured_change", "evaluations"}
+REFIT_KEYS = {
+    "accepted",
+    "damping",
+    "step",
+    "predicted_change",
+    "measured_change",
+    "evaluations",
+    "heldout_change",
+    "rejected_on_heldout",
+}
 
 
 @pytest.fixture(scope="module")

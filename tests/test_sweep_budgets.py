@@ -26,7 +26,7 @@ ADAPTER, CALIB = SAMPLE / "adapter_k2", SAMPLE / "calib_k2.py"
     ],
 )
 def test_every_sweep_row_is_what_prune_writes_for_that_budget(tmp_path, run_cli, budgets, extra):
-    common = ["--calib", CALIB, "--dtype", "float64", "--curvature", "exact", *extra]
+    common = ["--calib", CALIB, "--dtype", "float64", "--curvature", "exact", "--holdout", "0", *extra]  # budgets alone
     swept = run_cli("sweep", ADAPTER, "--budgets", budgets, "--methods", "magnitude,diag", "--no-evaluate",
                     "-o", tmp_path / "sweep", *common)  # fmt: skip
     assert swept.code == 0, swept.stderr

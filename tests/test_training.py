@@ -43,7 +43,7 @@ WEIGHTS = "adapter_model.safetensors"
 ROUND_KEYS = {
     "round", "steps", "training_loss_first", "training_loss_last", "loss_after_training", "loss_after_selection",
     "loss_after", "predicted_increase",
-    "refit_accepted", "rank", "ranks", "seconds", "training_seconds",
+    "refit_accepted", "rank", "ranks", "seconds", "training_seconds", "heldout_after", "written",
 }  # fmt: skip
 
 # The tiny MLP problem with a loss that differentiates the model w.r.t. its inputs, as a PINN's does: the

@@ -10,6 +10,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tool loads this file by path
 from pinn import calibration  # noqa: E402
 
-load_model, batches, loss, per_sample_loss, evaluate, exact = calibration(
+load_model, batches, heldout_batches, loss, per_sample_loss, evaluate, exact = calibration(
     "hyperbolic", Path(__file__).parent, beta=4.0
 )

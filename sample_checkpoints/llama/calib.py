@@ -28,8 +28,9 @@ VOCAB = FIRST_SYMBOL + N_SYMBOLS
 MIN_LEN, MAX_LEN = 3, 8
 SUCCESSORS = 4  # Markov successors per symbol: log(4) nats per source token after the first
 GRAMMAR_SEED = 7
-CALIB_SEED, EVAL_SEED = 1234, 4321
+CALIB_SEED, EVAL_SEED, HELDOUT_SEED = 1234, 4321, 5678
 CALIB_BATCHES, CALIB_BATCH_SIZE = 2, 8
+HELDOUT_BATCHES = 2  # of CALIB_BATCH_SIZE sequences: the tool measures them, never fits them
 EVAL_SEQUENCES = 256
 
 
@@ -82,10 +83,19 @@ def load_model() -> LlamaForCausalLM:
 
 def batches() -> list[dict[str, torch.Tensor]]:
     """CALIB_BATCHES batches of CALIB_BATCH_SIZE shifted-task sequences (fixed seed: the same on every call)."""
-    data = sequences(CALIB_BATCHES * CALIB_BATCH_SIZE, "shift", CALIB_SEED)
+    return batched(CALIB_BATCHES, CALIB_SEED)
+
+
+def heldout_batches() -> list[dict[str, torch.Tensor]]:
+    """HELDOUT_BATCHES more batches of the same task from another seed: the tool checks its decisions on them."""
+    return batched(HELDOUT_BATCHES, HELDOUT_SEED)
+
+
+def batched(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    data = sequences(count * CALIB_BATCH_SIZE, "shift", seed)
     return [
         {k: v[i : i + CALIB_BATCH_SIZE] for k, v in data.items()}
-        for i in range(0, CALIB_BATCHES * CALIB_BATCH_SIZE, CALIB_BATCH_SIZE)
+        for i in range(0, count * CALIB_BATCH_SIZE, CALIB_BATCH_SIZE)
     ]
 
 
@@ -121,4 +131,3 @@ def evaluate(model, task: str = "shift", seed: int = EVAL_SEED) -> dict[str, flo
         "perplexity": math.exp(float((ce * mask).sum() / mask.sum())),
         "accuracy": float(correct.all(1).float().mean()),
     }
-

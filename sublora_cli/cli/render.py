@@ -21,7 +21,7 @@ from rich.table import Table
 
 from sublora_cli.core.budget import SIZE_UNITS, in_unit, stated_unit
 from sublora_cli.pipeline.names import common_prefix, tail
-from sublora_cli.pipeline.report import reading_phrase, refit_lines, round_lines
+from sublora_cli.pipeline.report import loss_lines, reading_phrase, round_lines
 from sublora_cli.pipeline.timings import duration
 
 # Piped output (CI logs, `| less`) gets 120 columns instead of rich's 80, which squashes the tables.
@@ -221,14 +221,8 @@ def prune_summary(report: dict, out_dir: Path) -> None:
             f"{len(search['evaluations'])} loss evaluations"
         )
     if report["loss"]:
-        loss = report["loss"]
-        predicted = loss["predicted_increase"]
-        out.print(
-            f"loss {loss['before']:.4g} → [bold]{loss['after']:.4g}[/] (measured increase {loss['increase']:.3g}, "
-            f"{loss['relative_increase']:+.1%}; predicted {_maybe(predicted, '.3g')}), curvature {report['curvature']}"
-        )
-        for line in refit_lines(report):
-            out.print(escape(line), style="bold red" if line.startswith("WARNING") else None)
+        for line in loss_lines(report):
+            out.print(escape(line), style="bold red" if line.startswith("WARNING") else None, highlight=False)
         for line in round_lines(report):
             out.print(escape(line))
     if report["metrics"]:
@@ -262,14 +256,16 @@ def _budget_amounts(budget: dict, sizes: Callable[[float], str], counts: Callabl
 
 
 def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> None:
-    """`sublora sweep`: one row per (budget, method, seed) with predicted and measured loss (the kept σ as trained,
-    then as written after the refit; "(=)": no refit candidate was better) and the metrics."""
+    """`sublora sweep`: one row per (budget, method, seed) with the predicted and measured increase of the same
+    thing (the kept σ as trained), the loss as written after the refit ("(=)": no refit candidate was better), the
+    held-out loss as written when there are held-out batches, and the metrics."""
     metric_names = sorted({k for r in rows for k in (r.metrics_after or {})})
+    heldout = meta.get("heldout_before") is not None
     columns = ("budget", "method", "rank", "predicted Δloss", "measured Δloss", "loss selected", "loss refit")
-    columns = (*columns, *metric_names)
-    result = table(
-        f"{adapter}: loss before {meta['loss_before']:.4g}, curvature {meta['curvature']}", columns, left=("method",)
-    )
+    columns = (*columns, *(("held-out loss",) if heldout else ()), *metric_names)
+    title = f"{adapter}: loss before {meta['loss_before']:.4g}"
+    title += f", held-out {meta['heldout_before']:.4g}" if heldout else ""
+    result = table(f"{title}, curvature {meta['curvature']}", columns, left=("method",))
     for r in rows:
         method_name = r.method if r.seed is None else f"{r.method} (seed {r.seed})"
         metrics = [f"{(r.metrics_after or {}).get(m, float('nan')):.4g}" for m in metric_names]
@@ -278,9 +274,10 @@ def sweep_table(adapter: Path, meta: dict, rows: list, written: list[Path]) -> N
             method_name,
             str(r.rank_after),
             _maybe(r.predicted_increase, ".3g"),
-            f"{r.increase:.3g}",
+            f"{r.loss_after_selection - meta['loss_before']:.3g}",
             f"{r.loss_after_selection:.4g}",
             _refit_cell(r, meta["total_rank"]),
+            *((f"{r.heldout_after:.4g}",) if heldout else ()),
             *metrics,
         )
     out.print(result)
@@ -298,6 +295,8 @@ def eval_lines(adapter: Path, result: dict) -> None:
     """`sublora eval`: the loss and each evaluate() metric, one line each."""
     out.print(escape(f"{adapter}: total rank {result['total_rank']}, {result['batches']} calibration batches"))
     out.print(f"loss [bold]{result['loss']:.6g}[/]")
+    if result["heldout_loss"] is not None:
+        out.print(f"held-out loss [bold]{result['heldout_loss']:.6g}[/] ({result['heldout_batches']} batches)")
     for name, value in (result["metrics"] or {}).items():
         out.print(f"{escape(name)} [bold]{value:.6g}[/]")
 

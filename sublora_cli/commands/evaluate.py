@@ -23,6 +23,7 @@ def evaluate_adapter(adapter_path: Path, options: EvalOptions, progress: Progres
             "total_rank": adapter.total_rank,
             "batches": len(calibrated.batches),
             "loss": loss,
+            "heldout_batches": len(calibrated.heldout),
+            "heldout_loss": calibrated.heldout_loss(),
             "metrics": metrics,
         }
-

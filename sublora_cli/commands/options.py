@@ -23,8 +23,11 @@ from sublora_cli.constants import (
     AUTO,
     AUTO_MAX_HVPS,
     AUTO_PLACEMENT,
+    DEFAULT_HOLDOUT_FRACTION,
     DEFAULT_MAX_BATCHES,
     DEFAULT_MAX_HESSIAN_GB,
+    HOLDOUT_AUTO,
+    MIN_BATCHES_TO_SPLIT,
     MODEL_DTYPES,
     OUTPUT_DTYPES,
 )
@@ -32,6 +35,7 @@ from sublora_cli.core.budget import UNITS
 from sublora_cli.core.methods import CURVATURES as KINDS
 from sublora_cli.core.rank_bounds import read_rank_bound
 from sublora_cli.errors import SubloraError
+from sublora_cli.model.holdout import read_holdout
 
 SCHEMA = "sublora_option"  # the metadata key of a field's Option
 Check = Callable[[Any], object]  # raises SubloraError on a malformed value
@@ -146,6 +150,15 @@ DTYPE = Option(
     check=one_of((AUTO_PLACEMENT, *MODEL_DTYPES)),
 )
 
+HOLDOUT = Option(
+    ("--holdout",),
+    "Calibration batches measured but never fitted, to check every data-driven decision (refit, budget search, "
+    f"selection) on data it did not fit: {HOLDOUT_AUTO} takes the script's heldout_batches(), else "
+    f"{DEFAULT_HOLDOUT_FRACTION:.0%} of batches() when there are {MIN_BATCHES_TO_SPLIT} or more; a fraction "
+    "(0.25, 25%) splits batches(); 0 fits and checks on every batch.",
+    config_types=(str, int, float),
+    parse=read_holdout,
+)
 REFIT = Option(
     ("--refit/--no-refit",),
     "With --calib: after selection, refit the kept σ to absorb what the pruned ones carried (damped step on the "
@@ -163,6 +176,7 @@ class CalibrationOptions:
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+    holdout: str = option(HOLDOUT, HOLDOUT_AUTO)  # "auto" or a fraction (read_holdout)
 
 
 @dataclass(frozen=True, kw_only=True)

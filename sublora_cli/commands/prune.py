@@ -39,10 +39,17 @@ from sublora_cli.pipeline.budgeting import (
     quality_threshold,
     resolved,
 )
-from sublora_cli.pipeline.calibrate import calibration, measure_before, train_batches, without_adapter
+from sublora_cli.pipeline.calibrate import (
+    calibration,
+    heldout_before,
+    measure_before,
+    train_batches,
+    without_adapter,
+)
 from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, refuse_unselectable, select_kept, shortfall
 from sublora_cli.pipeline.curvature_choice import check_method
 from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
+from sublora_cli.pipeline.heldout import gated_increase, heldout_block, overfit_warnings
 from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings
 from sublora_cli.pipeline.spectra import svd_form
@@ -208,8 +215,11 @@ def prune(
         )  # fmt: skip
         with calibration(options, adapter, spectra, timings, progress) as calibrated:
             loss_before, metrics_before = measure_before(calibrated, timings)
+            heldout_loss_before = heldout_before(calibrated, timings)
+            if info is not None:
+                info(calibrated.holdout_note)
             loss_without = without_adapter(calibrated, timings)
-            run = Run(calibrated, loss_before, timings, info, progress)
+            run = Run(calibrated, loss_before, timings, info, progress, heldout_loss_before)
             if options.rounds:
                 batches = train_batches(calibrated, options.max_batches, progress)
                 alternated = alternate(plan, run, adapter, spectra, options.train_settings(), options.rounds, batches)
@@ -222,10 +232,18 @@ def prune(
         pruned, metrics_after = written.pruned, written.metrics
         predicted = selection.predicted_increase if alternated is None else None  # a round's model is of its own start
         loss = loss_summary(loss_before, written.loss_after, predicted, decision.curvature)
-        loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
+        loss.update(
+            after_selection=written.loss_after_selection,
+            increase_after_selection=written.loss_after_selection - loss_before,
+            without_adapter=loss_without,
+            heldout=heldout_block(
+                len(calibrated.heldout), calibrated.holdout_note, heldout_loss_before, written.heldout_after_selection,
+                written.heldout_after,
+            ),
+        )  # fmt: skip
         if alternated is not None:
             loss["training_free"] = alternated.training_free  # a prune of the input adapter to the same budget
-        warnings.extend(worse_than_nothing(loss))
+        warnings.extend(worse_than_nothing(loss) + overfit_warnings(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
         warnings.extend(non_finite_metric_warnings(metrics_after, "after pruning"))
@@ -233,8 +251,13 @@ def prune(
     quality = None
     if threshold is not None:
         assert loss is not None, "a quality threshold needs --calib"
-        passed = loss["relative_increase"] <= threshold
-        quality = {"max_loss_increase": str(options.max_loss_increase), "threshold": threshold, "passed": passed}
+        increase, gated_before, gated_after, gated = gated_increase(loss)
+        quality = {
+            "max_loss_increase": str(options.max_loss_increase),
+            "threshold": threshold,
+            "passed": increase <= threshold,
+            "measured_on": gated,
+        }
     allowance = decision.allowance
     report = build_report(
         adapter=adapter,
@@ -256,6 +279,7 @@ def prune(
     )
     report["refit"] = refit_record(decision.written.refit if decision.written is not None else None)
     report["rounds"] = alternated.report() if alternated is not None else None
+    report["candidates"] = decision.candidates
     report["options"] = echo(options)
     report["distributed"] = distributed.describe()
     extras = []
@@ -272,8 +296,8 @@ def prune(
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (
-            f"the measured loss increase {loss['relative_increase']:.2%} (loss {loss['before']:.6g} → "
-            f"{loss['after']:.6g}) exceeds --max-loss-increase {options.max_loss_increase}; the pruned adapter "
+            f"the measured {gated} increase {increase:.2%} ({gated} {gated_before:.6g} → "
+            f"{gated_after:.6g}) exceeds --max-loss-increase {options.max_loss_increase}; the pruned adapter "
             f"and report were written to {out_dir} anyway."
         )
     return PruneResult(report=report, out_dir=out_dir, warnings=warnings, quality_failure=failure)
@@ -307,4 +331,3 @@ def calibration_info(options: PruneOptions, curvature: Curvature | None, reason:
         "curvature_strategy": curvature.strategy if curvature is not None else None,
         "curvature_notes": curvature.notes_for([options.resolved_method()]) if curvature is not None else [],
     }
-

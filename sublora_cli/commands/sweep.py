@@ -29,7 +29,7 @@ from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.pipeline.budgeting import adapter_pricing, allowance_for, in_folder_name
-from sublora_cli.pipeline.calibrate import calibration
+from sublora_cli.pipeline.calibrate import calibration, heldout_before
 from sublora_cli.pipeline.choose import rank_bounds, refuse_unselectable
 from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
 from sublora_cli.pipeline.output import atomic_output_dir
@@ -57,6 +57,7 @@ class SweepRow:
     metrics_after: dict[str, float] | None
     select_seconds: float
     unit: str = "rank"  # what `budget` counts: rank, or bytes / params of the written adapter (carried included)
+    heldout_after: float | None = None  # the held-out loss as written (None without held-out batches)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -168,6 +169,9 @@ def sweep(
             metrics_seconds, metrics_before = _timed(calibrated.metrics) if options.evaluate else (0.0, None)
         count = len(axis) * sum(len(options.seeds) if m == "sublora-random" else 1 for m in methods)
         estimate = SweepEstimate(count, loss_seconds, metrics_seconds, options.refit, info)
+        heldout_loss_before = heldout_before(calibrated, timings)
+        if info is not None:
+            info(calibrated.holdout_note)
         curvature, reason = timed_curvature(
             calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit,
             estimated=estimate,
@@ -201,6 +205,7 @@ def sweep(
         "methods": methods,
         "seeds": list(options.seeds),
         "loss_before": loss_before,
+        "heldout_before": heldout_loss_before,
         "metrics_before": metrics_before,
         "timings": timings,
     }
@@ -306,6 +311,7 @@ def run_sweep(
                     metrics_after=written.metrics,
                     select_seconds=seconds,
                     unit=unit,
+                    heldout_after=written.heldout_after,
                 )
             )
             done += 1
@@ -321,7 +327,7 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
         writer = csv.writer(f)
         writer.writerow(
             ["budget", "method", "seed", "rank_after", "predicted_increase", "loss_after_selection", "loss_after"]
-            + ["increase", "refit_accepted"]
+            + ["increase", "refit_accepted", "heldout_after"]
             + [f"{m}_after" for m in metric_names]
             + ["select_seconds"]
         )
@@ -329,7 +335,7 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
             writer.writerow(
                 [r.budget, r.method, "" if r.seed is None else r.seed, r.rank_after, _num(r.predicted_increase)]
                 + [_num(r.loss_after_selection), _num(r.loss_after), _num(r.increase)]
-                + ["" if r.refit_accepted is None else r.refit_accepted]
+                + ["" if r.refit_accepted is None else r.refit_accepted, _num(r.heldout_after)]
                 + [_num((r.metrics_after or {}).get(m)) for m in metric_names]
                 + [f"{r.select_seconds:.6f}"]
             )

@@ -47,7 +47,9 @@ class RefitResult:
     """The outcome of one refit. sigma is the full R-vector to write (pruned entries 0): the refit values when
     accepted, else σ masked to the kept set. Changes are relative to the loss after selection; predicted_change
     is the quadratic model's (on H̃) for the accepted candidate, or for the best measured one when none is
-    accepted (None when no candidate was evaluated)."""
+    accepted (None when no candidate was evaluated). With held-out data, heldout_change is the accepted (or best
+    fitting) candidate's change of the held-out loss and `overfit` counts the candidates that lowered the fitted
+    loss but raised the held-out one (each made the refit back off to a shorter step)."""
 
     sigma: torch.Tensor
     accepted: bool
@@ -59,6 +61,9 @@ class RefitResult:
     loss_after_refit: float
     evaluations: int
     seconds: float
+    heldout_change: float | None = None
+    heldout_after_refit: float | None = None  # the held-out loss as written (after selection when not accepted)
+    overfit: int = 0
 
 
 def psd_part(matrix: torch.Tensor) -> torch.Tensor:
@@ -109,22 +114,29 @@ def refit(
     dampings: Sequence[float] = DAMPINGS,
     steps: Sequence[float] = STEPS,
     max_evaluations: int = MAX_EVALUATIONS,
+    check: Callable[[torch.Tensor], float] | None = None,
+    check_after_selection: float | None = None,
 ) -> RefitResult:
     """Refit the kept σ and keep the result only if the measured loss confirms it.
 
     sigma, gradient: (R,) float64 at the trained point; kept: (R,) bool; curvature: (R, R) exact Hessian or
     Fisher (clipped to its PSD part here unless `psd` says it already is); measure(σ) returns the measured
     calibration loss of a full σ vector (pruned entries 0) as it will be written; loss_after_selection is
-    measure's value at σ masked to the kept set.
+    measure's value at σ masked to the kept set. `check` (with its value after selection) measures the same on
+    held-out data.
 
     For each damping (smallest first) the step sizes are tried longest first, backtracking until one beats the
-    loss after selection (Armijo with zero slope); at most max_evaluations calls of measure in all.
+    loss after selection (Armijo with zero slope) and, with `check`, does not raise the held-out loss: a step
+    that fits the calibration batches better but the held-out ones worse is fitting noise, so the search backs
+    off to a shorter one. At most max_evaluations calls of measure (and as many of check). The accepted candidate
+    is the one with the lowest held-out loss among those that passed (without `check`: the lowest loss).
     """
     start = time.perf_counter()
     kept = kept.to(device=sigma.device, dtype=torch.bool)
     selected = torch.where(kept, sigma, torch.zeros_like(sigma))
-    best: dict | None = None  # the best measured candidate, accepted or not
-    evaluations = 0
+    best: dict | None = None  # the best fitting candidate, accepted or not
+    chosen: dict | None = None  # the best candidate that passed every test
+    evaluations = overfit = 0
     if bool(kept.any()):
         tilde = curvature if psd else psd_part(curvature)
         curvature_kept = tilde[kept][:, kept]
@@ -136,32 +148,51 @@ def refit(
                     break
                 candidate = selected.clone()
                 candidate[kept] += size * direction
-                loss = measure(candidate)
+                loss = _finite(measure(candidate))
                 evaluations += 1
                 point = {
-                    "loss": loss if math.isfinite(loss) else math.inf,
+                    "loss": loss,
                     "sigma": candidate,
                     "damping": damping,
                     "step": size,
                     "predicted": model_change(size * direction, residual, curvature_kept),
+                    "heldout": None,
                 }
-                if best is None or point["loss"] < best["loss"]:
+                if best is None or loss < best["loss"]:
                     best = point
-                if point["loss"] < loss_after_selection:
-                    break  # this damping's step is good enough; try the next damping
-    accepted = best is not None and best["loss"] < loss_after_selection
+                if not loss < loss_after_selection:
+                    continue
+                if check is not None:
+                    point["heldout"] = _finite(check(candidate))
+                    if point["heldout"] > check_after_selection:
+                        overfit += 1
+                        continue  # back off: a shorter step, or the next damping
+                if chosen is None or (point["heldout"], loss) < (chosen["heldout"], chosen["loss"]):
+                    chosen = point
+                break  # this damping's step is good enough; try the next damping
+    shown = chosen or best
+    heldout_change = None
+    if shown is not None and shown["heldout"] is not None:
+        heldout_change = shown["heldout"] - check_after_selection
     return RefitResult(
-        sigma=best["sigma"] if accepted else selected,
-        accepted=accepted,
-        damping=best["damping"] if best else None,
-        step=best["step"] if best else None,
-        predicted_change=best["predicted"] if best else None,
-        measured_change=best["loss"] - loss_after_selection if best else None,
+        sigma=chosen["sigma"] if chosen else selected,
+        accepted=chosen is not None,
+        damping=shown["damping"] if shown else None,
+        step=shown["step"] if shown else None,
+        predicted_change=shown["predicted"] if shown else None,
+        measured_change=shown["loss"] - loss_after_selection if shown else None,
         loss_before_refit=loss_after_selection,
-        loss_after_refit=best["loss"] if accepted else loss_after_selection,
+        loss_after_refit=chosen["loss"] if chosen else loss_after_selection,
         evaluations=evaluations,
         seconds=time.perf_counter() - start,
+        heldout_change=heldout_change,
+        heldout_after_refit=chosen["heldout"] if chosen else check_after_selection,
+        overfit=overfit,
     )
+
+
+def _finite(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
 
 
 def written_spectrum(spectrum: Spectrum, sigma: torch.Tensor, kept: Sequence[int]) -> Spectrum:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sublora_cli.constants import AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, MODEL_DTYPES
+from sublora_cli.constants import AUTO_MAX_EXACT_SECONDS, AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, MODEL_DTYPES
 from sublora_cli.core.methods import CURVATURES, Need
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
@@ -27,8 +27,10 @@ from sublora_cli.model.curvature import (
     AUTO,
     Curvature,
     compute_curvature,
+    estimate_cost,
     resolve_kind,
 )
+from sublora_cli.model.holdout import split_batches
 from sublora_cli.model.reparam import SigmaModel
 from sublora_cli.model.script import CalibrationScript, check_loss, load_calibration
 from sublora_cli.model.threads import intra_op_thread_count, intra_op_threads
@@ -77,11 +79,16 @@ def attention_kernel_for(kind: str) -> AbstractContextManager:
 
 @dataclass
 class Calibrated:
-    """A calibration script bound to one adapter; `kept` masks select which components are active."""
+    """A calibration script bound to one adapter; `kept` masks select which components are active.
+
+    `batches` are what is fitted (gradient, curvature, refit); `heldout` are only ever measured (holdout.py):
+    every `heldout_*` figure is None when there are none."""
 
     script: CalibrationScript
     sigma_model: SigmaModel
     batches: list
+    heldout: list = field(default_factory=list)
+    holdout_note: str = ""
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -97,9 +104,14 @@ class Calibrated:
         """Mean calibration loss with only the `kept` components active."""
         return self.sigma_model.mean_loss(self.masked(kept), self.batches)
 
-    def steady_loss_seconds(self, kind: str) -> float:
+    def heldout_loss(self, kept: torch.Tensor | None = None) -> float | None:
+        """Mean loss over the held-out batches with only the `kept` components active."""
+        return self.sigma_model.mean_loss(self.masked(kept), self.heldout) if self.heldout else None
+
+    def steady_loss_seconds(self, kind: str, clock: Callable[[], float] = time.perf_counter) -> float:
         """Seconds of one loss evaluation over all batches once warm, under the threading the curvature `kind`
-        runs with: the unit of its time estimate.
+        runs with: the unit of its time estimate (`clock`: wall time for the message; the process's CPU time
+        for auto's choice, so that it does not flip with how busy the machine is).
 
         Timed on the first batch after an untimed call, so first-call costs (lazy initialisation, thread-pool
         start-up) are left out, and with the curvature's intra-op thread count: on busy cores torch's own
@@ -108,7 +120,7 @@ class Calibrated:
         first = self.batches[:1]
         with intra_op_thread_count(intra_op_threads(kind, self.sigma.device)):
             self.sigma_model.mean_loss(self.sigma, first)
-            best = min(_seconds(lambda: self.sigma_model.mean_loss(self.sigma, first)) for _ in range(2))
+            best = min(_seconds(lambda: self.sigma_model.mean_loss(self.sigma, first), clock) for _ in range(2))
         return best * len(self.batches)
 
     def metrics(self, kept: torch.Tensor | None = None) -> dict[str, float] | None:
@@ -123,6 +135,13 @@ class Calibrated:
         with self.sigma_model.using(spectra) as sigma:
             return self.sigma_model.mean_loss(sigma, self.batches)
 
+    def heldout_loss_of(self, spectra: Sequence[Spectrum]) -> float | None:
+        """Mean held-out loss with each module replaced by its spectrum in `spectra`; None without held-out data."""
+        if not self.heldout:
+            return None
+        with self.sigma_model.using(spectra) as sigma:
+            return self.sigma_model.mean_loss(sigma, self.heldout)
+
     def metrics_of(self, spectra: Sequence[Spectrum]) -> dict[str, float] | None:
         """The script's evaluate(model) with each module replaced by its spectrum in `spectra`."""
         if self.script.evaluate is None:
@@ -132,16 +151,24 @@ class Calibrated:
 
     def choose_curvature(self, requested: str, methods: list[str], at_least: Need = "none") -> tuple[str, str]:
         """The curvature kind to compute for `methods`, with its reason (curvature.resolve_kind), except that
-        `auto` never picks a second-order kind (exact, diag) this model cannot differentiate twice: one
-        Hessian-vector product on the first batch is tried first, and on failure auto takes the Fisher."""
+        `auto` never picks a second-order kind (exact, diag) that would take more than AUTO_MAX_EXACT_SECONDS by
+        its estimate, or that this model cannot differentiate twice (one Hessian-vector product on the first batch
+        is tried first): it takes the Fisher instead."""
         kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
         if requested != AUTO or kind not in CURVATURES or not CURVATURES[kind].second_order:
             return kind, reason
+        seconds = self.steady_loss_seconds(kind, time.process_time)
+        cost = estimate_cost(self.sigma_model.size, len(self.batches), kind, seconds)
+        if cost["seconds"] > AUTO_MAX_EXACT_SECONDS:
+            return "fisher", (
+                f"{reason} But they would take about {cost['seconds'] / 60:.1f} min of CPU time by estimate, past "
+                f"auto's {AUTO_MAX_EXACT_SECONDS:.0f} s, so auto computes the empirical Fisher (one pass per batch)."
+            )
         failure = self.second_order_failure()
         if failure is None:
             return kind, reason
         return "fisher", (
-            f"{reason[:1].lower()}{reason[1:]} But a Hessian-vector product on batch 0 failed ({failure}), so auto "
+            f"{reason} But a Hessian-vector product on batch 0 failed ({failure}), so auto "
             "computes the empirical Fisher, which needs first derivatives only."
         )
 
@@ -183,10 +210,10 @@ class Calibrated:
         self.sigma_model.remove()
 
 
-def _seconds(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _seconds(call: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     call()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def load_carried_tensors(model: torch.nn.Module, adapter: Adapter) -> None:
@@ -226,14 +253,20 @@ def open_calibration(
     dtype: str = AUTO_PLACEMENT,
     max_batches: int = DEFAULT_MAX_BATCHES,
     progress: Callable[[str, int, int | None], None] | None = None,
+    holdout: str | float = 0,
 ) -> Calibrated:
-    """Run the script's load_model() and batches() (at most `max_batches`) and hook the adapter's modules into
-    the model."""
+    """Run the script's load_model() and batches() (at most `max_batches`), set the held-out batches aside
+    (`holdout`: holdout.split_batches; the commands default to auto, a library caller gets none unless it asks)
+    and hook the adapter's modules into the model."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     script = load_calibration(calib)
     model = script.call_load_model()
     load_carried_tensors(model, adapter)
     batches = script.call_batches(max_batches, progress)
+    defined = script.heldout_batches is not None
+    split = split_batches(
+        batches, holdout, (lambda: script.call_heldout_batches(max_batches, progress)) if defined else None
+    )
     sigma_model = SigmaModel(
         model,
         adapter.modules,
@@ -244,4 +277,6 @@ def open_calibration(
         per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
         paths=module_paths(model, adapter),
     )
-    return Calibrated(script=script, sigma_model=sigma_model, batches=batches)
+    return Calibrated(
+        script=script, sigma_model=sigma_model, batches=split.fit, heldout=split.heldout, holdout_note=split.note
+    )

@@ -25,7 +25,7 @@ from sublora_cli.constants import DEFAULT_MAX_BATCHES
 from sublora_cli.errors import SubloraError
 
 REQUIRED = ("load_model", "batches", "loss")
-OPTIONAL = ("evaluate", "per_sample_loss", "train_batches")
+OPTIONAL = ("evaluate", "per_sample_loss", "train_batches", "heldout_batches")
 PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # sublora_cli/, every layer
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
@@ -145,6 +145,7 @@ class CalibrationScript:
     evaluate: Callable[[nn.Module], dict[str, float]] | None
     per_sample_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # optional: one loss per sample
     train_batches: Callable[[], Iterable] | None = None  # optional: what --rounds trains on (else batches())
+    heldout_batches: Callable[[], Iterable] | None = None  # optional: measured, never fitted (holdout.py)
 
     def call_load_model(self) -> nn.Module:
         model = run_user(self.load_model, what="load_model()", script=self.path)
@@ -169,6 +170,14 @@ class CalibrationScript:
         if self.train_batches is None:
             return None
         return self._batches_of(self.train_batches, "train_batches", max_batches, progress)
+
+    def call_heldout_batches(
+        self, max_batches: int = DEFAULT_MAX_BATCHES, progress: Callable[[str, int, int | None], None] | None = None
+    ) -> list | None:
+        """The batches of heldout_batches() as a list, like call_batches; None when the script defines none."""
+        if self.heldout_batches is None:
+            return None
+        return self._batches_of(self.heldout_batches, "heldout_batches", max_batches, progress)
 
     def _batches_of(
         self,
@@ -271,8 +280,9 @@ def load_calibration(path: str | Path) -> CalibrationScript:
         if fn is None and not optional:
             raise SubloraError(
                 f"The calibration script {path} does not define {key}(); it must define load_model(), "
-                "batches() and loss(model, batch) (evaluate(model), per_sample_loss(model, batch) and "
-                "train_batches() are optional; with per_sample_loss, loss may be left out and defaults to its mean). "
+                "batches() and loss(model, batch) (evaluate(model), per_sample_loss(model, batch), "
+                "train_batches() and heldout_batches() are optional; with per_sample_loss, loss may be left out "
+                "and defaults to its mean). "
                 f"It defines: {', '.join(defined) or 'no functions'}."
             )
         if fn is not None and not callable(fn):

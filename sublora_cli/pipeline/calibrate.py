@@ -23,6 +23,7 @@ class CalibrationSettings(Protocol):
     device: str
     dtype: str
     max_batches: int
+    holdout: str | float  # model/holdout.py: auto or a fraction of batches()
 
 
 @contextmanager
@@ -36,8 +37,9 @@ def calibration(
     """The calibration script's model with the adapter in SVD form, closed (its hooks removed) however we leave."""
     with timings.stage("calibrate"):
         calibrated = open_calibration(
-            settings.calib, adapter, spectra, settings.device, settings.dtype, settings.max_batches, progress
-        )
+            settings.calib, adapter, spectra, settings.device, settings.dtype, settings.max_batches, progress,
+            settings.holdout,
+        )  # fmt: skip
     try:
         yield calibrated
     finally:
@@ -47,6 +49,12 @@ def calibration(
 def measure_before(calibrated: Calibrated, timings: Timings, evaluate: bool = True) -> tuple[float, dict | None]:
     with timings.stage("eval"):
         return calibrated.loss(), calibrated.metrics() if evaluate else None
+
+
+def heldout_before(calibrated: Calibrated, timings: Timings) -> float | None:
+    """The held-out loss of the adapter as it is (None without held-out batches)."""
+    with timings.stage("eval"):
+        return calibrated.heldout_loss()
 
 
 def without_adapter(calibrated: Calibrated, timings: Timings) -> float:
@@ -59,4 +67,3 @@ def train_batches(calibrated: Calibrated, max_batches: int, progress: Progress |
     """What the rounds train on: train_batches() when the script defines it, else the calibration batches."""
     batches = calibrated.script.call_train_batches(max_batches, progress)
     return batches if batches is not None else calibrated.batches
-

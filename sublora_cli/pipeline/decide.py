@@ -7,7 +7,7 @@ last decision is the result. Nothing here calls back into a command or the train
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,10 +20,21 @@ from sublora_cli.formats import Adapter
 from sublora_cli.model.calibrated import Calibrated
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.pipeline.budgeting import auto_budget, auto_news
+from sublora_cli.pipeline.candidates import (
+    DATA_FREE,
+    RIVAL_KIND,
+    Candidate,
+    best,
+    candidates_record,
+    judged,
+    judgement_news,
+    wants_rival_curvature,
+)
 from sublora_cli.pipeline.choose import select_kept, shortfall, uncompensated
-from sublora_cli.pipeline.curvature_choice import timed_curvature
+from sublora_cli.pipeline.curvature_choice import choose_and_compute, timed_curvature
+from sublora_cli.pipeline.spectra import stored_spectra
 from sublora_cli.pipeline.timings import Info, Progress, Timings
-from sublora_cli.pipeline.written import Written, selected_loss, time_refit, written_outcome
+from sublora_cli.pipeline.written import Written, searched_loss, time_refit, written_outcome
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Run:
     timings: Timings
     info: Info | None = None
     progress: Progress | None = None
+    heldout_before: float | None = None  # the held-out loss before pruning (None without held-out batches)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class Decision:
     search: AutoBudget | None
     written: Written | None
     warnings: list[str] = field(default_factory=list)
+    candidates: list[dict] | None = None  # the kept sets the held-out loss judged (candidates.py)
 
 
 def decide(plan: Plan, run: Run, adapter: Adapter, spectra: list[Spectrum], evaluate: bool) -> Decision:
@@ -82,10 +95,13 @@ def decide(plan: Plan, run: Run, adapter: Adapter, spectra: list[Spectrum], eval
     budget = plan.allowance
     if budget is None:
         assert plan.tolerance is not None, "a plan without a budget searches within a tolerance"
+        measure, reference = searched_loss(
+            calibrated, adapter, spectra, curvature, plan.refit, run.loss_before, run.heldout_before
+        )
         with timings.stage("auto budget"):
             search = auto_budget(
                 plan.tolerance, plan.unit, plan.pricing, plan.method, sigma, plan.bounds, curvature, plan.seed,
-                run.loss_before, selected_loss(calibrated, adapter, spectra),
+                reference, measure,
             )  # fmt: skip
         budget, selection = Budget(plan.pricing.costs(plan.unit), search.capacity, plan.unit), search.selection
         if run.info is not None:
@@ -94,8 +110,57 @@ def decide(plan: Plan, run: Run, adapter: Adapter, spectra: list[Spectrum], eval
         with timings.stage("select"):
             selection = select_kept(plan.method, sigma, budget, plan.bounds, curvature, plan.seed)
     warnings += shortfall(selection, budget, plan.method) + uncompensated(plan.method, plan.refit)
-    finish = written_outcome(calibrated, adapter, spectra, curvature, plan.refit, evaluate)
-    with timings.stage("eval"):
-        written = finish(selection.kept)
-    time_refit(timings, written.refit)
-    return Decision(curvature, reason, selection, budget, search, written, warnings)
+    candidates = [measured(run, adapter, spectra, plan.method, curvature, selection, plan.refit)]
+    if judged(calibrated, plan.method):
+        candidates += rivals(plan, run, adapter, spectra, budget, curvature)
+    chosen = best(candidates)
+    final = candidates[chosen]
+    written = with_metrics(run, adapter, final.written) if evaluate else final.written
+    for candidate in candidates:
+        time_refit(timings, candidate.written.refit)
+    if len(candidates) > 1 and run.info is not None:
+        run.info(judgement_news(candidates, chosen))
+    return Decision(
+        final.curvature, reason, final.selection, budget, search, written, warnings,
+        candidates_record(candidates, chosen),
+    )  # fmt: skip
+
+
+def with_metrics(run: Run, adapter: Adapter, written: Written) -> Written:
+    """`written` with the script's evaluate() metrics of the adapter as it is written."""
+    with run.timings.stage("eval"):
+        return replace(written, metrics=run.calibrated.metrics_of(stored_spectra(adapter, written.pruned)))
+
+
+def measured(
+    run: Run,
+    adapter: Adapter,
+    spectra: list[Spectrum],
+    method: str,
+    curvature: Curvature | None,
+    selection: Selection,
+    refit: bool,
+) -> Candidate:
+    """A kept set refit (when `refit`) with `curvature` and measured as written, its metrics left for the winner."""
+    with run.timings.stage("eval"):
+        finish = written_outcome(run.calibrated, adapter, spectra, curvature, refit, evaluate=False)
+        return Candidate(method, curvature, selection, finish(selection.kept))
+
+
+def rivals(
+    plan: Plan, run: Run, adapter: Adapter, spectra: list[Spectrum], budget: Budget, curvature: Curvature | None
+) -> list[Candidate]:
+    """The other kept sets the held-out loss judges (candidates.py): the method's selection on the Fisher when
+    auto computed a second-order kind, and the data-free selection refit with the method's curvature."""
+    sigma = torch.cat([s.sigma for s in spectra])
+    result = []
+    if wants_rival_curvature(plan.curvature, curvature):
+        with run.timings.stage("curvature"):
+            fisher, _ = choose_and_compute(
+                run.calibrated, RIVAL_KIND, [plan.method], plan.max_hessian_gb, run.info, run.progress
+            )
+        selection = select_kept(plan.method, sigma, budget, plan.bounds, fisher, plan.seed)
+        result.append(measured(run, adapter, spectra, plan.method, fisher, selection, plan.refit))
+    selection = select_kept(DATA_FREE, sigma, budget, plan.bounds, None, plan.seed)
+    result.append(measured(run, adapter, spectra, DATA_FREE, curvature, selection, plan.refit))
+    return result

@@ -164,30 +164,56 @@ def round_lines(report: dict) -> list[str]:
     return lines
 
 
-def refit_lines(report: dict) -> list[str]:
-    """The loss with the kept σ as trained, what the refit did, and the loss without the adapter, one line each
-    (the terminal summary and the .md report print the same)."""
+def loss_lines(report: dict) -> list[str]:
+    """The losses of a prune, one figure per line (the terminal summary and the .md report print the same): the
+    written adapter's; after selection, the measured increase next to the increase the method predicted for that
+    same kept set; what the refit gained on top; the held-out loss; the loss without the adapter."""
     loss, refit = report.get("loss"), report.get("refit")
     if not loss:
         return []
-    lines = []
+    predicted = loss["predicted_increase"]
+    model = "n/a" if predicted is None else f"{predicted:.3g} ({loss['predicted_with']})"
+    lines = [
+        f"loss {loss['before']:.6g} → {loss['after']:.6g} as written ({loss['relative_increase']:+.2%}), curvature "
+        f"{report['curvature']}",
+        f"after selection: loss {loss['after_selection']:.6g}, measured increase "
+        f"{loss['after_selection'] - loss['before']:.3g}, predicted {model}",
+    ]
     if refit is None:
         lines.append("refit: off (the kept σ are written as trained)")
     elif refit["accepted"]:
         lines.append(
-            f"refit: loss {loss['after_selection']:.6g} after selection → {loss['after']:.6g} written "
-            f"(measured change {refit['measured_change']:.3g}, predicted {refit['predicted_change']:.3g}; damping "
-            f"{refit['damping']:g}, step {refit['step']:g}, {refit['evaluations']} evaluations)"
+            f"refit: gain {loss['after'] - loss['after_selection']:.3g} (predicted {refit['predicted_change']:.3g}; "
+            f"damping {refit['damping']:g}, step {refit['step']:g}, {refit['evaluations']} evaluations"
+            + _backed_off(refit)
+            + ")"
         )
     else:
         lines.append(
-            f"refit: not accepted, no candidate beat the loss after selection {loss['after_selection']:.6g} "
-            f"({refit['evaluations']} evaluations); the kept σ are written as trained"
+            f"refit: not accepted, no candidate beat the loss after selection {loss['after_selection']:.6g}"
+            + (" without raising the held-out loss" if loss.get("heldout") else "")
+            + f" ({refit['evaluations']} evaluations"
+            + _backed_off(refit)
+            + "); the kept σ are written as trained"
+        )
+    heldout = loss.get("heldout")
+    if heldout is not None:
+        lines.append(
+            f"held-out loss {heldout['before']:.6g} → {heldout['after']:.6g} as written "
+            f"({heldout['relative_increase']:+.2%}; {heldout['after_selection']:.6g} after selection), "
+            f"{heldout['batches']} batches never fitted"
         )
     lines.append(f"loss without the adapter (every σ = 0): {loss['without_adapter']:.6g}")
     if loss["after"] > loss["without_adapter"]:
         lines.append("WARNING: the pruned adapter is worse than no adapter at all")
+    if heldout is not None and loss["after"] < loss["before"] and heldout["after"] > heldout["before"]:
+        lines.append("WARNING: the calibration loss fell while the held-out loss rose: the calibration set was fitted")
     return lines
+
+
+def _backed_off(refit: dict) -> str:
+    rejected = refit.get("rejected_on_heldout") or 0
+    return f", {rejected} longer step{'s' if rejected > 1 else ''} rejected on held-out data" if rejected else ""
 
 
 def render_markdown(report: dict) -> str:
@@ -210,13 +236,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- curvature `{report['curvature']}` ({c['curvature_strategy']}): {c['curvature_reason']}")
         lines += [f"- note: {note}" for note in c.get("curvature_notes", [])]
     if report["loss"]:
-        loss = report["loss"]
-        predicted = "n/a" if loss["predicted_increase"] is None else f"{loss['predicted_increase']:.6g}"
-        lines.append(
-            f"- loss {loss['before']:.6g} → {loss['after']:.6g}: measured increase {loss['increase']:.6g} "
-            f"({loss['relative_increase']:.2%}), predicted {predicted}"
-        )
-        lines += [f"- {line}" for line in refit_lines(report)]
+        lines += [f"- {line}" for line in loss_lines(report)]
         lines += [f"- {line}" for line in round_lines(report)]
     if report["metrics"]:
         for name, before in report["metrics"]["before"].items():

@@ -3,9 +3,10 @@
 `decide` stage), so the kept components re-learn what the pruned ones carried.
 
 Each round starts from the previous round's written adapter, with the pruned components re-initialised; the
-last round's prune is the result the pipeline writes. The `rounds` list of the report and training.png come
-from here: the training loss of every step, and per round the measured calibration loss after training, after
-selection and as written (after the refit).
+last round's prune is the result the pipeline writes, or with held-out data the round whose written adapter has
+the lowest held-out loss (early stopping: more rounds fit the training batches further, not the task). The
+`rounds` list of the report and training.png come from here: the training loss of every step, and per round the
+measured calibration loss after training, after selection and as written (after the refit).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ import torch
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter
-from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
+from sublora_cli.pipeline.decide import Decision, Plan, Run, decide, with_metrics
+from sublora_cli.pipeline.heldout import lowest_heldout
 from sublora_cli.pipeline.output import pyplot
 from sublora_cli.pipeline.spectra import adapter_spectra
 from sublora_cli.training.loop import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
@@ -40,6 +42,8 @@ class RoundRecord:
     loss_after: float  # as written after the prune (after the refit when it was accepted)
     predicted_increase: float | None  # the selection's model, from the trained adapter
     refit_accepted: bool | None  # None: no refit ran
+    heldout_after: float | None  # the held-out loss as written (None without held-out batches)
+    written: bool  # this round's prune is the one written: the last, or with held-out data the lowest on it
     rank: int  # total rank kept
     ranks: dict[str, int]  # kept rank per module
     seconds: float  # the whole round: training, curvature, selection, refit, measurements
@@ -48,7 +52,7 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class Alternated:
-    """The outcome of the rounds: the last round's trained adapter and SVD form, its prune, and the history."""
+    """The outcome of the rounds: the written round's trained adapter and SVD form, its prune, and the history."""
 
     adapter: Adapter
     spectra: list[Spectrum]
@@ -80,6 +84,7 @@ def alternate(
     records: list[RoundRecord] = []
     losses: list[float] = []
     plain = decide(plan, run, adapter, spectra, False).written  # what the rounds must beat
+    outcomes: list[tuple[Adapter, list[Spectrum], Decision]] = []
     for k in range(1, rounds + 1):
         start = time.perf_counter()
         with timings.stage("train"):
@@ -91,7 +96,8 @@ def alternate(
         training_seconds = time.perf_counter() - start
         with timings.stage("eval"):
             after_training = calibrated.loss()
-        decision = decide(plan, run, trained, trained_spectra, k == rounds)
+        decision = decide(plan, run, trained, trained_spectra, evaluate=False)
+        outcomes.append((trained, trained_spectra, decision))
         written = decision.written
         ranks = {p.module.name: p.rank_after for p in written.pruned}
         records.append(
@@ -105,6 +111,8 @@ def alternate(
                 loss_after=written.loss_after,
                 predicted_increase=decision.selection.predicted_increase,
                 refit_accepted=written.refit.accepted if written.refit is not None else None,
+                heldout_after=written.heldout_after,
+                written=False,
                 rank=sum(ranks.values()),
                 ranks=ranks,
                 seconds=time.perf_counter() - start,
@@ -114,6 +122,10 @@ def alternate(
         losses.extend(round_losses)
         if k < rounds:
             state = after_prune(state, written.pruned, generator)
+    chosen = lowest_heldout([r.heldout_after for r in records]) if calibrated.heldout else rounds - 1
+    records[chosen] = replace(records[chosen], written=True)
+    trained, trained_spectra, decision = outcomes[chosen]
+    decision = replace(decision, written=with_metrics(run, trained, decision.written))
     return Alternated(trained, trained_spectra, decision, records, losses, len(batches), plain.loss_after)
 
 
