@@ -45,7 +45,7 @@ def non_finite_metric_warnings(metrics: dict[str, float] | None, when: str) -> l
     ]
 
 
-def _totals(pruned: list[PrunedModule], carried: dict) -> dict:
+def _totals(pruned: list[PrunedModule], fixed_bytes: int) -> dict:
     before = sum(p.module.params for p in pruned)
     after = sum(p.module.params * p.rank_after // p.module.rank for p in pruned)
     return {
@@ -55,7 +55,7 @@ def _totals(pruned: list[PrunedModule], carried: dict) -> dict:
         "params_after": after,
         "bytes_before": sum(p.module.params * p.module.element_size for p in pruned),
         "bytes_after": sum(p.module.params * p.rank_after // p.module.rank * p.module.element_size for p in pruned),
-        "carried_bytes": sum(t.numel() * t.element_size() for t in carried.values()),  # written whatever is kept
+        "carried_bytes": fixed_bytes,  # written whatever is kept: carried tensors, kohya's alphas
     }
 
 
@@ -108,7 +108,7 @@ def build_report(
             **bounds,
             **(budget_extra or {}),
         },
-        "totals": _totals(pruned, adapter.carried),
+        "totals": _totals(pruned, adapter.fixed_bytes),
         "modules": modules,
         "calibration": calibration,
         "loss": loss,

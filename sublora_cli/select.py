@@ -501,9 +501,26 @@ def _compensated(kept: torch.Tensor, p: _Problem) -> float:
     return compensated_increase(p.sigma, kept, p.gradient, damped(psd_part(p.hessian), OBS_DAMPING))
 
 
+def _module_residuals(sigma: torch.Tensor, bounds: RankBounds) -> torch.Tensor:
+    """Per component, the relative error ‖ΔW_m − ΔW_m'‖F² / ‖ΔW_m‖F² its module has before the component is kept,
+    when the module keeps its largest σ first: the share of the module's σ² at or below it. Kept largest score
+    first, this is water-filling: the module with the worst relative error gets the next component, so the largest
+    per-module error is as small as the budget allows and a module is dropped only when even its first component
+    is unaffordable. A module with ‖ΔW_m‖ = 0 scores 0 (nothing to lose)."""
+    energy = sigma.square()
+    residuals = torch.zeros_like(energy)
+    for members in _members(bounds, sigma.device):
+        share, order = torch.sort(energy[members], descending=True, stable=True)
+        tails = share.flip(0).cumsum(0).flip(0)
+        total = float(tails[0]) if tails.numel() else 0.0
+        residuals[members[order]] = tails / total if total > 0 else tails
+    return residuals
+
+
 START_GAINS: dict[str, Callable[[_Problem], torch.Tensor]] = {  # a method's `gain`: its first greedy gains
     "none": lambda p: torch.zeros_like(p.sigma),  # a search that needs no gains (backward elimination)
-    "magnitude": lambda p: p.sigma.clone(),
+    "magnitude": lambda p: p.sigma.square(),  # Σ of the kept σ²: ‖ΔW‖F² less the Frobenius error of the cut
+    "balanced": lambda p: _module_residuals(p.sigma, p.bounds),
     "linear": lambda p: (p.gradient * p.sigma).abs(),
     "diag": lambda p: -p.gradient * p.sigma + 0.5 * _diagonal(p) * p.sigma.square(),
     "hessian": lambda p: (

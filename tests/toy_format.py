@@ -40,6 +40,9 @@ class ToyFormat:
         up = kept.U * (kept.sigma / module.scale)
         return up.to(module.B.dtype), kept.V.T.to(module.A.dtype)
 
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        return 8 * len(adapter.modules)  # a float64 `.scale` per module
+
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)
         for p in pruned:

@@ -69,6 +69,12 @@ class Adapter:
     def total_rank(self) -> int:
         return sum(m.rank for m in self.modules)
 
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of tensors written whatever is kept: the carried tensors and the format's own (kohya's alphas)."""
+        carried = sum(t.numel() * t.element_size() for t in self.carried.values())
+        return carried + self.format.overhead_bytes(self)
+
 
 @dataclass(frozen=True)
 class PrunedModule:
@@ -119,6 +125,11 @@ class Format(Protocol):
     def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) as matrices (out×k, k×in), exactly as the writer stores them (factorisation and dtype), such
         that module.scale · B · A is the written update."""
+        ...
+
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        """At most how many bytes of tensors the writer stores besides the kept factors and the carried tensors,
+        whatever is kept (kohya's `.alpha` scalars): a bytes budget pays for them first, like the carried ones."""
         ...
 
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:

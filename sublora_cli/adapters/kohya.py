@@ -436,6 +436,15 @@ class SingleFileFormat:
         B, A = balanced_factors(kept, list(range(kept.rank)), module.scale)
         return B.to(module.B.dtype), A.to(module.A.dtype)
 
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        """The `.alpha` scalars of the modules that have one, each at the size `alpha_tensor_for` stores it with at
+        the rank that needs the most bytes (float32 where the input's alpha dtype cannot hold alpha / rank · k)."""
+        return sum(
+            max(alpha_tensor_for(m.scale, k, adapter.state.alpha_dtype).element_size() for k in range(1, m.rank + 1))
+            for m in adapter.modules
+            if adapter.state.keys[m.name].alpha is not None
+        )
+
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         written = []
         for p in pruned:

@@ -374,6 +374,10 @@ class PeftFormat:
         dtype = module.A.dtype
         return B.to(dtype), A.to(dtype)
 
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        """Nothing: a PEFT file holds the factors and the carried tensors; ranks and scales go in the config."""
+        return 0
+
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)  # modules_to_save and biases, untouched
         for p in pruned:
