@@ -502,11 +502,12 @@ def _compensated(kept: torch.Tensor, p: _Problem) -> float:
 
 
 def _module_residuals(sigma: torch.Tensor, bounds: RankBounds) -> torch.Tensor:
-    """Per component, the relative error ‖ΔW_m − ΔW_m'‖F² / ‖ΔW_m‖F² its module has before the component is kept,
-    when the module keeps its largest σ first: the share of the module's σ² at or below it. Kept largest score
-    first, this is water-filling: the module with the worst relative error gets the next component, so the largest
-    per-module error is as small as the budget allows and a module is dropped only when even its first component
-    is unaffordable. A module with ‖ΔW_m‖ = 0 scores 0 (nothing to lose)."""
+    """Scores whose order is: first by the relative error ‖ΔW_m − ΔW_m'‖F² / ‖ΔW_m‖F² the component's module has
+    before it is kept (its module keeping its largest σ first: the share of the module's σ² at or below it), then,
+    among equal errors (every module's first component has error 1), by σ². Kept best first, this is water-filling:
+    the module with the worst relative error gets the next component, so the largest per-module error is as small
+    as the budget allows, and a module is dropped only when even its first component is unaffordable; when not
+    every module's first component fits, the largest ones go first. A module with ‖ΔW_m‖ = 0 has error 0."""
     energy = sigma.square()
     residuals = torch.zeros_like(energy)
     for members in _members(bounds, sigma.device):
@@ -514,7 +515,11 @@ def _module_residuals(sigma: torch.Tensor, bounds: RankBounds) -> torch.Tensor:
         tails = share.flip(0).cumsum(0).flip(0)
         total = float(tails[0]) if tails.numel() else 0.0
         residuals[members[order]] = tails / total if total > 0 else tails
-    return residuals
+    by_energy = torch.argsort(energy, descending=True, stable=True)
+    best_first = by_energy[torch.argsort(residuals[by_energy], descending=True, stable=True)]
+    scores = torch.empty_like(energy)
+    scores[best_first] = torch.arange(energy.numel(), 0, -1, dtype=energy.dtype, device=energy.device)
+    return scores
 
 
 START_GAINS: dict[str, Callable[[_Problem], torch.Tensor]] = {  # a method's `gain`: its first greedy gains
