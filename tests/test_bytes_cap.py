@@ -79,7 +79,9 @@ def _weights(path: Path) -> Path:
     share=st.floats(0.02, 1.2),
     method=st.sampled_from(["magnitude", "balanced"]),
 )
-def test_no_bytes_budget_is_exceeded_by_the_written_file(adapters, tmp_path_factory, fmt, dtype, dtype_out, share, method):
+def test_no_bytes_budget_is_exceeded_by_the_written_file(
+    adapters, tmp_path_factory, fmt, dtype, dtype_out, share, method
+):
     path = adapters[fmt, dtype]
     budget = max(1, math.floor(share * whole_bytes(path, dtype_out)))
     out = tmp_path_factory.mktemp("out") / "pruned"
