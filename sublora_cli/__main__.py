@@ -1,3 +1,3 @@
-from sublora_cli.cli import main
+from sublora_cli.cli.app import main
 
 main()

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_prune_calibrated import make_problem, read_report
 
-from sublora_cli.budget import Budget
-from sublora_cli.curvature import AUTO_MAX_HVPS, Curvature, choose_kind, resolve_kind
+from sublora_cli.commands.prune import _check_curvature, _check_method
+from sublora_cli.commands.sweep import DEFAULT_METHODS
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.methods import METHODS, REGISTRY, lookup, most_demanding
+from sublora_cli.core.select import RankBounds, select
 from sublora_cli.errors import SubloraError
-from sublora_cli.methods import METHODS, REGISTRY, lookup, most_demanding
-from sublora_cli.prune import _check_curvature, _check_method
-from sublora_cli.select import RankBounds, select
-from sublora_cli.sweep import DEFAULT_METHODS
+from sublora_cli.model.curvature import AUTO_MAX_HVPS, Curvature, choose_kind, resolve_kind
 
 AUTO_KIND = {"none": "none", "gradient": "fisher", "diagonal": "diag", "matrix": "exact"}  # within the HVP limit
 

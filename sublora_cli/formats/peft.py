@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, sha256_of
+from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
-from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, sha256_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -24,15 +24,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sublora_cli import __version__, distributed, render
-from sublora_cli.adapters import read_adapter
+from sublora_cli import __version__
+from sublora_cli.cli import render
+from sublora_cli.cli.config import load_config
+from sublora_cli.commands.options import EvalOptions, config_types, path_keys, resolve, with_options
+from sublora_cli.commands.prune import PruneOptions, evaluate_adapter, prune
+from sublora_cli.commands.sweep import SweepOptions, sweep
 from sublora_cli.errors import QualityGateFailed, SubloraError
-from sublora_cli.options import EvalOptions, config_types, path_keys, resolve, with_options
-from sublora_cli.prune import PruneOptions, evaluate_adapter, prune
-from sublora_cli.report import strict_json
-from sublora_cli.settings import load_config
-from sublora_cli.spectra import adapter_spectra, describe_adapter
-from sublora_cli.sweep import SweepOptions, sweep
+from sublora_cli.formats import read_adapter
+from sublora_cli.model import distributed
+from sublora_cli.pipeline.report import strict_json
+from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter
 
 app = typer.Typer(
     name="sublora",

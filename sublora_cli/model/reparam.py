@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sublora_cli.adapters.base import LoraModule
-from sublora_cli.batchloop import Sums, over_batches
-from sublora_cli.calibration import check_loss
+from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
-from sublora_cli.svd import Spectrum
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model.batchloop import Sums, over_batches
+from sublora_cli.model.script import check_loss
 
 if TYPE_CHECKING:
-    from sublora_cli.fisher import Capture
+    from sublora_cli.model.fisher import Capture
 
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

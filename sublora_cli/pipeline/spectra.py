@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sublora_cli.adapters import Adapter, PrunedModule
-from sublora_cli.curvature import intra_op_thread_count
-from sublora_cli.svd import Spectrum, factor_svd, spectrum_stats
+from sublora_cli.core.svd import Spectrum, factor_svd, spectrum_stats
+from sublora_cli.formats import Adapter, PrunedModule
+from sublora_cli.model.curvature import intra_op_thread_count
 
 
 def adapter_spectra(adapter: Adapter) -> list[Spectrum]:

@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from sublora_cli.svd import Spectrum
+from sublora_cli.core.svd import Spectrum
 
 LayerKind = Literal["linear", "embedding", "conv"]
 

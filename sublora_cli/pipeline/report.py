@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from sublora_cli import __version__
-from sublora_cli.adapters import Adapter, PrunedModule
-from sublora_cli.budget import read_budget
-from sublora_cli.select import Selection
-from sublora_cli.svd import Spectrum
+from sublora_cli.core.budget import read_budget
+from sublora_cli.core.select import Selection
+from sublora_cli.core.svd import Spectrum
+from sublora_cli.formats import Adapter, PrunedModule
 
 JSON_REPORT = "sublora_report.json"
 MD_REPORT = "sublora_report.md"

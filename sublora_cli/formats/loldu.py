@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sublora_cli.adapters.base import Adapter, LoraModule, sha256_of
-from sublora_cli.adapters.kohya import CONVERT_HINT
-from sublora_cli.adapters.peft import PeftFormat, PeftState
 from sublora_cli.errors import SubloraError
+from sublora_cli.formats.base import Adapter, LoraModule, sha256_of
+from sublora_cli.formats.kohya import CONVERT_HINT
+from sublora_cli.formats.peft import PeftFormat, PeftState
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIX = ".pth"

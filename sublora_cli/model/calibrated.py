@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sublora_cli.adapters import Adapter
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
-from sublora_cli.curvature import (
+from sublora_cli.core.methods import Need
+from sublora_cli.core.svd import Spectrum
+from sublora_cli.errors import SubloraError, closest_names
+from sublora_cli.formats import Adapter
+from sublora_cli.model.curvature import (
     AUTO,
     Curvature,
     compute_curvature,
@@ -28,10 +30,8 @@ from sublora_cli.curvature import (
     intra_op_threads,
     resolve_kind,
 )
-from sublora_cli.errors import SubloraError, closest_names
-from sublora_cli.methods import Need
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import Spectrum
+from sublora_cli.model.reparam import SigmaModel
+from sublora_cli.model.script import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

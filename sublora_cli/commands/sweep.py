@@ -14,12 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES
-from sublora_cli.curvature import Curvature
-from sublora_cli.errors import SubloraError
-from sublora_cli.methods import METHODS, REGISTRY
-from sublora_cli.options import (
+from sublora_cli.commands.options import (
     CALIB,
     CURVATURE,
     DEFAULT_CURVATURE,
@@ -36,8 +31,7 @@ from sublora_cli.options import (
     Option,
     option,
 )
-from sublora_cli.output import atomic_output_dir, pyplot
-from sublora_cli.prune import (
+from sublora_cli.commands.prune import (
     Finish,
     Info,
     Progress,
@@ -53,8 +47,14 @@ from sublora_cli.prune import (
     timed_curvature,
     written_outcome,
 )
-from sublora_cli.report import non_finite_metric_warnings, strict_json
-from sublora_cli.select import RankBounds, select
+from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
+from sublora_cli.core.methods import METHODS, REGISTRY
+from sublora_cli.core.select import RankBounds, select
+from sublora_cli.errors import SubloraError
+from sublora_cli.model.curvature import Curvature
+from sublora_cli.model.script import DEFAULT_MAX_BATCHES
+from sublora_cli.pipeline.output import atomic_output_dir, pyplot
+from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
 DEFAULT_METHODS = tuple(m.name for m in REGISTRY.values() if m.in_default_sweep)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.adapters.base import Adapter, LoraModule, sha256_of
-from sublora_cli.adapters.peft import (
+from sublora_cli.errors import SubloraError
+from sublora_cli.formats.base import Adapter, LoraModule, sha256_of
+from sublora_cli.formats.peft import (
     CONFIG_FILE,
     PREFIX,
     WEIGHTS_FILE,
@@ -35,7 +36,6 @@ from sublora_cli.adapters.peft import (
     peft_type,
     read_config,
 )
-from sublora_cli.errors import SubloraError
 
 FACTOR_SUFFIXES = (".lora_A", ".lora_E", ".lora_B")
 RANKNUM_EPS = 1e-5  # peft divides by ranknum + 1e-5

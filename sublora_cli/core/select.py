@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sublora_cli.budget import Budget
-from sublora_cli.methods import Method, lookup
-from sublora_cli.obs import DAMPING as OBS_DAMPING
-from sublora_cli.obs import compensated_increase, damped, obs_select
-from sublora_cli.refit import psd_part
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.methods import Method, lookup
+from sublora_cli.core.obs import DAMPING as OBS_DAMPING
+from sublora_cli.core.obs import compensated_increase, damped, obs_select
+from sublora_cli.core.refit import psd_part
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sublora_cli.budget import Budget
-from sublora_cli.select import Selection
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.select import Selection
 
 MAX_EVALUATIONS = 12
 CURVE_POINTS = 16

@@ -25,14 +25,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sublora_cli import distributed
-from sublora_cli.adapters import Adapter, LoraModule, PrunedModule
-from sublora_cli.calibration import check_loss
+from sublora_cli.core.refit import written_spectrum
+from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
-from sublora_cli.optimizers import OPTIMIZERS, LowRank, make_optimizer
-from sublora_cli.refit import written_spectrum
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.formats import Adapter, LoraModule, PrunedModule
+from sublora_cli.model import distributed
+from sublora_cli.model.reparam import SigmaModel
+from sublora_cli.model.script import check_loss
+from sublora_cli.training.optimizers import OPTIMIZERS, LowRank, make_optimizer
 
 TRAINS = ("factors", "sigma")
 Progress = Callable[[str, int, int | None], None]

@@ -27,10 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, sha256_of
-from sublora_cli.adapters.peft import PEFT_DEFAULTS, get_pattern_key
+from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
-from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, sha256_of
+from sublora_cli.formats.peft import PEFT_DEFAULTS, get_pattern_key
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")

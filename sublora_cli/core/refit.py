@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sublora_cli.svd import Spectrum
+from sublora_cli.core.svd import Spectrum
 
 DAMPINGS: tuple[float, ...] = (1e-4, 1e-2, 1.0)  # λ / mean diag(H̃_SS), smallest (closest to Newton) first
 STEPS: tuple[float, ...] = (1.0, 0.5, 0.25)

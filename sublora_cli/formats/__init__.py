@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sublora_cli.adapters.adalora import ADALORA
-from sublora_cli.adapters.base import Adapter, Format, LoraModule, PrunedModule
-from sublora_cli.adapters.kohya import KOHYA
-from sublora_cli.adapters.loldu import LOLDU
-from sublora_cli.adapters.peft import PEFT
 from sublora_cli.errors import SubloraError
+from sublora_cli.formats.adalora import ADALORA
+from sublora_cli.formats.base import Adapter, Format, LoraModule, PrunedModule
+from sublora_cli.formats.kohya import KOHYA
+from sublora_cli.formats.loldu import LOLDU
+from sublora_cli.formats.peft import PEFT
 
 __all__ = ["FORMATS", "Adapter", "Format", "LoraModule", "PrunedModule", "read_adapter", "write_adapter"]
 

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from sublora_cli import distributed
 from sublora_cli.errors import SubloraError
+from sublora_cli.model import distributed
 
 Total = torch.Tensor | float | int
 Progress = Callable[[str, int, int], None]

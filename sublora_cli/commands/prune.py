@@ -16,29 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli import distributed
-from sublora_cli.adapters import Adapter, PrunedModule, read_adapter, write_adapter
-from sublora_cli.alternating import alternate, plot_training
-from sublora_cli.autobudget import AutoBudget, smallest_within
-from sublora_cli.bounds import per_module
-from sublora_cli.budget import (
-    UNITS,
-    Budget,
-    BudgetSpec,
-    Pricing,
-    budget_unit,
-    parse_tolerance,
-    read_budget,
-    read_tolerance,
-    resolve_budget,
-)
-from sublora_cli.calibrated import Calibrated, open_calibration
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES
-from sublora_cli.curvature import AUTO, Curvature, estimate_cost
-from sublora_cli.errors import SubloraError, UsageError
-from sublora_cli.methods import METHODS, Need, lookup
-from sublora_cli.optimizers import OPTIMIZERS
-from sublora_cli.options import (
+from sublora_cli.commands.options import (
     CALIB,
     CURVATURE,
     DEFAULT_CURVATURE,
@@ -61,13 +39,35 @@ from sublora_cli.options import (
     option,
     positive,
 )
-from sublora_cli.output import atomic_output_dir, check_output_dir
-from sublora_cli.refit import RefitResult, psd_part, refit, written_spectrum
-from sublora_cli.report import build_report, non_finite_metric_warnings, provenance, write_reports
-from sublora_cli.select import RankBounds, Selection, select
-from sublora_cli.spectra import adapter_spectra, stored_spectra
-from sublora_cli.svd import Spectrum
-from sublora_cli.training import TRAINS, TrainSettings, check_settings
+from sublora_cli.core.autobudget import AutoBudget, smallest_within
+from sublora_cli.core.budget import (
+    UNITS,
+    Budget,
+    BudgetSpec,
+    Pricing,
+    budget_unit,
+    parse_tolerance,
+    read_budget,
+    read_tolerance,
+    resolve_budget,
+)
+from sublora_cli.core.methods import METHODS, Need, lookup
+from sublora_cli.core.rank_patterns import per_module
+from sublora_cli.core.refit import RefitResult, psd_part, refit, written_spectrum
+from sublora_cli.core.select import RankBounds, Selection, select
+from sublora_cli.core.svd import Spectrum
+from sublora_cli.errors import SubloraError, UsageError
+from sublora_cli.formats import Adapter, PrunedModule, read_adapter, write_adapter
+from sublora_cli.model import distributed
+from sublora_cli.model.calibrated import Calibrated, open_calibration
+from sublora_cli.model.curvature import AUTO, Curvature, estimate_cost
+from sublora_cli.model.script import DEFAULT_MAX_BATCHES
+from sublora_cli.pipeline.output import atomic_output_dir, check_output_dir
+from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings, provenance, write_reports
+from sublora_cli.pipeline.spectra import adapter_spectra, stored_spectra
+from sublora_cli.training.loop import TRAINS, TrainSettings, check_settings
+from sublora_cli.training.optimizers import OPTIMIZERS
+from sublora_cli.training.rounds import alternate, plot_training
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total); total None: not known yet
 Info = Callable[[str], None]  # one line of news for the user

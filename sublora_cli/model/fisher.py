@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sublora_cli.calibration import check_per_sample_loss
 from sublora_cli.errors import SubloraError
+from sublora_cli.model.script import check_per_sample_loss
 
 if TYPE_CHECKING:
-    from sublora_cli.reparam import SigmaModel
+    from sublora_cli.model.reparam import SigmaModel
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sublora_cli.adapters import Adapter
-from sublora_cli.calibrated import Calibrated
+from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError
-from sublora_cli.output import pyplot
-from sublora_cli.spectra import adapter_spectra
-from sublora_cli.svd import Spectrum
-from sublora_cli.training import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
+from sublora_cli.formats import Adapter
+from sublora_cli.model.calibrated import Calibrated
+from sublora_cli.pipeline.output import pyplot
+from sublora_cli.pipeline.spectra import adapter_spectra
+from sublora_cli.training.loop import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
 
 if TYPE_CHECKING:
-    from sublora_cli.prune import Decision, Timings
+    from sublora_cli.commands.prune import Decision, Timings
 
 Progress = Callable[[str, int, int | None], None]
 Decide = Callable[[Adapter, list[Spectrum], bool], "Decision"]  # (trained adapter, its SVD form, last round?)

@@ -44,12 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sublora_cli.batchloop import Meter, Sums, over_batches
-from sublora_cli.calibration import check_loss
+from sublora_cli.core.methods import NEEDS, Need, lookup, most_demanding
 from sublora_cli.errors import SubloraError
-from sublora_cli.fisher import per_sample_gradients
-from sublora_cli.methods import NEEDS, Need, lookup, most_demanding
-from sublora_cli.reparam import SigmaModel
+from sublora_cli.model.batchloop import Meter, Sums, over_batches
+from sublora_cli.model.fisher import per_sample_gradients
+from sublora_cli.model.reparam import SigmaModel
+from sublora_cli.model.script import check_loss
 
 KINDS = ("exact", "diag", "fisher")
 AUTO = "auto"

@@ -19,11 +19,11 @@ from typing import Annotated, Any, Protocol, get_type_hints
 import torch
 import typer
 
-from sublora_cli.bounds import read_rank_bound
-from sublora_cli.calibrated import AUTO_PLACEMENT, DTYPES
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES
-from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
+from sublora_cli.core.rank_patterns import read_rank_bound
 from sublora_cli.errors import SubloraError
+from sublora_cli.model.calibrated import AUTO_PLACEMENT, DTYPES
+from sublora_cli.model.curvature import AUTO, AUTO_MAX_HVPS, KINDS
+from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 
 SCHEMA = "sublora_option"  # the metadata key of a field's Option
 Check = Callable[[Any], object]  # raises SubloraError on a malformed value
