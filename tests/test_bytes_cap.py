@@ -17,8 +17,8 @@ from test_adalora import save_adalora
 from test_kohya import SD15, diffusers_file, kohya_file
 from test_loldu import save_loldu
 
+from sublora_cli.commands.prune import PruneOptions, prune
 from sublora_cli.errors import SubloraError
-from sublora_cli.prune import PruneOptions, prune
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CARRIED_KEY = "lora_unet_conv_in.diff"  # a kohya tensor that is not a LoRA pair: carried whole

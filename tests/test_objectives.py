@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from test_kohya import SD15, kohya_file
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.budget import Budget
-from sublora_cli.select import RankBounds, select
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.select import RankBounds, select
+from sublora_cli.formats import read_adapter
 
 torch.set_num_threads(1)
 WEAK = "lora_te_text_model_encoder_layers_0_mlp_fc1"
