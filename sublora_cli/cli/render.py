@@ -124,7 +124,7 @@ def prune_summary(report: dict, out_dir: Path) -> None:
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
         f"[bold]{t['params_after']:,}[/], bytes {human_bytes(t['bytes_before'] + carried)} → "
         f"[bold]{human_bytes(t['bytes_after'] + carried)}[/]"
-        + (f" (incl. {human_bytes(carried)} of carried tensors)" if carried else "")
+        + (f" (incl. {human_bytes(carried)} written whatever is kept: carried tensors, alphas)" if carried else "")
     )
     if budget.get("search"):
         search = budget["search"]

@@ -63,6 +63,7 @@ from sublora_cli.model.calibrated import Calibrated, open_calibration
 from sublora_cli.model.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.output import atomic_output_dir, check_output_dir
+from sublora_cli.pipeline.rank_plot import RANK_PLOT, plot_ranks
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings, provenance, write_reports
 from sublora_cli.pipeline.spectra import adapter_spectra, stored_spectra
 from sublora_cli.training.loop import TRAINS, TrainSettings, check_settings
@@ -655,9 +656,15 @@ def prune(
             with timings.stage("write"):
                 write_adapter(adapter, pruned, tmp, provenance(report))
             write_reports(report, tmp)
+            totals = report["totals"]
+            title = f"{adapter_path.name}: {method}, --budget {options.budget or 'auto'}"
+            title += f", total rank {totals['rank_before']} → {totals['rank_after']}"
+            missing = [] if plot_ranks(report["modules"], tmp / RANK_PLOT, title) else [RANK_PLOT]
             title = f"{adapter_path.name}: {method}, --optimizer {options.optimizer}, --train {options.train}"
             if alternated is not None and not plot_training(alternated, loss["before"], tmp / TRAINING_PLOT, title):
-                warnings.append(f"matplotlib is not installed: no {TRAINING_PLOT} (pip install 'sublora[plots]').")
+                missing.append(TRAINING_PLOT)
+            if missing:
+                warnings.append(f"matplotlib is not installed: no {', '.join(missing)} (pip install 'sublora[plots]').")
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (
