@@ -109,8 +109,8 @@ class Format(Protocol):
     path (a directory or a single file), so detection must be cheap and must not raise.
 
     The writer's contract, which the pipeline's measurement relies on: a module pruned to rank 0 is dropped, an
-    unchanged module is copied bit-exactly, and any other module is written as `stored_factors(module, kept)`,
-    so that the loss measured on those factors is the loss of the written file.
+    unchanged module is copied bit-exactly, and any other module is written as `stored_factors(adapter, module,
+    kept)`, so that the loss measured on those factors is the loss of the written file.
     """
 
     name: str  # written to the report as input.format
@@ -122,9 +122,12 @@ class Format(Protocol):
 
     def read(self, path: Path) -> Adapter: ...
 
-    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) as matrices (out×k, k×in), exactly as the writer stores them (factorisation and dtype), such
-        that module.scale · B · A is the written update."""
+    def stored_factors(
+        self, adapter: Adapter, module: LoraModule, kept: Spectrum
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, scale): B and A as matrices (out×k, k×in), exactly as the writer stores them (factorisation and
+        dtype), and the scale the written file gives the module at rank k, so that scale · B · A is the written
+        update."""
         ...
 
     def overhead_bytes(self, adapter: Adapter) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from sublora_cli.pipeline.output import pyplot
 
 RANK_PLOT = "ranks.png"
-CONTAINERS = ("layers", "layer", "h", "blocks", "block", "resblocks")  # the word before a repeated block's index
+CONTAINERS = ("layers", "layer", "h", "blocks", "block", "resblocks", "attentions", "resnets")  # before an index
 _WORDS = re.compile(r"[^._]+")
 ANNOTATE_UP_TO = 400  # cells; beyond that the numbers would be illegible
 
