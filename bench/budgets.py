@@ -27,18 +27,16 @@ from pathlib import Path
 import torch
 from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from sublora_cli.commands.prune import (
-    PruneOptions,
-    Timings,
-    adapter_pricing,
-    calibration,
-    prune,
-    selected_loss,
-    svd_form,
-    timed_curvature,
-)
+from sublora_cli.commands.prune import PruneOptions, prune
 from sublora_cli.core import methods
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
+from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.calibrate import calibration
+from sublora_cli.pipeline.curvature_choice import timed_curvature
+from sublora_cli.pipeline.spectra import svd_form
+from sublora_cli.pipeline.timings import Timings
+from sublora_cli.pipeline.written import selected_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

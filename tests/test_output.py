@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sublora_cli.commands.prune
+import sublora_cli.pipeline.spectra
+import sublora_cli.pipeline.write
 from sublora_cli.pipeline.output import atomic_output_dir
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "elliptic" / "adapter_k2"
@@ -65,7 +66,7 @@ def no_computation(monkeypatch):
     def computing(*_args, **_kwargs):
         raise AssertionError("the output check must come before any computation")
 
-    monkeypatch.setattr(sublora_cli.commands.prune, "adapter_spectra", computing)
+    monkeypatch.setattr(sublora_cli.pipeline.spectra, "adapter_spectra", computing)
 
 
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
@@ -187,7 +188,7 @@ def test_input_and_everything_outside_out_survive_any_out(run_cli, monkeypatch, 
             "cwd": workdir,
             "root": Path("/"),
         }[location]
-        patch.setattr(sublora_cli.commands.prune, "atomic_output_dir", sandboxed_writer(top))
+        patch.setattr(sublora_cli.pipeline.write, "atomic_output_dir", sandboxed_writer(top))
         before = tree_hashes(top)
         result = prune(run_cli, adapter, os.path.relpath(out) if relative else out, *(["--overwrite"] * overwrite))
         resolved = out.resolve()

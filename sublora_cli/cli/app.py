@@ -27,8 +27,9 @@ from rich.progress import (
 from sublora_cli import __version__
 from sublora_cli.cli import render
 from sublora_cli.cli.config import load_config
+from sublora_cli.commands.evaluate import evaluate_adapter
 from sublora_cli.commands.options import EvalOptions, config_types, path_keys, resolve, with_options
-from sublora_cli.commands.prune import PruneOptions, evaluate_adapter, prune
+from sublora_cli.commands.prune import PruneOptions, prune
 from sublora_cli.commands.sweep import SweepOptions, sweep
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.formats import read_adapter

@@ -16,45 +16,26 @@ import torch
 
 from sublora_cli.commands.options import (
     CALIB,
-    CURVATURE,
-    DEFAULT_CURVATURE,
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_MAX_HESSIAN_GB,
-    DEVICE,
-    DTYPE,
-    MAX_BATCHES,
-    MAX_HESSIAN_GB,
-    MAX_RANK,
-    MIN_RANK,
-    REFIT,
     Option,
+    SelectionOptions,
     option,
-)
-from sublora_cli.commands.prune import (
-    Finish,
-    Info,
-    Progress,
-    Timings,
-    _check_curvature,
-    adapter_pricing,
-    calibration,
-    load_adapter,
-    measure_before,
-    output_dir,
-    rank_bounds,
-    svd_form,
-    timed_curvature,
-    written_outcome,
 )
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.core.methods import METHODS, REGISTRY
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
+from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.calibrate import calibration, measure_before
+from sublora_cli.pipeline.choose import rank_bounds
+from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
 from sublora_cli.pipeline.output import atomic_output_dir, pyplot
+from sublora_cli.pipeline.read import load_adapter, output_dir
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
+from sublora_cli.pipeline.spectra import svd_form
+from sublora_cli.pipeline.timings import Info, Progress, Timings
+from sublora_cli.pipeline.written import Finish, written_outcome
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
 DEFAULT_METHODS = tuple(m.name for m in REGISTRY.values() if m.in_default_sweep)
@@ -145,9 +126,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise SubloraError(f"{text!r} is not a comma-separated list of integers.") from None
 
 
-@dataclass(frozen=True)
-class SweepOptions:
-    """Everything `sublora sweep` can be told (the schema: see options.py)."""
+@dataclass(frozen=True, kw_only=True)
+class SweepOptions(SelectionOptions):
+    """Everything `sublora sweep` can be told (the schema: see options.py): the shared calibration and selection
+    groups, with the script required, and the grid of budgets, methods and seeds."""
 
     calib: Path = option(CALIB)
     budgets: str = option(
@@ -170,17 +152,9 @@ class SweepOptions:
     seeds: tuple[int, ...] = option(
         Option(("--seeds",), "Seeds of sublora-random, comma-separated.", parse=parse_seeds), (0, 1, 2)
     )
-    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
-    max_rank: str | None = option(MAX_RANK, None)
-    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
-    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
-    device: str = option(DEVICE, DEFAULT_DEVICE)
-    dtype: str = option(DTYPE, DEFAULT_DTYPE)
     evaluate: bool = option(
         Option(("--evaluate/--no-evaluate",), "Run the script's evaluate() for every selection."), True
     )
-    refit: bool = option(REFIT, True)
 
 
 @dataclass
@@ -202,7 +176,7 @@ def sweep(
     """One curvature computation, then every budget × method measured; writes sweep.csv/json/png."""
     methods = list(options.methods)
     for method in methods:
-        _check_curvature(method, options.curvature)
+        check_curvature(method, options.curvature)
     timings = Timings()
     adapter = load_adapter(adapter_path, timings)
     pricing = adapter_pricing(adapter)
@@ -273,13 +247,9 @@ def run_sweep(
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
     """
-    if curvature is not None and curvature.hessian is None:
-        needing = [m for m in methods if REGISTRY[m].needs == "matrix"]
-        if needing:
-            raise SubloraError(
-                f"--curvature {curvature.kind} gives no full Hessian, which {', '.join(needing)} need; "
-                "use --curvature exact (or fisher) or drop those methods."
-            )
+    if curvature is not None:
+        for method in methods:
+            check_curvature(method, curvature.kind)
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]

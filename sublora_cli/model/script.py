@@ -21,12 +21,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sublora_cli.constants import DEFAULT_MAX_BATCHES
 from sublora_cli.errors import SubloraError
 
 REQUIRED = ("load_model", "batches", "loss")
 OPTIONAL = ("evaluate", "per_sample_loss", "train_batches")
-DEFAULT_MAX_BATCHES = 10_000  # --max-batches: a batches() that never ends stops here instead of filling the memory
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # sublora_cli/, every layer
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
 

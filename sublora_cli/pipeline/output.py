@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sublora_cli.errors import SubloraError
+from sublora_cli.model import distributed
 
 
 def check_output_dir(out_dir: Path, input_path: Path, overwrite: bool) -> None:
@@ -77,8 +79,14 @@ def remove_stale_temporaries(out_dir: Path) -> None:
 def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces out_dir in (nearly) one rename.
 
-    The path written is the resolved one, the same that check_output_dir checked.
+    The path written is the resolved one, the same that check_output_dir checked. Under torchrun every rank holds
+    the same result and only rank 0 writes: the others get a scratch folder that is thrown away, so no pipeline can
+    forget the rule.
     """
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix="sublora-rank-") as scratch:
+            yield Path(scratch)
+        return
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)

@@ -6,7 +6,8 @@ from dataclasses import asdict
 
 from sublora_cli.core.svd import Spectrum, factor_svd, spectrum_stats
 from sublora_cli.formats import Adapter, PrunedModule
-from sublora_cli.model.curvature import intra_op_thread_count
+from sublora_cli.model.threads import intra_op_thread_count
+from sublora_cli.pipeline.timings import Timings
 
 
 def adapter_spectra(adapter: Adapter) -> list[Spectrum]:
@@ -72,3 +73,9 @@ def dead_module_warnings(dead: list[str]) -> list[str]:
         "to the model and pruning removes it first."
         for name in dead
     ]
+
+
+def svd_form(adapter: Adapter, timings: Timings) -> list[Spectrum]:
+    """Stage 2, SVD form: every module's ΔW as U diag(σ) Vᵀ, timed as the report's `svd`."""
+    with timings.stage("svd"):
+        return adapter_spectra(adapter)

@@ -1,6 +1,6 @@
 """Alternating SubLoRA, the paper's Algorithm 4: `--rounds` rounds of training without the rank constraint
-(training.py) followed by a prune to the budget (curvature recomputed, selection, refit: the pipeline's own
-`decide` step), so the kept components re-learn what the pruned ones carried.
+(training/loop.py) followed by a prune to the budget (curvature recomputed, selection, refit: the pipeline's
+`decide` stage), so the kept components re-learn what the pruned ones carried.
 
 Each round starts from the previous round's written adapter, with the pruned components re-initialised; the
 last round's prune is the result the pipeline writes. The `rounds` list of the report and training.png come
@@ -12,26 +12,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter
-from sublora_cli.model.calibrated import Calibrated
+from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
 from sublora_cli.pipeline.output import pyplot
 from sublora_cli.pipeline.spectra import adapter_spectra
 from sublora_cli.training.loop import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
-
-if TYPE_CHECKING:
-    from sublora_cli.commands.prune import Decision, Timings
-
-Progress = Callable[[str, int, int | None], None]
-Decide = Callable[[Adapter, list[Spectrum], bool], "Decision"]  # (trained adapter, its SVD form, last round?)
 
 
 @dataclass(frozen=True)
@@ -69,18 +62,17 @@ class Alternated:
 
 
 def alternate(
-    calibrated: Calibrated,
+    plan: Plan,
+    run: Run,
     adapter: Adapter,
     spectra: list[Spectrum],
     settings: TrainSettings,
     rounds: int,
     batches: Sequence,
-    decide: Decide,
-    timings: Timings,
-    progress: Progress | None = None,
 ) -> Alternated:
-    """`rounds` rounds of train → SVD form → decide (prune to the budget); the pruned components of a round are
-    re-initialised for the next one (seeded by `settings.seed`, so runs repeat)."""
+    """`rounds` rounds of train → SVD form → decide (prune to the budget as `plan` says); the pruned components of
+    a round are re-initialised for the next one (seeded by `settings.seed`, so runs repeat)."""
+    calibrated, timings, progress = run.calibrated, run.timings, run.progress
     model = calibrated.sigma_model
     generator = torch.Generator().manual_seed(settings.seed)
     state = initial_state(adapter, spectra, settings.train, master_dtype(model), model.device)
@@ -97,7 +89,7 @@ def alternate(
         training_seconds = time.perf_counter() - start
         with timings.stage("eval"):
             after_training = calibrated.loss()
-        decision = decide(trained, trained_spectra, k == rounds)
+        decision = decide(plan, run, trained, trained_spectra, k == rounds)
         written = decision.written
         ranks = {p.module.name: p.rank_after for p in written.pruned}
         records.append(
