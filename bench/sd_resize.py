@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -135,12 +136,19 @@ def tensor_bytes(path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
 
 
-def timed(command: list[str], env: dict) -> tuple[float, str]:
-    start = time.perf_counter()
+def timed(command: list[str], env: dict) -> tuple[dict, str]:
+    """Run a command: its wall and CPU seconds (user + system: what the shared machine's load inflates less) and
+    its stdout."""
+    start, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} … failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start, done.stdout
+    return {"wall_seconds": time.perf_counter() - start, "cpu_seconds": _children_cpu() - cpu}, done.stdout
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_kohya(args, source: Path, out: Path, new_rank: int, env: dict) -> dict:
@@ -148,7 +156,7 @@ def run_kohya(args, source: Path, out: Path, new_rank: int, env: dict) -> dict:
     command = [sys.executable, "-c", KOHYA_RUNNER, str(args.kohya), "--model", str(source), "--save_to", str(out)]
     command += ["--new_rank", str(new_rank), "--save_precision", "fp16", "--device", "cpu"]
     seconds, stdout = timed(command, kohya_env)
-    return {"wall_seconds": seconds, **json.loads(stdout.strip().splitlines()[-1])}
+    return {**seconds, **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def run_sublora(args, source: Path, out: Path, budget: int, method: str, env: dict) -> dict:
@@ -157,7 +165,7 @@ def run_sublora(args, source: Path, out: Path, budget: int, method: str, env: di
     command += ["--out", str(out), "--json"]
     seconds, stdout = timed(command, sublora_env)
     report = json.loads(stdout)
-    return {"wall_seconds": seconds, "stages": report["timings"], "rank_after": report["totals"]["rank_after"]}
+    return {**seconds, "stages": report["timings"], "rank_after": report["totals"]["rank_after"]}
 
 
 def uniform_bytes(source: Path, new_rank: int) -> int:

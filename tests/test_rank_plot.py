@@ -60,7 +60,7 @@ def test_a_transformer_adapter_is_a_heat_map_of_layers_by_type():
     ax = fig.axes[0]
     assert labels(ax.get_yticklabels()) == ["0", "2", "10"]  # layers in numeric order, the common prefix left out
     assert ax.get_ylabel() == "layer (model.layers.N)"
-    assert labels(ax.get_xticklabels()) == ["self_attn.q_proj", "mlp.up_proj"]
+    assert labels(ax.get_xticklabels()) == ["mlp.up_proj", "self_attn.q_proj"]  # types in alphabetical order
     assert ax.get_title() == "rank after (rank before: 16 in every module)"
     assert [t.get_text() for t in ax.texts] == ["9", "9", "5", "5", "1", "1"]  # row by row, as the cells
     assert fig.axes[-1].get_ylabel() == "rank (kept components)"  # the colour bar

@@ -59,7 +59,7 @@ def layer_grid(modules: list[dict]) -> Grid | None:
     if any(p is None for p in parts):
         return None
     layers = sorted(dict.fromkeys(layer for layer, _ in parts), key=_natural)
-    types = list(dict.fromkeys(kind for _, kind in parts))
+    types = sorted(set(kind for _, kind in parts))
     if len(layers) < 2 or len(parts) == len(types):
         return None
     row, col = {name: i for i, name in enumerate(layers)}, {name: j for j, name in enumerate(types)}
