@@ -3,10 +3,8 @@
 families that hold the same pairs under other names (`.lora_A/.lora_B.weight`, `_lora.up/down`, `.lora.up/down`,
 `.lora_linear_layer.up/down`).
 
-Every detail of these files lives here: which suffixes form a pair, the scale rule (alpha / rank, alpha = rank
-when `.alpha` is absent or 0), the LoCon conv layout, the LyCORIS types that are refused, the `ss_*` metadata
-and `sshs_*` hashes that kohya's resize rewrites, diffusers' `lora_adapter_metadata`, and how a module's name
-maps onto the base model's modules for calibration.
+Every detail of these files lives here: pairs, the scale rule (alpha / rank, alpha = rank when `.alpha` is absent
+or 0), LoCon convs, refused LyCORIS types, `ss_*`/`sshs_*` and `lora_adapter_metadata`, and name matching.
 
 Flux-style fused qkv pairs (a `down` stacking the q/k/v rows and a block-sparse `up`, with the alpha stored
 for the stacked rank) are an ordinary low-rank product of the whole fused weight: they are read and pruned as
@@ -79,9 +77,8 @@ class ModuleKeys:
 
 @dataclass(frozen=True)
 class SingleFileState:
-    """What the writer needs from the input besides the modules: keys, metadata, the `.alpha` tensors (written back
-    unchanged) and which modules state their alpha (a non-zero `.alpha` or diffusers' metadata; the others have
-    alpha = rank, scale 1, at any rank)."""
+    """What the writer needs besides the modules: keys, metadata, the `.alpha` tensors (written back unchanged)
+    and the modules that state an alpha (non-zero `.alpha` or diffusers' metadata; others: scale 1)."""
 
     keys: dict[str, ModuleKeys]
     metadata: dict[str, str]
@@ -259,19 +256,14 @@ def read_modules(
                 b_shape=tuple(up.shape),
             )
         )
-    state = SingleFileState(
-        keys=keys, metadata=metadata, alphas=alphas, stated_alpha=frozenset(stated),
-        total_rank=sum(m.rank for m in modules),
-    )  # fmt: skip
-    return modules, state, carried
+    total_rank = sum(m.rank for m in modules)
+    return modules, SingleFileState(keys, metadata, alphas, frozenset(stated), total_rank), carried
 
 
 def written_alpha(state: SingleFileState, module: LoraModule, rank: int) -> float:
-    """The alpha a module written at `rank` has: its own, unchanged, when the file states one (the factors then
-    carry the new scale alpha / rank), else alpha = rank. Keeping every alpha as it was matters to diffusers: its
-    loader (0.42) takes the most common alpha and maps the others onto the modules by names that miss the
-    attention projections of kohya files, so a file whose alphas differ by module (as a resize to per-module ranks
-    that kept alpha / rank would write) loads with mis-scaled attention."""
+    """A module's alpha at `rank`: its own, unchanged, when the file states one (the factors carry alpha / rank),
+    else alpha = rank. diffusers' loader (0.42) applies the most common alpha to kohya attention modules whose
+    alpha differs, so per-module alphas (alpha / rank kept) would load mis-scaled."""
     return module.alpha if module.name in state.stated_alpha else float(rank)
 
 
@@ -434,15 +426,13 @@ class SingleFileFormat:
     def stored_factors(
         self, adapter: Adapter, module: LoraModule, kept: Spectrum
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Balanced factors of the kept spectrum (each side sqrt(σ/scale) per component, safe in half precision)
-        in the dtype the input stored the module in, for the scale the written alpha gives it at the new rank."""
+        """Balanced factors in the module's stored dtype, for the scale its written alpha gives it at the new rank."""
         scale = written_alpha(adapter.state, module, kept.rank) / kept.rank
         B, A = balanced_factors(kept, list(range(kept.rank)), scale)
         return B.to(module.B.dtype), A.to(module.A.dtype), scale
 
     def overhead_bytes(self, adapter: Adapter) -> int:
-        """The `.alpha` scalars, written back as they are (the modules pruned to rank 0 lose theirs: counted all the
-        same, so the cap holds whatever is dropped)."""
+        """The `.alpha` scalars as they are (counted even for modules pruned to rank 0, which lose theirs)."""
         return sum(t.numel() * t.element_size() for t in adapter.state.alphas.values())
 
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
