@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/curvature.py --json $(BENCH_OUT)/curvature.json
 	$(PY) bench/paper_table.py --out $(BENCH_OUT)
 	$(PY) bench/sd_resize.py --json $(BENCH_OUT)/sd_resize.json
+	$(PY) bench/objectives.py --json $(BENCH_OUT)/objectives.json
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(BENCH_OUT)

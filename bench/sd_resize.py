@@ -1,78 +1,101 @@
-"""An SDXL-sized kohya LoRA pruned end to end by sublora, against the dense SVD per module of kohya's resize.
+"""An SD-sized kohya LoRA resized end to end by kohya's own `networks/resize_lora.py` and pruned by sublora to the
+same bytes: wall time of each whole run (start, load, resize/prune, save) and the Frobenius error of what each wrote.
 
-Run: python bench/sd_resize.py [--ranks 32 128] [--threads 2] [--json bench_out/sd_resize.json]
+Run: python bench/sd_resize.py [--model sd15|sdxl] [--rank 16] [--new-ranks 4 8] [--threads 1]
+                               [--kohya PATH/TO/sd-scripts] [--kohya-pythonpath DIRS] [--sublora-src DIR] [--json F]
 
-The file is built in code (random factors with a decaying spectrum, fp16, alpha = rank / 2) with kohya's key
-names for the modules a default SDXL LoRA trains (see `sdxl_modules`). sublora's `inspect` (read + SVD form +
-figures) and `prune --budget 50%` (magnitude: read, SVD form, selection, write with metadata and hashes, reports)
-are timed end to end in-process, as the CLI runs them.
+The file is built in code (random factors with a decaying spectrum whose decay and norm vary by module, fp16,
+alpha = rank / 2) with kohya's key names for the modules a default LoRA of that model trains (`MODULES`).
 
-The baseline is what `networks/resize_lora.py` does per module: cast to fp32, W = up @ down, then
-`torch.linalg.svd(W)` (full matrices). Its cost depends only on the module's shape (and, for the product, the
-rank), so it is timed once for every distinct (out, in) shape (11 shapes) and multiplied by the number of modules
-of that shape (the extrapolation);
-loading and saving, which kohya's script also does, are left out of the baseline (so the speed-up is a lower bound).
+For every `--new-ranks` n: with `--kohya` (a copy of kohya-ss/sd-scripts; the project does not depend on it, and
+`--kohya-pythonpath` may name where its dependencies are installed), `resize_lora.py --new_rank n --save_precision
+fp16 --device cpu` runs in a subprocess (`KOHYA_RUNNER`: imports, then `resize()`, timed); sublora's `prune`
+runs in a subprocess too (`python -m sublora_cli.cli.app`, `--sublora-src` runs another checkout, e.g. an older
+commit) at a bytes budget equal to the tensors kohya wrote (without `--kohya`: the tensors of a rank-n file), with
+`--method magnitude` and `--method balanced`. Each written file's error against the input is measured from the
+factors: ‖ΔW − ΔW'‖F / ‖ΔW‖F over the whole file, and the largest per-module relative error.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from sublora_cli.commands.prune import PruneOptions, prune
-from sublora_cli.formats import read_adapter
-from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter
-
-CONTEXT_DIM = 2048  # SDXL's cross-attention context (CLIP-L 768 + OpenCLIP-bigG 1280)
-# SGM block names as kohya writes them for SDXL: (block, channels, transformer blocks per Transformer2D)
-UNET_TRANSFORMERS = (
-    [(f"input_blocks_{i}_1", 640, 2) for i in (4, 5)]
+CONTEXT = {"sd15": 768, "sdxl": 2048}  # cross-attention context width
+# (kohya block name, channels, transformer blocks per Transformer2D); SD 1.5 as kohya names its diffusers UNet,
+# SDXL in the SGM names kohya uses for it
+TRANSFORMERS = {
+    "sd15": [(f"down_blocks_{b}_attentions_{a}", c, 1) for b, c in enumerate((320, 640, 1280)) for a in (0, 1)]
+    + [("mid_block_attentions_0", 1280, 1)]
+    + [(f"up_blocks_{b}_attentions_{a}", c, 1) for b, c in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)],
+    "sdxl": [(f"input_blocks_{i}_1", 640, 2) for i in (4, 5)]
     + [(f"input_blocks_{i}_1", 1280, 10) for i in (7, 8)]
     + [("middle_block_1", 1280, 10)]
     + [(f"output_blocks_{i}_1", 1280, 10) for i in (0, 1, 2)]
-    + [(f"output_blocks_{i}_1", 640, 2) for i in (3, 4, 5)]
-)
+    + [(f"output_blocks_{i}_1", 640, 2) for i in (3, 4, 5)],
+}
+TEXT_ENCODER = {"sd15": "lora_te", "sdxl": "lora_te1"}  # CLIP-L, 12 layers, width 768
+KOHYA_RUNNER = """
+import importlib.util, json, sys, time, types
+start = time.perf_counter()
+sd_scripts, argv = sys.argv[1], sys.argv[2:]
+import transformers.modeling_utils, diffusers  # before the stub below, so they see no torchvision
+if importlib.util.find_spec("torchvision") is None:  # resize_lora.py never uses it; library/utils.py imports it
+    stub = types.ModuleType("torchvision")
+    stub.transforms = types.ModuleType("torchvision.transforms")
+    stub.transforms.__getattr__ = lambda name: lambda *args, **kwargs: None  # Compose(...) at import time
+    sys.modules.update({"torchvision": stub, "torchvision.transforms": stub.transforms})
+sys.path.insert(0, sd_scripts)
+from networks import resize_lora
+imported = time.perf_counter()
+resize_lora.resize(resize_lora.setup_parser().parse_args(argv))
+print(json.dumps({"import_seconds": imported - start, "resize_seconds": time.perf_counter() - imported}))
+"""
 
 
-def sdxl_modules() -> dict[str, tuple[int, int]]:
-    """{kohya module name: (out, in)} for kohya's default SDXL LoRA targets: every Transformer2D of the UNet
-    (proj_in/proj_out and, per transformer block, attn1/attn2 q/k/v/out and the GEGLU feed-forward) — 722
-    modules — and text encoder 1 (CLIP-L, 12 layers: q/k/v/out_proj, fc1, fc2) — 72 modules: 794 in all.
-    Text encoder 2 (OpenCLIP-bigG) is left out, as in most SDXL LoRAs, which train the UNet and at most TE1."""
-    modules = {}
-    for block, c, depth in UNET_TRANSFORMERS:
+def modules(model: str) -> dict[str, tuple[int, int]]:
+    """{kohya module name: (out, in)}: every Transformer2D of the UNet (proj_in/proj_out; per transformer block
+    attn1/attn2 q/k/v/out and the GEGLU feed-forward) and the CLIP-L text encoder (q/k/v/out_proj, fc1, fc2).
+    SD 1.5: 192 + 72 = 264 modules; SDXL: 722 + 72 = 794 (text encoder 2 left out, as most SDXL LoRAs do)."""
+    found = {}
+    for block, c, depth in TRANSFORMERS[model]:
         prefix = f"lora_unet_{block}"
-        modules[f"{prefix}_proj_in"] = modules[f"{prefix}_proj_out"] = (c, c)
+        found[f"{prefix}_proj_in"] = found[f"{prefix}_proj_out"] = (c, c)
         for t in range(depth):
             tb = f"{prefix}_transformer_blocks_{t}"
             for attn in ("attn1", "attn2"):
-                kv_in = c if attn == "attn1" else CONTEXT_DIM
-                modules[f"{tb}_{attn}_to_q"] = modules[f"{tb}_{attn}_to_out_0"] = (c, c)
-                modules[f"{tb}_{attn}_to_k"] = modules[f"{tb}_{attn}_to_v"] = (c, kv_in)
-            modules[f"{tb}_ff_net_0_proj"] = (8 * c, c)  # GEGLU: value and gate, 4c each
-            modules[f"{tb}_ff_net_2"] = (c, 4 * c)
+                kv_in = c if attn == "attn1" else CONTEXT[model]
+                found[f"{tb}_{attn}_to_q"] = found[f"{tb}_{attn}_to_out_0"] = (c, c)
+                found[f"{tb}_{attn}_to_k"] = found[f"{tb}_{attn}_to_v"] = (c, kv_in)
+            found[f"{tb}_ff_net_0_proj"] = (8 * c, c)  # GEGLU: value and gate, 4c each
+            found[f"{tb}_ff_net_2"] = (c, 4 * c)
     for layer in range(12):
-        te = f"lora_te1_text_model_encoder_layers_{layer}"
+        te = f"{TEXT_ENCODER[model]}_text_model_encoder_layers_{layer}"
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            modules[f"{te}_self_attn_{proj}"] = (768, 768)
-        modules[f"{te}_mlp_fc1"], modules[f"{te}_mlp_fc2"] = (3072, 768), (768, 3072)
-    return modules
+            found[f"{te}_self_attn_{proj}"] = (768, 768)
+        found[f"{te}_mlp_fc1"], found[f"{te}_mlp_fc2"] = (3072, 768), (768, 3072)
+    return found
 
 
-def build_file(path: Path, rank: int) -> None:
+def build_file(path: Path, model: str, rank: int) -> None:
+    """Random factors in fp16, alpha = rank / 2; each module's spectrum decays at its own rate (from 10× to 1000×
+    over the rank) and its norm varies over two orders of magnitude, as trained LoRAs' do."""
     g = torch.Generator().manual_seed(0)
-    decay = torch.logspace(0, -2, rank)
     tensors = {}
-    for name, (out, inp) in sdxl_modules().items():
+    for name, (out, inp) in modules(model).items():
+        fall = float(torch.empty(1).uniform_(1, 3, generator=g))
+        size = 10 ** float(torch.empty(1).uniform_(-1, 1, generator=g))
+        decay = torch.logspace(0, -fall, rank) * size
         tensors[f"{name}.lora_down.weight"] = (torch.randn(rank, inp, generator=g) * decay[:, None] / inp**0.5).half()
         tensors[f"{name}.lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.01).half()
         tensors[f"{name}.alpha"] = torch.tensor(rank / 2, dtype=torch.float16)
@@ -80,86 +103,119 @@ def build_file(path: Path, rank: int) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-@functools.cache
-def dense_svd_seconds(out: int, inp: int) -> float:
-    """resize_lora.py's `torch.linalg.svd(W)` (full matrices, fp32) of one out×in update; LAPACK's cost depends on
-    the shape, not on the rank of W, so it is timed once per shape and shared by the ranks."""
-    g = torch.Generator().manual_seed(1)
-    weight = torch.randn(out, 32, generator=g) @ torch.randn(32, inp, generator=g)
-    start = time.perf_counter()
-    torch.linalg.svd(weight)
-    return time.perf_counter() - start
+def factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module: (up, down, scale)} in float64, as kohya's loaders read a file (scale = alpha / rank)."""
+    tensors = load_file(str(path))
+    found = {}
+    for key in (k for k in tensors if k.endswith(".lora_down.weight")):
+        name = key.removesuffix(".lora_down.weight")
+        down = tensors[key].double().flatten(1)
+        up = tensors[f"{name}.lora_up.weight"].double().flatten(1)
+        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else down.shape[0]
+        found[name] = (up, down, alpha / down.shape[0])
+    return found
 
 
-def product_seconds(out: int, inp: int, rank: int) -> float:
-    """resize_lora.py's cast to fp32 and W = up @ down at `rank`."""
-    g = torch.Generator().manual_seed(2)
-    up, down = torch.randn(out, rank, generator=g).half(), torch.randn(rank, inp, generator=g).half()
-    start = time.perf_counter()
-    up.float() @ down.float()
-    return time.perf_counter() - start
+def errors(original: Path, written: Path) -> dict[str, float]:
+    """‖ΔW − ΔW'‖F / ‖ΔW‖F over the whole file and the largest per module, from the factors alone:
+    ⟨s·B·A, s'·B'·A'⟩ = s s' Σ (BᵀB') ⊙ (A A'ᵀ), never the dense update."""
+    before, after = factors(original), factors(written)
+
+    def inner(x, y):
+        return x[2] * y[2] * float(((x[0].T @ y[0]) * (x[1] @ y[1].T)).sum())
+
+    squared, norms, worst = 0.0, 0.0, 0.0
+    for name, x in before.items():
+        norm = inner(x, x)
+        error = norm - 2 * inner(x, after[name]) + inner(after[name], after[name]) if name in after else norm
+        squared, norms, worst = squared + error, norms + norm, max(worst, (max(error, 0.0) / norm) ** 0.5)
+    return {"relative_error": (max(squared, 0.0) / norms) ** 0.5, "worst_module_error": worst}
 
 
-def baseline(rank: int) -> dict:
-    """kohya's per-module work (product + dense SVD) timed once per module shape, extrapolated to all modules."""
-    counts = Counter(sdxl_modules().values())
-    each = {shape: product_seconds(*shape, rank) + dense_svd_seconds(*shape) for shape in counts}
-    return {
-        "per_shape": {f"{o}x{i}": {"modules": counts[(o, i)], "seconds_each": each[(o, i)]} for o, i in counts},
-        "timed_seconds": sum(each.values()),
-        "extrapolated_seconds": sum(counts[shape] * each[shape] for shape in counts),
-    }
+def tensor_bytes(path: Path) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
 
 
-def run(rank: int, work: Path) -> dict:
-    path = work / f"sdxl_r{rank}.safetensors"
-    build_file(path, rank)
-    start = time.perf_counter()
-    adapter = read_adapter(path)
-    describe_adapter(adapter, adapter_spectra(adapter))
-    inspect_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    result = prune(path, PruneOptions(budget="50%"), out_dir=work / f"out_r{rank}")
-    prune_seconds = time.perf_counter() - start
-    written = work / f"out_r{rank}" / path.name
-    dense = baseline(rank)
-    return {
-        "rank": rank,
-        "modules": len(adapter.modules),
-        "input_bytes": path.stat().st_size,
-        "output_bytes": written.stat().st_size,
-        "inspect_seconds": inspect_seconds,
-        "prune_seconds": prune_seconds,
-        "prune_stages": dict(result.report["timings"]),
-        "rank_after": result.report["totals"]["rank_after"],
-        "dense_baseline": dense,
-        "speedup": dense["extrapolated_seconds"] / prune_seconds,
-        "load_average": os.getloadavg(),
-    }
+def timed(command: list[str], env: dict) -> tuple[dict, str]:
+    """Run a command: its wall and CPU seconds (user + system: what the shared machine's load inflates less) and
+    its stdout."""
+    start, cpu = time.perf_counter(), _children_cpu()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} … failed:\n{done.stderr[-3000:]}")
+    return {"wall_seconds": time.perf_counter() - start, "cpu_seconds": _children_cpu() - cpu}, done.stdout
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_kohya(args, source: Path, out: Path, new_rank: int, env: dict) -> dict:
+    kohya_env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [args.kohya_pythonpath, env.get("PYTHONPATH")])))
+    command = [sys.executable, "-c", KOHYA_RUNNER, str(args.kohya), "--model", str(source), "--save_to", str(out)]
+    command += ["--new_rank", str(new_rank), "--save_precision", "fp16", "--device", "cpu"]
+    seconds, stdout = timed(command, kohya_env)
+    return {**seconds, **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def run_sublora(args, source: Path, out: Path, budget: int, method: str, env: dict) -> dict:
+    sublora_env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [args.sublora_src, env.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "sublora_cli", "prune", str(source), "--budget", f"{budget}B", "--method", method]
+    command += ["--out", str(out), "--json"]
+    seconds, stdout = timed(command, sublora_env)
+    report = json.loads(stdout)
+    return {**seconds, "stages": report["timings"], "rank_after": report["totals"]["rank_after"]}
+
+
+def uniform_bytes(source: Path, new_rank: int) -> int:
+    """The tensors of the file at rank `new_rank` everywhere (fp16 factors, the alphas)."""
+    tensors = load_file(str(source))
+    total = 0
+    for key, t in tensors.items():
+        rank = t.shape[0] if key.endswith(".lora_down.weight") else t.shape[1] if key.endswith("up.weight") else 0
+        total += t.numel() * t.element_size() * new_rank // rank if rank else t.numel() * t.element_size()
+    return total
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(TRANSFORMERS), default="sd15")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--new-ranks", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kohya", type=Path, default=None, help="a copy of kohya-ss/sd-scripts")
+    parser.add_argument("--kohya-pythonpath", default=None, help="where kohya's dependencies are installed")
+    parser.add_argument("--sublora-src", default=None, help="run the sublora package found in this directory")
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "balanced"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads; {len(sdxl_modules())} modules (SDXL UNet + TE1), fp16")
-    results = []
+    threads = str(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    results = {"model": args.model, "rank": args.rank, "threads": args.threads, "torch": torch.__version__, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for rank in args.ranks:
-            r = run(rank, Path(tmp))
-            results.append(r)
-            d = r["dense_baseline"]
-            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["prune_stages"].items())
-            print(
-                f"rank {rank}: file {r['input_bytes'] / 2**20:.1f} MiB → {r['output_bytes'] / 2**20:.1f} MiB "
-                f"(total rank {r['modules'] * rank} → {r['rank_after']}); inspect {r['inspect_seconds']:.2f} s; "
-                f"prune {r['prune_seconds']:.2f} s ({stages}); kohya dense SVD {d['extrapolated_seconds']:.0f} s "
-                f"(extrapolated from {len(d['per_shape'])} shapes timed in {d['timed_seconds']:.1f} s): "
-                f"{r['speedup']:.0f}× faster; load average {r['load_average'][0]:.1f}"
-            )
+        work = Path(tmp)
+        source = work / f"{args.model}_r{args.rank}.safetensors"
+        build_file(source, args.model, args.rank)
+        results.update(modules=len(modules(args.model)), input_bytes=tensor_bytes(source))
+        print(f"{args.model}: {results['modules']} modules, rank {args.rank}, {results['input_bytes'] / 2**20:.1f} MiB")
+        for new_rank in args.new_ranks:
+            row = {"new_rank": new_rank}
+            if args.kohya is not None:
+                kohya_out = work / f"kohya_{new_rank}.safetensors"
+                row["kohya"] = run_kohya(args, source, kohya_out, new_rank, env)
+                row["kohya"].update(bytes=tensor_bytes(kohya_out), **errors(source, kohya_out))
+                budget = row["kohya"]["bytes"]
+            else:
+                budget = uniform_bytes(source, new_rank)
+            row["budget_bytes"] = budget
+            for method in args.methods:
+                out = work / f"{method}_{new_rank}"
+                row[method] = run_sublora(args, source, out, budget, method, env)
+                row[method].update(bytes=tensor_bytes(out / source.name), **errors(source, out / source.name))
+            results["rows"].append(row)
+            print(json.dumps(row))
+    results["load_average"] = os.getloadavg()
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

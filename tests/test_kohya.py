@@ -162,7 +162,11 @@ def test_a_cut_writes_the_truncated_svd_in_the_input_dtype_and_scale(kind, tmp_p
         assert relative_error(pruned.scale * pruned.B.double() @ pruned.A.double(), expected) <= tolerance
         assert pruned.rank == len(kept) and pruned.kind == module.kind
         assert pruned.A.dtype == module.A.dtype and pruned.B.dtype == module.B.dtype
-        assert pruned.scale == pytest.approx(module.scale, rel=1e-12)  # alpha / rank unchanged
+        if f"{module.name}.alpha" in tensors_in:  # the alpha as it was; the factors carry alpha / the new rank
+            assert torch.equal(tensors_out[f"{module.name}.alpha"], tensors_in[f"{module.name}.alpha"])
+            assert pruned.alpha == module.alpha
+        else:  # alpha = rank: scale 1 at any rank
+            assert pruned.scale == module.scale == 1
         assert pruned.a_shape[1:] == module.a_shape[1:] and pruned.b_shape[2:] == module.b_shape[2:]
 
 
@@ -176,7 +180,7 @@ def test_an_fp16_file_halves_when_the_rank_halves(tmp_path, run_cli):
     bytes_out = sum(t.numel() * t.element_size() for k, t in tensors_out.items() if not k.endswith(".alpha"))
     assert bytes_out * 2 == bytes_in
     assert all(t.dtype == torch.float16 for t in tensors_out.values())
-    assert all(float(tensors_out[k]) == 2.0 for k in tensors_out if k.endswith(".alpha"))  # alpha 4 at rank 8
+    assert all(float(tensors_out[k]) == 4.0 for k in tensors_out if k.endswith(".alpha"))  # alpha 4 kept
 
 
 def test_metadata_is_updated_as_kohya_resize_does_and_carried_otherwise(tmp_path, run_cli):
@@ -204,7 +208,7 @@ def test_uniform_ranks_give_numeric_dim_and_alpha(tmp_path, run_cli):
     path = kohya_file(tmp_path / "sd15.safetensors", shapes)
     prune(run_cli, path, tmp_path / "out", "--budget", 12, "--min-rank", 3, "--max-rank", 3)
     _, metadata = tensors_and_metadata(tmp_path / "out" / path.name)
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("3", "1.5")
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("3", "4")  # the alpha is kept
 
 
 def test_a_file_without_alpha_uses_alpha_equal_to_rank_and_gets_none(tmp_path, run_cli):
@@ -232,9 +236,9 @@ def test_diffusers_metadata_sets_the_scale_and_is_rewritten_to_the_new_ranks(tmp
     name = "unet.mid_block.attentions.0.proj_out"
     key = "mid_block\\.attentions\\.0\\.proj_out"
     assert written["unet.rank_pattern"][key] == ranks[name]
-    assert written["unet.alpha_pattern"][key] == 2.0 * ranks[name]
+    assert written["unet.alpha_pattern"][key] == 8  # alphas kept: the factors carry alpha / the new rank
     te = "text_model\\.encoder\\.layers\\.0\\.mlp\\.fc1"
-    assert written["text_encoder.alpha_pattern"][te] == 2.0 * ranks["text_encoder.text_model.encoder.layers.0.mlp.fc1"]
+    assert written["text_encoder.alpha_pattern"][te] == 8
     after = deltas(tmp_path / "out" / path.name)  # re-read with the rewritten metadata: same scales
     for module, entry in zip(read_adapter(path).modules, report["modules"], strict=True):
         expected = factor_svd(module.B, module.A, module.scale).dense(entry["kept"])
@@ -452,11 +456,15 @@ def test_calibration_refuses_tensors_it_cannot_apply(tmp_path, run_cli):
     assert result.code == 1 and "lora_unet_down_blocks_0_proj_in.diff_b" in message and "without --calib" in message
 
 
-def test_an_alpha_half_precision_cannot_hold_is_written_in_float32(tmp_path, run_cli):
+def test_an_alpha_is_written_back_as_stored_at_any_rank(tmp_path, run_cli):
+    """alpha 1 at rank 3 pruned to rank 2: alpha stays 1 (fp16, bit for bit) and the factors carry the scale 1/2,
+    so the update is the truncated SVD of the input's (scale 1/3)."""
     shapes = {"lora_unet_conv_in": (16, 8, 3, None)}
-    path = kohya_file(tmp_path / "a.safetensors", shapes, alpha_ratio=1 / 3)  # alpha 1 at rank 3
+    path = kohya_file(tmp_path / "a.safetensors", shapes, alpha_ratio=1 / 3)
     prune(run_cli, path, tmp_path / "out", "--budget", 2)
     tensors, _ = tensors_and_metadata(tmp_path / "out" / path.name)
-    alpha = tensors["lora_unet_conv_in.alpha"]
-    assert alpha.dtype == torch.float32 and float(alpha) / 2 == pytest.approx(1 / 3, rel=1e-7)
+    assert torch.equal(tensors["lora_unet_conv_in.alpha"], tensors_and_metadata(path)[0]["lora_unet_conv_in.alpha"])
     assert tensors["lora_unet_conv_in.lora_down.weight"].dtype == torch.float16
+    (module,) = read_adapter(path).modules
+    expected = factor_svd(module.B, module.A, module.scale).dense([0, 1])
+    assert relative_error(deltas(tmp_path / "out" / path.name)["lora_unet_conv_in"], expected) <= 2e-3

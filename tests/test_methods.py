@@ -65,7 +65,7 @@ def test_flag_checks_follow_the_registry(name):
 
 
 def test_unknown_method_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="choose one of magnitude, linear"):
+    with pytest.raises(ValueError, match="choose one of magnitude, balanced, linear"):
         lookup("no-such-method")
 
 
@@ -118,7 +118,7 @@ def test_greedy_stops_when_nothing_eligible_is_affordable():
     sigma = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
     cost = torch.tensor([3.0, 3.0, 1.0, 1.0, 1.0], dtype=torch.float64)
     selection = select("magnitude", sigma, Budget(cost, 5.0, unit="bytes"), RankBounds.from_ranks([5]))
-    assert selection.order == [2, 3, 0]  # σ per cost: 2, 3, then 0 fills the rest exactly; 4 is then unaffordable
+    assert selection.order == [2, 0, 3]  # σ² per cost 9, 8.3, 4 fill the 5 exactly; 1 (4 per cost) is unaffordable
 
 
 def test_lower_bounds_are_reserved_in_cost_terms():

@@ -345,7 +345,7 @@ def test_near_stationary_point_linear_keeps_the_wrong_component():
 
 
 def test_method_sets_and_missing_inputs():
-    assert {m for m in METHODS if lookup(m).needs_calibration} == set(METHODS) - {"magnitude"}
+    assert {m for m in METHODS if lookup(m).needs_calibration} == set(METHODS) - {"magnitude", "balanced"}
     matrix = {"hessian", "sublora", "sublora-random", "exhaustive", "obs"}
     assert {m for m in METHODS if lookup(m).needs == "matrix"} == matrix
     sigma = torch.rand(4, dtype=torch.float64)

@@ -36,16 +36,22 @@ class ToyFormat:
         sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         return Adapter(path=path, format=self, sha256=sha256, modules=modules, carried=carried)
 
-    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
+    def stored_factors(
+        self, adapter: Adapter, module: LoraModule, kept: Spectrum
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         up = kept.U * (kept.sigma / module.scale)
-        return up.to(module.B.dtype), kept.V.T.to(module.A.dtype)
+        return up.to(module.B.dtype), kept.V.T.to(module.A.dtype), module.scale
+
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        return 8 * len(adapter.modules)  # a float64 `.scale` per module
 
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)
         for p in pruned:
             if p.rank_after == 0:
                 continue
-            up, down = (p.module.B, p.module.A) if p.unchanged else self.stored_factors(p.module, p.spectrum)
+            stored = self.stored_factors(adapter, p.module, p.spectrum) if not p.unchanged else None
+            up, down = (p.module.B, p.module.A) if stored is None else stored[:2]
             tensors |= factors(p.module.name, up, down, p.module.scale)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / adapter.path.name))
 

@@ -212,7 +212,7 @@ def prune_summary(report: dict, out_dir: Path) -> None:
         f"rank {t['rank_before']} → [bold]{t['rank_after']}[/], parameters {t['params_before']:,} → "
         f"[bold]{t['params_after']:,}[/], bytes {sizes(t['bytes_before'] + carried)} → "
         f"[bold]{sizes(t['bytes_after'] + carried)}[/]"
-        + (f" (incl. {sizes(carried)} of carried tensors)" if carried else "")
+        + (f" (incl. {sizes(carried)} written whatever is kept: carried tensors, alphas)" if carried else "")
     )
     if budget.get("search"):
         search = budget["search"]

@@ -50,6 +50,7 @@ from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, refuse_unse
 from sublora_cli.pipeline.curvature_choice import check_method
 from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
 from sublora_cli.pipeline.heldout import gated_increase, heldout_block, overfit_warnings
+from sublora_cli.pipeline.rank_plot import RANK_PLOT, plot_ranks
 from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings
 from sublora_cli.pipeline.spectra import svd_form
@@ -282,17 +283,21 @@ def prune(
     report["candidates"] = decision.candidates
     report["options"] = echo(options)
     report["distributed"] = distributed.describe()
-    extras = []
+    totals = report["totals"]
+    ranks_title = f"{adapter_path.name}: {method}, --budget {options.budget or 'auto'}, "
+    ranks_title += f"total rank {totals['rank_before']} → {totals['rank_after']}"
+    extras = {RANK_PLOT: lambda folder: plot_ranks(report["modules"], folder / RANK_PLOT, ranks_title)}
     if alternated is not None:
         title = (
             f"{adapter_path.name}: {method}, budget {options.budget} (rank {int(selection.kept.sum())} kept)\n"
             f"--rounds {options.rounds} × {options.train_steps} steps, --optimizer {options.optimizer}, "
             f"--train {options.train}"
         )
-        extras.append(lambda folder: plot_training(alternated, loss["before"], folder / TRAINING_PLOT, title))
-    for drawn in write_outputs(out_dir, adapter, pruned, report, timings, extras):
-        if not drawn:
-            warnings.append(f"matplotlib is not installed: no {TRAINING_PLOT} (pip install 'sublora[plots]').")
+        extras[TRAINING_PLOT] = lambda folder: plot_training(alternated, loss["before"], folder / TRAINING_PLOT, title)
+    drawn = write_outputs(out_dir, adapter, pruned, report, timings, list(extras.values()))
+    missing = [name for name, done in zip(extras, drawn, strict=True) if not done]
+    if missing:
+        warnings.append(f"matplotlib is not installed: no {', '.join(missing)} (pip install 'sublora[plots]').")
     failure = None
     if quality is not None and not quality["passed"]:
         failure = (

@@ -59,7 +59,15 @@ class Method:
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("magnitude", "none", "none", gain="magnitude", search="sorted", summary="largest σ first, data-free"),
+        Method(
+            "magnitude", "none", "none", gain="magnitude", search="sorted",
+            summary="the smallest Frobenius error of ΔW: largest σ² (per byte) first, data-free",
+        ),  # fmt: skip
+        Method(
+            "balanced", "none", "none", gain="balanced", search="sorted", per_cost=False,
+            summary="the smallest worst-module relative error, data-free: no module dropped while one fits",
+            in_default_sweep=False,
+        ),  # fmt: skip
         Method("linear", "gradient", "none", gain="linear", search="sorted", summary="largest |g σ| first"),
         Method("diag", "diagonal", "diagonal", gain="diag", search="sorted", summary="the diagonal quadratic model"),
         Method("hessian", "matrix", "quadratic", gain="hessian", search="greedy", summary="greedy on the full q"),

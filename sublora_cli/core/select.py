@@ -474,9 +474,31 @@ def _compensated(kept: torch.Tensor, p: _Problem) -> float:
     return compensated_increase(p.sigma, kept, p.gradient, damped(psd_part(p.hessian), OBS_DAMPING))
 
 
+def _module_residuals(sigma: torch.Tensor, bounds: RankBounds) -> torch.Tensor:
+    """Scores whose order is: first by the relative error ‖ΔW_m − ΔW_m'‖F² / ‖ΔW_m‖F² the component's module has
+    before it is kept (its module keeping its largest σ first: the share of the module's σ² at or below it), then,
+    among equal errors (every module's first component has error 1), by σ². Kept best first, this is water-filling:
+    the module with the worst relative error gets the next component, so the largest per-module error is as small
+    as the budget allows, and a module is dropped only when even its first component is unaffordable; when not
+    every module's first component fits, the largest ones go first. A module with ‖ΔW_m‖ = 0 has error 0."""
+    energy = sigma.square()
+    residuals = torch.zeros_like(energy)
+    for members in _members(bounds, sigma.device):
+        share, order = torch.sort(energy[members], descending=True, stable=True)
+        tails = share.flip(0).cumsum(0).flip(0)
+        total = float(tails[0]) if tails.numel() else 0.0
+        residuals[members[order]] = tails / total if total > 0 else tails
+    by_energy = torch.argsort(energy, descending=True, stable=True)
+    best_first = by_energy[torch.argsort(residuals[by_energy], descending=True, stable=True)]
+    scores = torch.empty_like(energy)
+    scores[best_first] = torch.arange(energy.numel(), 0, -1, dtype=energy.dtype, device=energy.device)
+    return scores
+
+
 START_GAINS: dict[str, Callable[[_Problem], torch.Tensor]] = {  # a method's `gain`: its first greedy gains
     "none": lambda p: torch.zeros_like(p.sigma),  # a search that needs no gains (backward elimination)
-    "magnitude": lambda p: p.sigma.clone(),
+    "magnitude": lambda p: p.sigma.square(),  # Σ of the kept σ²: ‖ΔW‖F² less the Frobenius error of the cut
+    "balanced": lambda p: _module_residuals(p.sigma, p.bounds),
     "linear": lambda p: (p.gradient * p.sigma).abs(),
     "diag": lambda p: -p.gradient * p.sigma + 0.5 * _diagonal(p) * p.sigma.square(),
     "hessian": lambda p: (

@@ -69,6 +69,12 @@ class Adapter:
     def total_rank(self) -> int:
         return sum(m.rank for m in self.modules)
 
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of tensors written whatever is kept: the carried tensors and the format's own (kohya's alphas)."""
+        carried = sum(t.numel() * t.element_size() for t in self.carried.values())
+        return carried + self.format.overhead_bytes(self)
+
 
 @dataclass(frozen=True)
 class PrunedModule:
@@ -103,8 +109,8 @@ class Format(Protocol):
     path (a directory or a single file), so detection must be cheap and must not raise.
 
     The writer's contract, which the pipeline's measurement relies on: a module pruned to rank 0 is dropped, an
-    unchanged module is copied bit-exactly, and any other module is written as `stored_factors(module, kept)`,
-    so that the loss measured on those factors is the loss of the written file.
+    unchanged module is copied bit-exactly, and any other module is written as `stored_factors(adapter, module,
+    kept)`, so that the loss measured on those factors is the loss of the written file.
     """
 
     name: str  # written to the report as input.format
@@ -116,9 +122,17 @@ class Format(Protocol):
 
     def read(self, path: Path) -> Adapter: ...
 
-    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) as matrices (out×k, k×in), exactly as the writer stores them (factorisation and dtype), such
-        that module.scale · B · A is the written update."""
+    def stored_factors(
+        self, adapter: Adapter, module: LoraModule, kept: Spectrum
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, scale): B and A as matrices (out×k, k×in), exactly as the writer stores them (factorisation and
+        dtype), and the scale the written file gives the module at rank k, so that scale · B · A is the written
+        update."""
+        ...
+
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        """At most how many bytes of tensors the writer stores besides the kept factors and the carried tensors,
+        whatever is kept (kohya's `.alpha` scalars): a bytes budget pays for them first, like the carried ones."""
         ...
 
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:

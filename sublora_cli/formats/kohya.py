@@ -3,10 +3,8 @@
 families that hold the same pairs under other names (`.lora_A/.lora_B.weight`, `_lora.up/down`, `.lora.up/down`,
 `.lora_linear_layer.up/down`).
 
-Every detail of these files lives here: which suffixes form a pair, the scale rule (alpha / rank, alpha = rank
-when `.alpha` is absent or 0), the LoCon conv layout, the LyCORIS types that are refused, the `ss_*` metadata
-and `sshs_*` hashes that kohya's resize rewrites, diffusers' `lora_adapter_metadata`, and how a module's name
-maps onto the base model's modules for calibration.
+Every detail of these files lives here: pairs, the scale rule (alpha / rank, alpha = rank when `.alpha` is absent
+or 0), LoCon convs, refused LyCORIS types, `ss_*`/`sshs_*` and `lora_adapter_metadata`, and name matching.
 
 Flux-style fused qkv pairs (a `down` stacking the q/k/v rows and a block-sparse `up`, with the alpha stored
 for the stacked rank) are an ordinary low-rank product of the whole fused weight: they are read and pruned as
@@ -79,11 +77,13 @@ class ModuleKeys:
 
 @dataclass(frozen=True)
 class SingleFileState:
-    """What the writer needs from the input besides the modules: keys, metadata, and the alpha tensors' dtype."""
+    """What the writer needs besides the modules: keys, metadata, the `.alpha` tensors (written back unchanged)
+    and the modules that state an alpha (non-zero `.alpha` or diffusers' metadata; others: scale 1)."""
 
     keys: dict[str, ModuleKeys]
     metadata: dict[str, str]
-    alpha_dtype: torch.dtype
+    alphas: dict[str, torch.Tensor]
+    stated_alpha: frozenset[str]
     total_rank: int
 
 
@@ -200,16 +200,18 @@ def config_for(name: str, configs: dict[str, dict]) -> tuple[str, dict] | None:
     return None
 
 
-def module_alpha(name: str, rank: int, alpha_tensor: torch.Tensor | None, configs: dict[str, dict]) -> float:
-    """A module's alpha (its scale is alpha / rank): `.alpha` when present and non-zero, else diffusers' metadata
-    (`alpha_pattern`, then `lora_alpha`, peft's default when absent), else alpha = rank (scale 1), as kohya,
-    ComfyUI and diffusers assume."""
+def module_alpha(
+    name: str, rank: int, alpha_tensor: torch.Tensor | None, configs: dict[str, dict]
+) -> tuple[float, bool]:
+    """A module's alpha (its scale is alpha / rank) and whether the file states it: `.alpha` when present and
+    non-zero, else diffusers' metadata (`alpha_pattern`, then `lora_alpha`, peft's default when absent), else
+    alpha = rank (scale 1, not stated), as kohya, ComfyUI and diffusers assume."""
     if alpha_tensor is not None:
         alpha = float(alpha_tensor.float().reshape(-1)[0]) if alpha_tensor.numel() == 1 else math.nan
         if not math.isfinite(alpha):
             raise SubloraError(f"Module {name}: its .alpha must be one finite number, got {alpha_tensor.tolist()}.")
         if alpha != 0:
-            return alpha
+            return alpha, True
     found = config_for(name, configs)
     if found is not None:
         prefix, config = found
@@ -217,8 +219,8 @@ def module_alpha(name: str, rank: int, alpha_tensor: torch.Tensor | None, config
         pattern = config.get("alpha_pattern") or {}
         key = get_pattern_key(list(pattern), relative)
         alpha = pattern[key] if key is not None else config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
-        return float(alpha)
-    return float(rank)
+        return float(alpha), True
+    return float(rank), False
 
 
 def read_modules(
@@ -233,15 +235,15 @@ def read_modules(
         )
     configs = diffusers_configs(metadata)
     modules = []
-    alpha_dtypes = set()
+    alphas = {name: tensors[k.alpha] for name, k in keys.items() if k.alpha is not None}
+    stated = set()
     for name in sorted(keys):
         k = keys[name]
         down, up = tensors[k.down], tensors[k.up]
         kind, A, B = as_matrices(name, down, up)
-        alpha_tensor = tensors[k.alpha] if k.alpha is not None else None
-        if alpha_tensor is not None:
-            alpha_dtypes.add(alpha_tensor.dtype)
-        alpha = module_alpha(name, A.shape[0], alpha_tensor, configs)
+        alpha, states = module_alpha(name, A.shape[0], alphas.get(name), configs)
+        if states:
+            stated.add(name)
         modules.append(
             LoraModule(
                 name=name,
@@ -254,52 +256,43 @@ def read_modules(
                 b_shape=tuple(up.shape),
             )
         )
-    alpha_dtype = alpha_dtypes.pop() if len(alpha_dtypes) == 1 else torch.float32
-    return (
-        modules,
-        SingleFileState(keys=keys, metadata=metadata, alpha_dtype=alpha_dtype, total_rank=sum(m.rank for m in modules)),
-        carried,
-    )
+    total_rank = sum(m.rank for m in modules)
+    return modules, SingleFileState(keys, metadata, alphas, frozenset(stated), total_rank), carried
 
 
-def alpha_tensor_for(scale: float, rank: int, dtype: torch.dtype) -> torch.Tensor:
-    """`.alpha` for a module written at `rank` so that alpha / rank equals `scale`, in the input's alpha dtype
-    when that holds the value exactly, else float32 (kohya's resize rounds it to the save dtype, which changes
-    the scale of a half-precision file by up to 0.1 %)."""
-    alpha = scale * rank
-    stored = torch.tensor(alpha, dtype=dtype)
-    return stored if float(stored) == alpha else torch.tensor(alpha, dtype=torch.float32)
+def written_alpha(state: SingleFileState, module: LoraModule, rank: int) -> float:
+    """A module's alpha at `rank`: its own, unchanged, when the file states one (the factors carry alpha / rank),
+    else alpha = rank. diffusers' loader (0.42) applies the most common alpha to kohya attention modules whose
+    alpha differs, so per-module alphas (alpha / rank kept) would load mis-scaled."""
+    return module.alpha if module.name in state.stated_alpha else float(rank)
 
 
 @dataclass(frozen=True)
 class WrittenModule:
-    """One module as the writer stores it: matrix factors in the storage dtype, at its new rank."""
+    """One module as the writer stores it: matrix factors in the storage dtype, at its new rank, and its alpha."""
 
     module: LoraModule
     B: torch.Tensor  # out × k
     A: torch.Tensor  # k × in
+    alpha: float
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
 
-    @property
-    def alpha(self) -> float:
-        return self.module.scale * self.rank
-
 
 def pruned_state_dict(
     state: SingleFileState, carried: dict[str, torch.Tensor], written: list[WrittenModule]
 ) -> dict[str, torch.Tensor]:
-    """The output tensors: every kept module under its own keys and layout, `.alpha` keeping alpha / rank,
-    modules at rank 0 dropped, everything else carried unchanged."""
+    """The output tensors: every kept module under its own keys and layout with its `.alpha` as it was, modules at
+    rank 0 dropped, everything else carried unchanged."""
     tensors = dict(carried)
     for w in written:
         m, keys = w.module, state.keys[w.module.name]
         tensors[keys.down] = w.A.reshape(w.rank, *m.a_shape[1:]).contiguous()
         tensors[keys.up] = w.B.reshape(m.b_shape[0], w.rank, *m.b_shape[2:]).contiguous()
         if keys.alpha is not None:
-            tensors[keys.alpha] = alpha_tensor_for(m.scale, w.rank, state.alpha_dtype)
+            tensors[keys.alpha] = state.alphas[m.name]
     return dict(sorted(tensors.items()))
 
 
@@ -430,19 +423,26 @@ class SingleFileFormat:
         modules, state, carried = read_modules(tensors, metadata)
         return Adapter(path=path, format=self, sha256=sha256_of(path), modules=modules, carried=carried, state=state)
 
-    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced factors of the kept spectrum (each side sqrt(σ/scale) per component, safe in half precision)
-        in the dtype the input stored the module in; `.alpha` is written so that alpha / rank keeps the scale."""
-        B, A = balanced_factors(kept, list(range(kept.rank)), module.scale)
-        return B.to(module.B.dtype), A.to(module.A.dtype)
+    def stored_factors(
+        self, adapter: Adapter, module: LoraModule, kept: Spectrum
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Balanced factors in the module's stored dtype, for the scale its written alpha gives it at the new rank."""
+        scale = written_alpha(adapter.state, module, kept.rank) / kept.rank
+        B, A = balanced_factors(kept, list(range(kept.rank)), scale)
+        return B.to(module.B.dtype), A.to(module.A.dtype), scale
+
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        """The `.alpha` scalars as they are (counted even for modules pruned to rank 0, which lose theirs)."""
+        return sum(t.numel() * t.element_size() for t in adapter.state.alphas.values())
 
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         written = []
         for p in pruned:
             if p.rank_after == 0:
                 continue
-            B, A = (p.module.B, p.module.A) if p.unchanged else self.stored_factors(p.module, p.spectrum)
-            written.append(WrittenModule(module=p.module, B=B, A=A))
+            B, A = (p.module.B, p.module.A) if p.unchanged else self.stored_factors(adapter, p.module, p.spectrum)[:2]
+            alpha = written_alpha(adapter.state, p.module, p.rank_after)
+            written.append(WrittenModule(module=p.module, B=B, A=A, alpha=alpha))
         tensors = pruned_state_dict(adapter.state, adapter.carried, written)
         metadata = pruned_metadata(adapter.state, written, tensors, provenance)
         save_file(tensors, str(out_dir / adapter.path.name), metadata=metadata)

@@ -367,12 +367,19 @@ class PeftFormat:
             state=state,
         )
 
-    def stored_factors(self, module: LoraModule, kept: Spectrum) -> tuple[torch.Tensor, torch.Tensor]:
+    def stored_factors(
+        self, adapter: Adapter, module: LoraModule, kept: Spectrum
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Balanced factors of the kept spectrum (each side sqrt(σ/scale) per component, as training would leave
-        them, and safe in half precision) rounded to the dtype the input stored them in."""
+        them, and safe in half precision) rounded to the dtype the input stored them in; the module keeps its scale
+        (`alpha_pattern` keeps alpha / r)."""
         B, A = balanced_factors(kept, list(range(kept.rank)), module.scale)
         dtype = module.A.dtype
-        return B.to(dtype), A.to(dtype)
+        return B.to(dtype), A.to(dtype), module.scale
+
+    def overhead_bytes(self, adapter: Adapter) -> int:
+        """Nothing: a PEFT file holds the factors and the carried tensors; ranks and scales go in the config."""
+        return 0
 
     def write(self, adapter: Adapter, pruned: list[PrunedModule], out_dir: Path, provenance: dict | None) -> None:
         tensors = dict(adapter.carried)  # modules_to_save and biases, untouched
@@ -385,7 +392,8 @@ class PeftFormat:
                 A_stored = p.module.A.reshape(p.module.a_shape)
                 B_stored = p.module.B.reshape(p.module.b_shape)
             else:
-                A_stored, B_stored = _in_layout(p.module, *self.stored_factors(p.module, p.spectrum))
+                B, A, _ = self.stored_factors(adapter, p.module, p.spectrum)
+                A_stored, B_stored = _in_layout(p.module, B, A)
             tensors[a_key], tensors[b_key] = A_stored, B_stored
         tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
         save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -47,12 +47,13 @@ def budget_spec(budget: str | None, max_loss_increase: str | None) -> BudgetSpec
 
 
 def adapter_pricing(adapter: Adapter) -> Pricing:
-    """What every component and the carried tensors cost (design §5), in the adapter's stored dtype."""
+    """What every component costs (design §5), in the adapter's stored dtype, and what is written whatever is kept:
+    the carried tensors and the format's own (kohya's `.alpha` scalars)."""
     return Pricing(
         ranks=[m.rank for m in adapter.modules],
         widths=[sum(m.shape) for m in adapter.modules],
         element_sizes=[m.element_size for m in adapter.modules],
-        carried_bytes=sum(t.numel() * t.element_size() for t in adapter.carried.values()),
+        carried_bytes=adapter.fixed_bytes,
     )
 
 

@@ -71,14 +71,21 @@ def select_kept(
         selection = select(method, sigma, budget, bounds, seed=seed, **inputs)
     except ValueError as e:
         raise SubloraError(f"{e}.") from e
-    check_not_empty(selection, method)
+    check_not_empty(selection, budget, method)
     return selection
 
 
-def check_not_empty(selection: Selection, method: str) -> None:
+def check_not_empty(selection: Selection, budget: Budget, method: str) -> None:
     """An adapter with no component left is one peft cannot load: refuse it rather than write it."""
-    if not bool(selection.kept.any()):
+    if bool(selection.kept.any()):
+        return
+    cheapest = float(budget.cost.min()) if budget.cost.numel() else 0.0
+    if cheapest > budget.capacity:
         raise SubloraError(
+            f"the budget leaves {budget.amount(budget.capacity)} for the LoRA factors, less than the cheapest "
+            f"component ({budget.amount(cheapest)}): the pruned adapter would be empty. Raise --budget."
+        )
+    raise SubloraError(
             f"--method {method} kept no component at all (its model predicts that every component increases the "
             "loss): the pruned adapter would be empty, which peft cannot load. Raise --min-rank to 1 to keep "
             "at least one component per module, or choose another --method."

@@ -45,7 +45,21 @@ def non_finite_metric_warnings(metrics: dict[str, float] | None, when: str) -> l
     ]
 
 
-def _totals(pruned: list[PrunedModule], carried: dict) -> dict:
+def module_error(p: PrunedModule, spectrum: Spectrum) -> tuple[float, float]:
+    """(‖ΔW − ΔW'‖F², ‖ΔW‖F²) of one module: U and V are orthonormal, so the error is the dropped σ² plus the
+    squared change of the kept ones (a refit moves them)."""
+    sigma = spectrum.sigma.double()
+    dropped = sigma.square().sum() - sigma[p.kept].square().sum()
+    moved = (p.spectrum.sigma.double() - sigma[p.kept]).square().sum()
+    return float(dropped + moved), float(sigma.square().sum())
+
+
+def _relative(error: float, norm: float) -> float:
+    return math.sqrt(error / norm) if norm > 0 else 0.0
+
+
+def _totals(pruned: list[PrunedModule], spectra: list[Spectrum], fixed_bytes: int) -> dict:
+    errors = [module_error(p, s) for p, s in zip(pruned, spectra, strict=True)]
     before = sum(p.module.params for p in pruned)
     after = sum(p.module.params * p.rank_after // p.module.rank for p in pruned)
     return {
@@ -55,7 +69,10 @@ def _totals(pruned: list[PrunedModule], carried: dict) -> dict:
         "params_after": after,
         "bytes_before": sum(p.module.params * p.module.element_size for p in pruned),
         "bytes_after": sum(p.module.params * p.rank_after // p.module.rank * p.module.element_size for p in pruned),
-        "carried_bytes": sum(t.numel() * t.element_size() for t in carried.values()),  # written whatever is kept
+        "carried_bytes": fixed_bytes,  # written whatever is kept: carried tensors, kohya's alphas
+        # the data-free objectives: magnitude minimises the first, balanced the second
+        "relative_error": _relative(sum(e for e, _ in errors), sum(n for _, n in errors)),
+        "worst_module_error": max((_relative(e, n) for e, n in errors), default=0.0),
     }
 
 
@@ -93,6 +110,7 @@ def build_report(
                 "sigma": [float(s) for s in p.spectrum.sigma],  # as written (refit values when refit)
                 "sigma_before": [float(s) for s in sigma],
                 "scale": p.module.scale,
+                "relative_error": _relative(*module_error(p, spectrum)),  # ‖ΔW − ΔW'‖F / ‖ΔW‖F as written
             }
         )
     report = {
@@ -108,7 +126,7 @@ def build_report(
             **bounds,
             **(budget_extra or {}),
         },
-        "totals": _totals(pruned, adapter.carried),
+        "totals": _totals(pruned, spectra, adapter.fixed_bytes),
         "modules": modules,
         "calibration": calibration,
         "loss": loss,

@@ -34,7 +34,7 @@ def stored_spectra(adapter: Adapter, pruned: list[PrunedModule]) -> list[Spectru
         if p.unchanged or p.rank_after == 0:
             result.append(p.spectrum)
         else:
-            result.append(factor_svd(*adapter.format.stored_factors(p.module, p.spectrum), p.module.scale))
+            result.append(factor_svd(*adapter.format.stored_factors(adapter, p.module, p.spectrum)))
     return result
 
 
