@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sublora_cli.adapters import Adapter
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES, CalibrationScript, check_loss, load_calibration
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES, META, CalibrationScript, check_loss, load_calibration
 from sublora_cli.curvature import (
     AUTO,
     Curvature,
@@ -48,6 +48,8 @@ def resolve_device(name: str) -> torch.device | None:
         device = torch.device(name)
     except RuntimeError as e:
         raise SubloraError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from e
+    if device.type == "meta":
+        raise SubloraError(f"--device {name}: {META}; use --device cpu or cuda.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SubloraError(f"--device {name}: this machine has no CUDA device; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

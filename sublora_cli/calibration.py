@@ -26,6 +26,7 @@ from sublora_cli.errors import SubloraError
 REQUIRED = ("load_model", "batches", "loss")
 OPTIONAL = ("evaluate", "per_sample_loss", "train_batches")
 DEFAULT_MAX_BATCHES = 10_000  # --max-batches: a batches() that never ends stops here instead of filling the memory
+META = "meta tensors hold shapes but no values, so no loss can be computed on them"
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
@@ -151,6 +152,11 @@ class CalibrationScript:
         if not isinstance(model, nn.Module):
             raise SubloraError(
                 f"load_model() in {self.path} returned a {type(model).__name__}; it must return a torch.nn.Module."
+            )
+        if any(p.is_meta for p in model.parameters()):
+            raise SubloraError(
+                f"load_model() in {self.path} returned a model with parameters on the meta device: {META}. Load the "
+                "weights (e.g. without init_empty_weights, or with device_map='cpu')."
             )
         return model
 

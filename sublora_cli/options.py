@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
@@ -21,7 +22,7 @@ import typer
 
 from sublora_cli.bounds import read_rank_bound
 from sublora_cli.calibrated import AUTO_PLACEMENT, DTYPES
-from sublora_cli.calibration import DEFAULT_MAX_BATCHES
+from sublora_cli.calibration import DEFAULT_MAX_BATCHES, META
 from sublora_cli.curvature import AUTO, AUTO_MAX_HVPS, KINDS
 from sublora_cli.errors import SubloraError
 
@@ -40,9 +41,24 @@ def one_of(choices: tuple[str, ...]) -> Check:
 
 
 def positive(value: float) -> None:
-    """A size or count must be above 0."""
-    if value <= 0:
-        raise SubloraError(f"{value:g} is not positive.")
+    """A size or count must be above 0 (NaN is not: `nan <= 0` is false, so the test is written the other way)."""
+    if not value > 0:
+        raise SubloraError(f"{value:g} is not a positive number.")
+
+
+def positive_finite(value: float) -> None:
+    """A rate must be a positive, finite number."""
+    positive(value)
+    if math.isinf(value):
+        raise SubloraError(f"{value:g} is not a finite number.")
+
+
+SEEDS = (-(2**63), 2**64 - 1)  # what torch's generators accept
+
+
+def seed_range(value: int) -> None:
+    if not SEEDS[0] <= value <= SEEDS[1]:
+        raise SubloraError(f"{value} is outside the seeds torch accepts ({SEEDS[0]} to {SEEDS[1]}).")
 
 
 def at_least(minimum: int) -> Check:
@@ -60,9 +76,11 @@ def device_syntax(value: str) -> None:
     if value == AUTO_PLACEMENT:
         return
     try:
-        torch.device(value)
+        device = torch.device(value)
     except RuntimeError:
         raise SubloraError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
+    if device.type == "meta":
+        raise SubloraError(f"{value!r}: {META}; use cpu or cuda.")
 
 
 @dataclass(frozen=True)

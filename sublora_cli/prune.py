@@ -59,7 +59,8 @@ from sublora_cli.options import (
     echo,
     one_of,
     option,
-    positive,
+    positive_finite,
+    seed_range,
 )
 from sublora_cli.output import atomic_output_dir, check_output_dir
 from sublora_cli.refit import RefitResult, psd_part, refit, written_spectrum
@@ -116,7 +117,9 @@ class PruneOptions:
     curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
     min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
     max_rank: str | None = option(MAX_RANK, None)
-    seed: int = option(Option(("--seed",), "Seed of the randomized greedy (sublora-random)."), 0)
+    seed: int = option(
+        Option(("--seed",), "Seed of the randomized greedy (sublora-random) and of --rounds.", check=seed_range), 0
+    )
     max_loss_increase: str | None = option(  # "0.05" or "5%", relative to the loss before pruning
         Option(
             ("--max-loss-increase",),
@@ -173,7 +176,7 @@ class PruneOptions:
         Option(
             ("--lr",),
             "Peak learning rate of each round (linear warm-up over its first tenth, then cosine decay to 0).",
-            check=positive,
+            check=positive_finite,
             show_default="per optimizer: "
             + ", ".join(f"{name} {spec.default_lr:g}" for name, spec in OPTIMIZERS.items())
             + "; with --train sigma: "

@@ -35,6 +35,7 @@ from sublora_cli.options import (
     REFIT,
     Option,
     option,
+    seed_range,
 )
 from sublora_cli.output import atomic_output_dir, pyplot
 from sublora_cli.prune import (
@@ -140,9 +141,12 @@ def budgets_syntax(text: str) -> None:
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`0,1,2` → (0, 1, 2); nothing given means seed 0."""
     try:
-        return tuple(int(s) for s in str(text).split(",") if s.strip()) or (0,)
+        seeds = tuple(int(s) for s in str(text).split(",") if s.strip()) or (0,)
     except ValueError:
         raise SubloraError(f"{text!r} is not a comma-separated list of integers.") from None
+    for seed in seeds:
+        seed_range(seed)
+    return seeds
 
 
 @dataclass(frozen=True)
