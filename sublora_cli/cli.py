@@ -24,10 +24,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sublora_cli import __version__, distributed, render
+from sublora_cli import __version__, distributed, interrupts, render
 from sublora_cli.adapters import read_adapter
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.options import EvalOptions, config_types, path_keys, resolve, with_options
+from sublora_cli.output import completed_writes, release_locks
 from sublora_cli.prune import PruneOptions, evaluate_adapter, prune
 from sublora_cli.report import strict_json
 from sublora_cli.settings import load_config
@@ -113,6 +114,7 @@ def prune_command(
             overwrite=overwrite,
             progress=progress,
             info=info,
+            config=config,
         )
     render.warnings(result.warnings)
     if as_json:
@@ -196,11 +198,28 @@ app.command(name="sweep")(with_options(sweep_command, SweepOptions))
 
 
 def main() -> None:
-    """Entry point: maps errors onto the exit codes (1 input/failure, 2 usage, 3 quality guard).
+    """Entry point: maps errors onto the exit codes (1 input/failure, 2 usage, 3 quality guard, 128 + the signal's
+    number when interrupted: 130 for Ctrl-C).
 
     Typer itself handles usage errors (exit 2) and --help; our own errors carry their exit code. Under torchrun
     every rank runs this; only rank 0 prints, and all ranks exit with the code they agreed on (distributed.py).
     """
+    with interrupts.handled():
+        try:
+            code = _main()
+        except interrupts.Interrupted as e:  # after the command: while the ranks agree or the error prints
+            code = e.exit_code
+            render.error(_interrupted(e))
+    sys.exit(code)
+
+
+def _main() -> int:
+    try:
+        distributed.check_environment()
+    except SubloraError as e:  # e.g. a malformed SUBLORA_DIST_TIMEOUT: said once, by the first rank
+        if distributed.launched_rank() == 0:
+            render.error(str(e))
+        return e.exit_code
     with distributed.process_group():
         if not distributed.is_main():
             _quiet()
@@ -208,7 +227,7 @@ def main() -> None:
         if message is not None:
             render.error(message)
         distributed.finish()
-    sys.exit(code)
+    return code
 
 
 def _outcome() -> tuple[int, str | None]:
@@ -217,6 +236,10 @@ def _outcome() -> tuple[int, str | None]:
         app()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1), None
+    except interrupts.Interrupted as e:
+        if state["debug"]:
+            raise
+        return e.exit_code, _interrupted(e)
     except SubloraError as e:
         if state["debug"]:
             raise
@@ -225,7 +248,17 @@ def _outcome() -> tuple[int, str | None]:
         if state["debug"]:
             raise
         return 1, f"unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback."
+    finally:
+        release_locks()
     return 0, None
+
+
+def _interrupted(signal: interrupts.Interrupted) -> str:
+    """What an interrupted run left: the --out it completed, or nothing (a previous output stays as it was)."""
+    written = completed_writes()
+    if written:
+        return f"interrupted ({signal}) after writing {', '.join(map(str, written))}."
+    return f"interrupted ({signal}); nothing was written (a previous output in --out is intact)."
 
 
 def _quiet() -> None:

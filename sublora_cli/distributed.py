@@ -22,6 +22,7 @@ both, "cpu:gloo,cuda:nccl"), each rank on cuda:LOCAL_RANK.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,10 @@ DEFAULT_TIMEOUT_S = 600.0
 
 def launched() -> bool:
     """True when torchrun (or any launcher setting WORLD_SIZE) started more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise SubloraError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes.") from None
 
 
 def active() -> bool:
@@ -57,14 +61,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 without one), known before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def check_environment() -> None:
+    """Check what the launcher's environment configures before the process group is created (every rank checks;
+    the caller lets rank 0 say it)."""
+    if launched():
+        timeout_seconds()
+
+
 def timeout_seconds() -> float:
     value = os.environ.get("SUBLORA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:
         seconds = float(value)
     except ValueError:
         raise SubloraError(f"SUBLORA_DIST_TIMEOUT={value!r}: must be a number of seconds.") from None
-    if seconds <= 0:
-        raise SubloraError(f"SUBLORA_DIST_TIMEOUT={value!r}: must be positive.")
+    if not 0 < seconds < math.inf:
+        raise SubloraError(f"SUBLORA_DIST_TIMEOUT={value!r}: must be a positive, finite number of seconds.")
     return seconds
 
 

@@ -62,7 +62,7 @@ from sublora_cli.options import (
     positive_finite,
     seed_range,
 )
-from sublora_cli.output import atomic_output_dir, check_output_dir
+from sublora_cli.output import atomic_output_dir, check_output_dir, lock_output_dir
 from sublora_cli.refit import RefitResult, psd_part, refit, written_spectrum
 from sublora_cli.report import build_report, non_finite_metric_warnings, provenance, write_reports
 from sublora_cli.select import RankBounds, Selection, select
@@ -390,10 +390,15 @@ def in_dtype(adapter: Adapter, dtype_out: str) -> Adapter:
     return replace(adapter, modules=modules, carried=carried)
 
 
-def output_dir(adapter_path: Path, out_dir: Path | None, suffix: str, overwrite: bool) -> Path:
-    """The output directory (default: a sibling named with `suffix`), checked before any computation starts."""
+def output_dir(
+    adapter_path: Path, out_dir: Path | None, suffix: str, overwrite: bool, reads: dict[str, Path | None]
+) -> Path:
+    """The output directory (default: a sibling named with `suffix`), checked — against the adapter and the other
+    files the run `reads` too — and claimed against concurrent runs before any computation starts."""
     out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, suffix)
-    check_output_dir(out_dir, adapter_path, overwrite)
+    check_output_dir(out_dir, adapter_path, overwrite, reads)
+    if distributed.is_main():  # the rank that writes
+        lock_output_dir(out_dir)
     return out_dir
 
 
@@ -562,6 +567,7 @@ def prune(
     overwrite: bool = False,
     progress: Progress | None = None,
     info: Info | None = None,
+    config: Path | None = None,
 ) -> PruneResult:
     method = options.resolved_method()
     _check_method(method, options.calib, options.curvature)
@@ -576,7 +582,8 @@ def prune(
     pricing = adapter_pricing(adapter)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
     allowance = None if spec.reading == "auto" else resolve_budget(spec, unit, pricing)
-    out_dir = output_dir(adapter_path, out_dir, f"pruned-{_suffix(spec, allowance)}", overwrite)
+    reads = {"the calibration script": options.calib, "the --config file": config}
+    out_dir = output_dir(adapter_path, out_dir, f"pruned-{_suffix(spec, allowance)}", overwrite, reads)
     if allowance is not None:
         allowance, unpruned = _whole_adapter_cap(allowance)
         warnings.extend(_nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))

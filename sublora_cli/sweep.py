@@ -212,7 +212,7 @@ def sweep(
     pricing = adapter_pricing(adapter)
     unit, budgets = parse_sizes(options.budgets) or ("rank", parse_budgets(options.budgets, adapter.total_rank))
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite)
+    out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite, {"the calibration script": options.calib})
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
         loss_before, metrics_before = measure_before(calibrated, timings, options.evaluate)
