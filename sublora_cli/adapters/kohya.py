@@ -27,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, sha256_of
-from sublora_cli.adapters.peft import PEFT_DEFAULTS, get_pattern_key
+from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, check_factor, sha256_of
+from sublora_cli.adapters.peft import PEFT_DEFAULTS, get_pattern_key, is_number
 from sublora_cli.errors import SubloraError
 from sublora_cli.svd import Spectrum, balanced_factors
 
@@ -136,12 +136,7 @@ def split_pairs(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, ModuleKeys]
 def as_matrices(name: str, down: torch.Tensor, up: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(kind, A r×in, B out×r) from the stored factors; LoCon: down (r, in, k, k), up (out, r, 1, 1)."""
     for key, t in (("down", down), ("up", up)):
-        if not t.is_floating_point():
-            raise SubloraError(
-                f"Module {name}: its {key} factor has dtype {t.dtype}; LoRA factors must be floating point."
-            )
-        if not torch.isfinite(t).all():
-            raise SubloraError(f"Module {name}: its {key} factor contains NaN or Inf values; refusing to prune it.")
+        check_factor(f"Module {name}: its {key} factor", t)
     kind = "linear"
     if down.dim() > 2:
         kind = "conv"
@@ -215,8 +210,19 @@ def module_alpha(name: str, rank: int, alpha_tensor: torch.Tensor | None, config
         prefix, config = found
         relative = name.removeprefix(prefix + ".") if prefix else name
         pattern = config.get("alpha_pattern") or {}
+        component = f"{prefix}." if prefix else ""
+        if not isinstance(pattern, dict):
+            raise SubloraError(f"The file's {DIFFUSERS_METADATA_KEY}: {component}alpha_pattern must be an object.")
         key = get_pattern_key(list(pattern), relative)
-        alpha = pattern[key] if key is not None else config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
+        if key is not None:
+            alpha, field = pattern[key], f"{component}alpha_pattern[{key!r}]"
+        else:
+            alpha, field = config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]), f"{component}lora_alpha"
+        if not is_number(alpha) or alpha == 0:
+            raise SubloraError(
+                f"The file's {DIFFUSERS_METADATA_KEY}: {field} = {alpha!r} for module {name}; an alpha must be a "
+                "non-zero number (the scale is alpha / rank). Fix or remove that entry of the metadata."
+            )
         return float(alpha)
     return float(rank)
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, sha256_of
+from sublora_cli.adapters.base import Adapter, LoraModule, PrunedModule, check_factor, sha256_of
 from sublora_cli.errors import SubloraError
 from sublora_cli.svd import Spectrum, balanced_factors
 
@@ -152,8 +152,11 @@ def _check_ranks_and_alphas(config: dict, config_path: Path) -> None:
         if not (is_number(value) and float(value).is_integer() and value > 0):
             raise SubloraError(f"{config_path}: {where} = {value!r}; a LoRA rank must be a positive whole number.")
     for where, value in alphas.items():
-        if not is_number(value):
-            raise SubloraError(f"{config_path}: {where} = {value!r}; lora_alpha must be a number.")
+        if not is_number(value) or value == 0:
+            raise SubloraError(
+                f"{config_path}: {where} = {value!r}; lora_alpha must be a non-zero number (the scale is "
+                "lora_alpha / r: 0 makes every update zero, a negative one flips its sign)."
+            )
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -230,12 +233,9 @@ def _lora_modules(state: PeftState, tensors: dict[str, torch.Tensor], factors: d
     for name in sorted(factors):
         a_key, b_key, kind = factors[name]
         A, B = tensors[a_key], tensors[b_key]
-        kind, A_mat, B_mat = _as_matrices(name, kind, A, B)
         for key, t in ((a_key, A), (b_key, B)):
-            if not t.is_floating_point():
-                raise SubloraError(f"{key} has dtype {t.dtype}; LoRA factors must be floating point.")
-            if not torch.isfinite(t).all():
-                raise SubloraError(f"{key} contains NaN or Inf values; the adapter is damaged, refusing to prune it.")
+            check_factor(key, t)
+        kind, A_mat, B_mat = _as_matrices(name, kind, A, B)
         rank_key = get_pattern_key(list(rank_pattern), name)
         r = int(rank_pattern[rank_key]) if rank_key is not None else default_r
         if A_mat.shape[0] != r:
