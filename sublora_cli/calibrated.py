@@ -9,6 +9,7 @@ they are written (tests check that it equals the loss of the written adapter rel
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sublora_cli import distributed
 from sublora_cli.adapters import Adapter
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES, META, CalibrationScript, check_loss, load_calibration
 from sublora_cli.curvature import (
@@ -233,18 +235,55 @@ def open_calibration(
     """Run the script's load_model() and batches() (at most `max_batches`) and hook the adapter's modules into
     the model."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    script = load_calibration(calib)
-    model = script.call_load_model()
-    load_carried_tensors(model, adapter)
-    batches = script.call_batches(max_batches, progress)
-    sigma_model = SigmaModel(
-        model,
-        adapter.modules,
-        spectra,
-        script.call_loss,
-        device=torch_device,
-        dtype=torch_dtype,
-        per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
-        paths=module_paths(model, adapter),
-    )
+    with distributed.agreeing():  # under torchrun: load_model() failing on one process fails them all, at once
+        script = load_calibration(calib)
+        model = script.call_load_model()
+        load_carried_tensors(model, adapter)
+        batches = script.call_batches(max_batches, progress)
+        sigma_model = SigmaModel(
+            model,
+            adapter.modules,
+            spectra,
+            script.call_loss,
+            device=torch_device,
+            dtype=torch_dtype,
+            per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
+            paths=module_paths(model, adapter),
+        )
+    check_batches_alike("batches", batches)
     return Calibrated(script=script, sigma_model=sigma_model, batches=batches)
+
+
+def check_batches_alike(name: str, batches: list) -> None:
+    """Under torchrun every process must hold the same batches (each computes its share, batch i on process
+    i mod N); a script that shards by rank itself would silently give each process a different loss."""
+    distributed.check_same(
+        f"what {name}() yields",
+        batches_summary(batches),
+        f"Every process must load the same batches in the same order: sublora shards them itself, so {name}() "
+        "must not split the data by rank (no DistributedSampler, no RANK-dependent slicing).",
+    )
+
+
+def batches_summary(batches: list) -> str:
+    """The count and a digest of the batches' shapes and (rounded) sums: equal wherever the same data was loaded."""
+    digest = hashlib.sha256()
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            total = float(value.detach().double().sum()) if value.numel() else 0.0
+            digest.update(f"T{tuple(value.shape)}{value.dtype}{total:.6g};".encode())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key!r}".encode())
+                visit(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f"V{value!r};".encode() if isinstance(value, int | float | str | bool) else b"?")
+
+    for batch in batches:
+        visit(batch)
+    return f"{len(batches)} batches, digest {digest.hexdigest()[:12]}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -124,17 +124,37 @@ def all_reduce_sum(total: torch.Tensor | float | int) -> torch.Tensor | float | 
     if not active():
         return total
     if isinstance(total, torch.Tensor):
-        dist.all_reduce(total)
+        _collective(dist.all_reduce, total)
         return total
     dtype = torch.float64 if isinstance(total, float) else torch.int64
     carrier = torch.tensor(total, dtype=dtype, device=_number_device())
-    dist.all_reduce(carrier)
+    _collective(dist.all_reduce, carrier)
     return carrier.item()
+
+
+def _collective(operation: Callable, *args: object) -> None:
+    """Run one collective; a peer that died or stopped answering becomes an input-level error that says so (the
+    backend's own words, "Connection closed by peer" or a timeout, kept at the end)."""
+    try:
+        operation(*args)
+    except RuntimeError as e:
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            what = f"did not answer within SUBLORA_DIST_TIMEOUT ({timeout_seconds():g} s)"
+        else:
+            what = "died or closed its connection"
+        raise SubloraError(
+            f"Another process of the torchrun job {what}, so this one stops too (exit 1); that process's own output "
+            f"says why (killed, out of memory). Backend: {e}"
+        ) from e
 
 
 def _number_device() -> torch.device:
     """Where a Python number travels: the CPU unless the only backend is nccl (GPU tensors only)."""
     return torch.device("cpu") if "gloo" in dist.get_backend() else torch.device("cuda")
+
+
+class _Exchange:
+    peer_exited = False  # a rank sent its exit to a stage's exchange: it takes no part in `agreed_exit`
 
 
 def first_failure(message: str | None) -> str | None:
@@ -143,8 +163,36 @@ def first_failure(message: str | None) -> str | None:
     if not active():
         return message
     outcomes: list[object] = [None] * world_size()
-    dist.all_gather_object(outcomes, message)
+    _collective(dist.all_gather_object, outcomes, message)
+    _Exchange.peer_exited = _Exchange.peer_exited or any(isinstance(o, tuple) for o in outcomes)
     return next((m for m in map(_failure_message, outcomes) if m is not None), None)
+
+
+@contextmanager
+def agreeing() -> Iterator[None]:
+    """Run a stage that may fail on one rank alone (a batch, load_model(), train_batches()): at its end the ranks
+    exchange their outcome, and if any failed every rank raises that rank's message, instead of the others
+    waiting in their next collective for a rank that left. Every rank must enter it at the same point."""
+    try:
+        yield
+    except Exception as error:
+        first_failure(str(error) or type(error).__name__)
+        raise
+    failure = first_failure(None)
+    if failure is not None:
+        raise SubloraError(failure)
+
+
+def check_same(what: str, summary: object, advice: str) -> None:
+    """Refuse to go on unless every rank computed the same `summary` of something they must share (the batches
+    each rank loaded); the error lists what each rank had. Every rank must call it at the same point."""
+    if not active():
+        return
+    summaries: list[object] = [None] * world_size()
+    _collective(dist.all_gather_object, summaries, summary)
+    if any(other != summaries[0] for other in summaries):
+        each = "; ".join(f"rank {r}: {s}" for r, s in enumerate(summaries))
+        raise SubloraError(f"The torchrun processes disagree on {what} ({each}). {advice}")
 
 
 def agreed_exit(code: int, message: str | None) -> tuple[int, str | None]:
@@ -155,6 +203,8 @@ def agreed_exit(code: int, message: str | None) -> tuple[int, str | None]:
     """
     if not active():
         return code, message
+    if _Exchange.peer_exited:  # that rank is past this exchange, waiting in `finish`
+        return code or 1, message
     outcomes: list[object] = [None] * world_size()
     try:
         dist.all_gather_object(outcomes, (code, message))
@@ -188,6 +238,8 @@ def finish() -> None:
 
 __all__ = [
     "agreed_exit",
+    "agreeing",
+    "check_same",
     "all_reduce_sum",
     "describe",
     "finish",

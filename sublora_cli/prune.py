@@ -32,7 +32,7 @@ from sublora_cli.budget import (
     read_tolerance,
     resolve_budget,
 )
-from sublora_cli.calibrated import Calibrated, open_calibration
+from sublora_cli.calibrated import Calibrated, check_batches_alike, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
 from sublora_cli.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.errors import SubloraError, UsageError
@@ -754,8 +754,12 @@ def _check_rounds(options: PruneOptions, spec: BudgetSpec) -> None:
 
 def _train_batches(calibrated: Calibrated, options: PruneOptions, progress: Progress | None) -> list:
     """What the rounds train on: train_batches() when the script defines it, else the calibration batches."""
-    batches = calibrated.script.call_train_batches(options.max_batches, progress)
-    return batches if batches is not None else calibrated.batches
+    with distributed.agreeing():  # under torchrun: a failure on one process fails them all, at once
+        batches = calibrated.script.call_train_batches(options.max_batches, progress)
+    if batches is None:
+        return calibrated.batches
+    check_batches_alike("train_batches", batches)
+    return batches
 
 
 def _uncompensated(method: str, refit_kept: bool) -> list[str]:
