@@ -21,6 +21,7 @@ import torch
 
 from sublora_cli.adapters import Adapter
 from sublora_cli.calibrated import Calibrated
+from sublora_cli.curvature import duration
 from sublora_cli.errors import SubloraError
 from sublora_cli.output import pyplot
 from sublora_cli.spectra import adapter_spectra
@@ -78,9 +79,12 @@ def alternate(
     decide: Decide,
     timings: Timings,
     progress: Progress | None = None,
+    info: Callable[[str], None] | None = None,
 ) -> Alternated:
     """`rounds` rounds of train → SVD form → decide (prune to the budget); the pruned components of a round are
-    re-initialised for the next one (seeded by `settings.seed`, so runs repeat)."""
+    re-initialised for the next one (seeded by `settings.seed`, so runs repeat). `info` is told, early, how long
+    the training will take (a huge --rounds or --train-steps typed by mistake shows at once) and, after the first
+    round, how long all rounds will."""
     model = calibrated.sigma_model
     generator = torch.Generator().manual_seed(settings.seed)
     state = initial_state(adapter, spectra, settings.train, master_dtype(model), model.device)
@@ -89,7 +93,10 @@ def alternate(
     for k in range(1, rounds + 1):
         start = time.perf_counter()
         with timings.stage("train"):
-            state, round_losses = train(model, state, batches, settings, f"round {k}/{rounds}: training", progress)
+            pace = _announce_training(rounds, settings.steps, info) if k == 1 else None
+            state, round_losses = train(
+                model, state, batches, settings, f"round {k}/{rounds}: training", progress, pace
+            )
             trained = as_adapter(adapter, state)
             trained_spectra = adapter_spectra(trained)
             _check_representable(trained_spectra, model.dtype, k, settings)
@@ -118,9 +125,26 @@ def alternate(
             )
         )
         losses.extend(round_losses)
+        if k == 1 and rounds > 1 and info is not None:
+            info(f"round 1 took {duration(records[0].seconds)}: all {rounds:,} rounds about "
+                 f"{duration(rounds * records[0].seconds)}")  # fmt: skip
         if k < rounds:
             state = after_prune(state, written.pruned, generator)
     return Alternated(trained, trained_spectra, decision, records, losses, len(batches))
+
+
+def _announce_training(rounds: int, steps: int, info: Callable[[str], None] | None) -> Callable[[float], None] | None:
+    """What `train` calls with its pace: the training time of all rounds, said before it is spent."""
+    if info is None:
+        return None
+
+    def pace(seconds_per_step: float) -> None:
+        info(
+            f"training: {rounds:,} round(s) × {steps:,} steps, about {duration(rounds * steps * seconds_per_step)} "
+            f"({seconds_per_step * 1000:.3g} ms a step), plus a prune after each round"
+        )
+
+    return pace
 
 
 def _check_representable(spectra: list[Spectrum], dtype: torch.dtype, k: int, settings: TrainSettings) -> None:

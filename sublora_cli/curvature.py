@@ -124,6 +124,15 @@ def estimate_cost(R: int, n_batches: int, kind: str, loss_seconds: float | None 
     return cost
 
 
+def duration(seconds: float) -> str:
+    """A time estimate as a person reads it: 4.2 s, 12 min, 3.5 h, 2.1e+04 days."""
+    if seconds < 60:
+        return f"{max(seconds, 0.1):.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 86400 else f"{seconds / 86400:.3g} days"
+
+
 def choose_kind(R: int, n_batches: int, name: str) -> tuple[str, str]:
     """The curvature `--curvature auto` computes for method `name`, with a one-sentence reason
     (docs/curvature.md); the method's entry in methods.py says what it needs."""

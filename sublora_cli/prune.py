@@ -34,7 +34,7 @@ from sublora_cli.budget import (
 )
 from sublora_cli.calibrated import Calibrated, check_batches_alike, open_calibration
 from sublora_cli.calibration import DEFAULT_MAX_BATCHES
-from sublora_cli.curvature import AUTO, Curvature, estimate_cost
+from sublora_cli.curvature import AUTO, Curvature, duration, estimate_cost
 from sublora_cli.errors import SubloraError, UsageError
 from sublora_cli.methods import METHODS, Need, lookup
 from sublora_cli.optimizers import OPTIMIZERS
@@ -306,16 +306,10 @@ def _announce_curvature(calibrated: Calibrated, kind: str, requested: str, reaso
     work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
     info(
         f"curvature {kind}: {work} (R = {R}, {n} batches), {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix, "
-        f"about {_duration(cost['seconds'])} (estimated from the loss evaluation; typically within 2×)"
+        f"about {duration(cost['seconds'])} (estimated from the loss evaluation; typically within 2×)"
     )
     if requested == AUTO:
         info(f"  chosen by --curvature auto: {reason}")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{max(seconds, 0.1):.1f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _curvature(
@@ -609,7 +603,7 @@ def prune(
                 train_batches = _train_batches(calibrated, options, progress)
                 alternated = alternate(
                     calibrated, adapter, spectra, options.train_settings(), options.rounds, train_batches, decide,
-                    timings, progress,
+                    timings, progress, info,
                 )  # fmt: skip
                 adapter, spectra, decision = alternated.adapter, alternated.spectra, alternated.decision
             else:
