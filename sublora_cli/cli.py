@@ -28,7 +28,7 @@ from sublora_cli import __version__, distributed, interrupts, render
 from sublora_cli.adapters import read_adapter
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.options import EvalOptions, config_types, path_keys, resolve, with_options
-from sublora_cli.output import completed_writes, release_locks
+from sublora_cli.output import completed_writes, forget_writes, release_locks
 from sublora_cli.prune import PruneOptions, evaluate_adapter, prune
 from sublora_cli.report import strict_json
 from sublora_cli.settings import load_config
@@ -232,6 +232,7 @@ def _main() -> int:
 
 def _outcome() -> tuple[int, str | None]:
     """Run the command: its exit code and the error message to print (None when it printed what it had to)."""
+    forget_writes()
     try:
         app()
     except SystemExit as e:

@@ -173,8 +173,13 @@ def release_locks() -> None:
 
 
 def completed_writes() -> list[Path]:
-    """The --out directories this process has replaced completely (what an interrupt message may say was written)."""
+    """The --out directories replaced completely since `forget_writes` (what an interrupt message says was written)."""
     return list(_Locks.written)
+
+
+def forget_writes() -> None:
+    """Start a new command's record of completed writes (one process may run several, e.g. in tests)."""
+    _Locks.written.clear()
 
 
 @contextmanager
