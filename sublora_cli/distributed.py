@@ -7,13 +7,17 @@ rank i mod N) and the batch loop adds the shares with one all-reduce per quantit
 then holds the same totals, so the (deterministic) selection gives the same kept set everywhere and the loss
 after pruning is again a sharded loop; only rank 0 prints and writes.
 
-A collective waits for every rank, so a rank that fails alone would leave the others waiting. Two guards:
-* at the end of each batch loop, before its reduce, the ranks exchange their outcome (`first_failure`): if any
-  rank's batches failed, every rank raises that rank's message (a bad batch on one shard is reported once, by
-  rank 0, and all ranks exit 1);
-* at exit the ranks exchange their exit codes and messages the same way (`agreed_exit`), so a failure outside
-  the batch loop (rank 0's write, a quality gate) also ends every rank with the same code; and every collective
-  times out after SUBLORA_DIST_TIMEOUT seconds (default 600), so a rank that died never leaves the others hung.
+A collective waits for every rank, so a rank that fails alone would leave the others waiting. The guards:
+* every stage that may fail on one rank alone runs `agreeing`: at its end the ranks exchange their outcome
+  (`first_failure`) and if any failed every rank raises that rank's message (reported once, by rank 0; all exit
+  1). The batch loop, opening the calibration (the script's import, load_model(), batches()) and train_batches()
+  do; the batches each rank loaded are then compared (`check_same`), since a script that shards by rank itself
+  would give every rank a different loss;
+* at exit the ranks exchange their exit codes and messages the same way (`agreed_exit`), so a failure elsewhere
+  (rank 0's write, a quality gate) also ends every rank with the same code; a rank that learnt of a failure from
+  a stage's exchange skips this one (the failed rank is already past it);
+* every collective times out after SUBLORA_DIST_TIMEOUT seconds (default 600), and a peer that died or timed out
+  is reported as such (`_collective`), not as the backend's bare error.
 
 The process group starts only when torchrun set WORLD_SIZE > 1; a plain `sublora` run never imports a backend.
 Backends: gloo for tensors on the CPU and, when CUDA is available, nccl for tensors on the GPU (one group serves
