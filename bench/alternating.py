@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from sublora_cli.optimizers import OPTIMIZERS
-from sublora_cli.prune import PruneOptions, prune
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.training.optimizers import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

@@ -27,18 +27,15 @@ from pathlib import Path
 import torch
 from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from sublora_cli import methods
-from sublora_cli.prune import (
-    PruneOptions,
-    Timings,
-    adapter_pricing,
-    calibration,
-    prune,
-    selected_loss,
-    svd_form,
-    timed_curvature,
-)
-from sublora_cli.select import RankBounds, select
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.core import methods
+from sublora_cli.core.select import RankBounds, select
+from sublora_cli.pipeline.budgeting import adapter_pricing
+from sublora_cli.pipeline.calibrate import calibration
+from sublora_cli.pipeline.curvature_choice import timed_curvature
+from sublora_cli.pipeline.spectra import svd_form
+from sublora_cli.pipeline.timings import Timings
+from sublora_cli.pipeline.written import selected_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -152,7 +149,7 @@ def largest_fitting_rank(sigma, bounds, curvature, method, costs: torch.Tensor, 
 
 
 def budget_of(costs: torch.Tensor, capacity: float, unit: str = "rank"):
-    from sublora_cli.budget import Budget
+    from sublora_cli.core.budget import Budget
 
     return Budget(costs, float(capacity), unit)
 
@@ -164,7 +161,7 @@ def cell(selection, costs: torch.Tensor, measure) -> dict:
 
 
 def run_llama(args) -> dict:
-    from sublora_cli.adapters import read_adapter
+    from sublora_cli.formats import read_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         root = build_llama(

@@ -36,15 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_checkpoints"))
 
-from sublora_cli.adapters import read_adapter  # noqa: E402
-from sublora_cli.adapters.base import LoraModule  # noqa: E402
-from sublora_cli.budget import Budget  # noqa: E402
-from sublora_cli.calibrated import open_calibration  # noqa: E402
-from sublora_cli.curvature import compute_curvature, symmetrize_  # noqa: E402
-from sublora_cli.reparam import SigmaModel  # noqa: E402
-from sublora_cli.select import RankBounds, select  # noqa: E402
-from sublora_cli.spectra import adapter_spectra  # noqa: E402
-from sublora_cli.svd import factor_svd  # noqa: E402
+from sublora_cli.core.budget import Budget  # noqa: E402
+from sublora_cli.core.select import RankBounds, select  # noqa: E402
+from sublora_cli.core.svd import factor_svd  # noqa: E402
+from sublora_cli.formats import read_adapter  # noqa: E402
+from sublora_cli.formats.base import LoraModule  # noqa: E402
+from sublora_cli.model.calibrated import open_calibration  # noqa: E402
+from sublora_cli.model.curvature import compute_curvature, symmetrize_  # noqa: E402
+from sublora_cli.model.reparam import SigmaModel  # noqa: E402
+from sublora_cli.pipeline.spectra import adapter_spectra  # noqa: E402
 
 SAMPLES = ROOT / "sample_checkpoints"
 

@@ -1,5 +1,6 @@
-"""Refactoring guard: prune the 9 shipped PINN adapters with every deterministic method at several budgets and
-record what a user can observe — kept sets, the written safetensors and config, the report less its timings.
+"""Refactoring guard: prune the 9 shipped PINN adapters and the Llama sample with every method at several budgets
+(plus one `--rounds 1` cell per family) and record what a user can observe — kept sets, the written safetensors
+and config, the report less its timings.
 
 Run before and after a refactor that must not change behaviour, then compare:
 
@@ -22,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from sublora_cli.cli import main as cli_main
+from sublora_cli.cli.app import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_checkpoints"
-METHODS = ("magnitude", "linear", "diag", "hessian", "sublora")
+METHODS = ("magnitude", "linear", "diag", "hessian", "sublora", "sublora-random", "obs")
 BUDGETS = (10, 30, 50, 70)
 VOLATILE = ("timings", "seconds")  # keys whose values differ run to run
 
@@ -37,7 +38,20 @@ def adapters() -> list[tuple[Path, Path]]:
     for family in sorted(p for p in SAMPLES.iterdir() if p.is_dir()):
         for adapter in sorted(family.glob("adapter_*")):
             pairs.append((adapter, family / f"calib_{adapter.name.removeprefix('adapter_')}.py"))
+    pairs.append((SAMPLES / "llama" / "adapter", SAMPLES / "llama" / "calib.py"))
     return pairs
+
+
+def cells() -> list[tuple[Path, Path, str, int, tuple[str, ...]]]:
+    """(adapter, calibration script, method, budget, extra flags): every method × budget, and one training cell
+    (`--rounds 1`, sublora at 50) for the first adapter of each family."""
+    grid, families = [], set()
+    for adapter, calib in adapters():
+        grid += [(adapter, calib, method, budget, ()) for method in METHODS for budget in BUDGETS]
+        if adapter.parent.name not in families:
+            families.add(adapter.parent.name)
+            grid.append((adapter, calib, "sublora", 50, ("--rounds", "1", "--train-steps", "20")))
+    return grid
 
 
 def run_cli(args: list[str]) -> int:
@@ -60,9 +74,9 @@ def strip_volatile(value):
     return value
 
 
-def observe(adapter: Path, calib: Path, method: str, budget: int, work: Path) -> dict:
-    out = work / f"{adapter.parent.name}-{adapter.name}-{method}-{budget}"
-    args = ["prune", str(adapter), "--budget", str(budget), "--method", method, "--out", str(out)]
+def observe(adapter: Path, calib: Path, method: str, budget: int, extra: tuple[str, ...], work: Path) -> dict:
+    out = work / f"{adapter.parent.name}-{adapter.name}-{method}-{budget}{''.join(extra)}"
+    args = ["prune", str(adapter), "--budget", str(budget), "--method", method, "--out", str(out), *extra]
     if method != "magnitude":
         args += ["--calib", str(calib)]
     code = run_cli(args)
@@ -101,14 +115,12 @@ def main() -> None:
     observations = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for adapter, calib in adapters():
-            for method in METHODS:
-                for budget in BUDGETS:
-                    key = f"{adapter.parent.name}/{adapter.name}/{method}/{budget}"
-                    if args.only not in key:
-                        continue
-                    observations[key] = observe(adapter, calib, method, budget, Path(tmp))
-                    print(f"{key}: exit {observations[key]['exit_code']}", flush=True)
+        for adapter, calib, method, budget, extra in cells():
+            key = "/".join([adapter.parent.name, adapter.name, method, str(budget), *extra])
+            if args.only not in key:
+                continue
+            observations[key] = observe(adapter, calib, method, budget, extra, Path(tmp))
+            print(f"{key}: exit {observations[key]['exit_code']}", flush=True)
     args.out.write_text(json.dumps(observations, indent=1, sort_keys=True) + "\n")
     print(f"{len(observations)} runs in {time.perf_counter() - start:.0f} s -> {args.out}")
     if args.compare:

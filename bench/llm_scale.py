@@ -128,7 +128,7 @@ def child_baseline(root: Path) -> dict:
 
 
 def child_prune(root: Path) -> dict:
-    from sublora_cli.cli import main
+    from sublora_cli.cli.app import main
 
     report = root / "out" / "sublora_report.json"
     sys.argv = ["sublora", "prune", str(root / "adapter"), "--calib", str(root / "calib.py"), "--curvature",

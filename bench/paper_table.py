@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.budget import Budget
-from sublora_cli.calibrated import open_calibration
-from sublora_cli.prune import written_outcome
-from sublora_cli.select import RankBounds, predicted_increase, project_submodular, select
-from sublora_cli.spectra import adapter_spectra
-from sublora_cli.sweep import run_sweep
+from sublora_cli.commands.sweep import run_sweep
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.select import RankBounds, predicted_increase, project_submodular, select
+from sublora_cli.formats import read_adapter
+from sublora_cli.model.calibrated import open_calibration
+from sublora_cli.pipeline.spectra import adapter_spectra
+from sublora_cli.pipeline.written import written_outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.budget import Budget
-from sublora_cli.calibrated import open_calibration
-from sublora_cli.obs import DAMPING as OBS_DAMPING
-from sublora_cli.obs import obs_select
-from sublora_cli.prune import refit_record
-from sublora_cli.refit import DAMPINGS, MAX_EVALUATIONS, STEPS, psd_part, refit
-from sublora_cli.select import RankBounds, select
-from sublora_cli.spectra import adapter_spectra
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.obs import DAMPING as OBS_DAMPING
+from sublora_cli.core.obs import obs_select
+from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS, STEPS, psd_part, refit
+from sublora_cli.core.select import RankBounds, select
+from sublora_cli.formats import read_adapter
+from sublora_cli.model.calibrated import open_calibration
+from sublora_cli.pipeline.spectra import adapter_spectra
+from sublora_cli.pipeline.written import refit_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sublora_cli.sweep import SweepOptions, sweep
+from sublora_cli.commands.sweep import SweepOptions, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT / "sample_checkpoints" / "llama"

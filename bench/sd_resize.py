@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.prune import PruneOptions, prune
-from sublora_cli.spectra import adapter_spectra, describe_adapter
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.formats import read_adapter
+from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter
 
 CONTEXT_DIM = 2048  # SDXL's cross-attention context (CLIP-L 768 + OpenCLIP-bigG 1280)
 # SGM block names as kohya writes them for SDXL: (block, channels, transformer blocks per Transformer2D)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sublora_cli.svd import factor_svd
+from sublora_cli.core.svd import factor_svd
 
 CASES = [(4096, 4096, 64), (4096, 4096, 16), (4096, 11008, 64), (4096, 11008, 16)]
 

@@ -11,7 +11,7 @@ from sublora_cli import interrupts
 def main() -> None:
     interrupts.install()
     try:
-        from sublora_cli.cli import main as run
+        from sublora_cli.cli.app import main as run
     except BaseException:  # an interrupted import may surface as anything (an ImportError of a half-loaded module)
         if interrupts.received() is None:
             raise

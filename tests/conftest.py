@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublora_cli.cli import main
+from sublora_cli.cli.app import main
 
 
 @dataclass

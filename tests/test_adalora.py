@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import tiny_gpt2
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.svd import factor_svd
+from sublora_cli.core.svd import factor_svd
+from sublora_cli.formats import read_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sublora_cli import batchloop
-from sublora_cli.adapters.base import LoraModule
-from sublora_cli.batchloop import Sums, over_batches
-from sublora_cli.curvature import compute_curvature
+from sublora_cli.core.svd import factor_svd
 from sublora_cli.errors import SubloraError
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import factor_svd
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model import batchloop
+from sublora_cli.model.batchloop import Sums, over_batches
+from sublora_cli.model.curvature import compute_curvature
+from sublora_cli.model.reparam import SigmaModel
 
 
 def add_batch(index: int, batch, sums: Sums, meter) -> None:

@@ -16,12 +16,12 @@ from test_prune_calibrated import problem, read_report  # noqa: F401 (a fixture)
 from test_select import problem as quadratic_problem
 from test_select import q
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.autobudget import smallest_within
-from sublora_cli.budget import Budget, BudgetSpec, Pricing, budget_unit, read_budget, resolve_budget
+from sublora_cli.core.autobudget import smallest_within
+from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, budget_unit, read_budget, resolve_budget
+from sublora_cli.core.select import RankBounds, Selection, select
 from sublora_cli.errors import SubloraError
-from sublora_cli.prune import adapter_pricing
-from sublora_cli.select import RankBounds, Selection, select
+from sublora_cli.formats import read_adapter
+from sublora_cli.pipeline.budgeting import adapter_pricing
 
 torch.set_num_threads(1)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublora_cli.adapters.base import LoraModule
-from sublora_cli.calibration import check_loss, load_calibration
-from sublora_cli.curvature import compute_curvature
+from sublora_cli.core.svd import factor_svd
 from sublora_cli.errors import SubloraError
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import factor_svd
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model.curvature import compute_curvature
+from sublora_cli.model.reparam import SigmaModel
+from sublora_cli.model.script import check_loss, load_calibration
 
 GOOD = """
 import torch

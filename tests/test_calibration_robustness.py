@@ -16,13 +16,13 @@ import pytest
 from conftest import ELLIPTIC, elliptic_script
 from test_prune_calibrated import CALIB, make_problem
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.calibrated import open_calibration
-from sublora_cli.calibration import load_calibration
-from sublora_cli.cli import live_progress
-from sublora_cli.curvature import estimate_cost
+from sublora_cli.cli.app import live_progress
 from sublora_cli.errors import SubloraError
-from sublora_cli.spectra import adapter_spectra
+from sublora_cli.formats import read_adapter
+from sublora_cli.model.calibrated import open_calibration
+from sublora_cli.model.curvature import estimate_cost
+from sublora_cli.model.script import load_calibration
+from sublora_cli.pipeline.spectra import adapter_spectra
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"

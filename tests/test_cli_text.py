@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_cli_errors import PREFIX, write_adapter
 
-import sublora_cli.cli as cli
+import sublora_cli.cli.app as cli
 
 MARKUP_NAME = "blk[red].x:fire:[/]lin"  # a module name that is Rich markup and an emoji code if not escaped
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sublora_cli.adapters.base import LoraModule
-from sublora_cli.curvature import compute_curvature, estimate_cost
+from sublora_cli.core.svd import factor_svd
 from sublora_cli.errors import SubloraError
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import factor_svd
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model.curvature import compute_curvature, estimate_cost
+from sublora_cli.model.reparam import SigmaModel
 
 
 def lora(name: str, out: int, inp: int, r: int, seed: int) -> LoraModule:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublora_cli import distributed
-from sublora_cli.batchloop import Sums, over_batches
+from sublora_cli.model import distributed
+from sublora_cli.model.batchloop import Sums, over_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_checkpoints" / "elliptic"
@@ -27,10 +27,10 @@ CURVATURE = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from sublora_cli import distributed
-    from sublora_cli.adapters import read_adapter
-    from sublora_cli.calibrated import open_calibration
-    from sublora_cli.spectra import adapter_spectra
+    from sublora_cli.model import distributed
+    from sublora_cli.formats import read_adapter
+    from sublora_cli.model.calibrated import open_calibration
+    from sublora_cli.pipeline.spectra import adapter_spectra
 
     adapter = read_adapter(Path(sys.argv[1]))
     with distributed.process_group():

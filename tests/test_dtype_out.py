@@ -9,8 +9,8 @@ from conftest import save_adapter
 from safetensors.torch import load_file
 from test_faithful import TOLERANCE, WEIGHTS, adapter_in, calib, reloaded  # noqa: F401 (calib is a fixture)
 
-from sublora_cli.calibrated import DTYPES
-from sublora_cli.prune import PruneOptions, prune
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.model.calibrated import DTYPES
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -17,10 +17,10 @@ import torch
 from conftest import save_adapter
 from safetensors.torch import load_file, save_file
 
-from sublora_cli.calibrated import DTYPES
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.core.select import Selection
 from sublora_cli.errors import SubloraError
-from sublora_cli.prune import PruneOptions, prune
-from sublora_cli.select import Selection
+from sublora_cli.model.calibrated import DTYPES
 
 peft = pytest.importorskip("peft")
 
@@ -127,7 +127,7 @@ def test_max_rank_zero_is_refused_before_any_work(tmp_path, run_cli):
 
 def test_a_selection_with_no_component_is_refused(tmp_path, monkeypatch):
     """Methods that may keep fewer than the budget (exhaustive, sublora-random) must not write an empty adapter."""
-    import sublora_cli.prune as pipeline
+    import sublora_cli.pipeline.choose as pipeline
 
     def nothing_kept(method, sigma, budget, bounds, **_):
         return Selection(torch.zeros_like(sigma, dtype=torch.bool), [], None, None)

@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TinyConvNet
 
-from sublora_cli.adapters.base import LoraModule
-from sublora_cli.calibration import load_calibration
-from sublora_cli.curvature import (
+from sublora_cli.core.svd import factor_svd
+from sublora_cli.errors import SubloraError
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model.curvature import (
     AUTO_MAX_HVPS,
     KINDS,
     Curvature,
@@ -25,9 +26,8 @@ from sublora_cli.curvature import (
     estimate_cost,
     resolve_kind,
 )
-from sublora_cli.errors import SubloraError
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import factor_svd
+from sublora_cli.model.reparam import SigmaModel
+from sublora_cli.model.script import load_calibration
 
 
 def lora(name: str, kind: str, out: int, inp: int, r: int, scale: float = 1.0, a_shape=None, seed: int = 0):

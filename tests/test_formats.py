@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 from toy_format import CARRIED, TOY, factors
 
-from sublora_cli import adapters
-from sublora_cli.adapters import read_adapter
-from sublora_cli.svd import factor_svd
+from sublora_cli import formats
+from sublora_cli.core.svd import factor_svd
+from sublora_cli.formats import read_adapter
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sublora_cli"
 CALIB = """
@@ -50,7 +50,7 @@ def loss(model, batch):
 @pytest.fixture
 def toy(monkeypatch):
     """The toy format registered ahead of PEFT: the one line a new format adds to FORMATS."""
-    monkeypatch.setattr(adapters, "FORMATS", [TOY, *adapters.FORMATS])
+    monkeypatch.setattr(formats, "FORMATS", [TOY, *formats.FORMATS])
 
 
 def toy_adapter(path: Path) -> Path:
@@ -120,7 +120,7 @@ def test_the_first_format_that_detects_a_path_reads_it(toy, tmp_path):
 @pytest.mark.parametrize("registered", [False, True])
 def test_a_path_no_format_recognises_says_what_can_be_read(registered, tmp_path, run_cli, monkeypatch):
     if registered:
-        monkeypatch.setattr(adapters, "FORMATS", [TOY, *adapters.FORMATS])
+        monkeypatch.setattr(formats, "FORMATS", [TOY, *formats.FORMATS])
     (tmp_path / "notes.txt").write_text("not an adapter")
     result = run_cli("inspect", tmp_path / "notes.txt")
     assert result.code == 1 and "Traceback" not in result.stderr
@@ -138,12 +138,12 @@ def test_a_peft_file_given_for_its_directory_names_the_directory(tmp_path, run_c
     assert f"point sublora at {tmp_path / 'a'}" in " ".join(result.stderr.split())
 
 
-def test_only_the_adapters_package_knows_a_format():
-    """Outside sublora_cli/adapters/ every module goes through the registry, never a format's own module."""
+def test_only_the_formats_package_knows_a_format():
+    """Outside sublora_cli/formats/ every module goes through the registry, never a format's own module."""
     importers = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if "adapters" not in path.relative_to(PACKAGE).parts
-        and re.search(r"adapters\.peft|adapters import .*\bpeft\b", path.read_text())
+        if "formats" not in path.relative_to(PACKAGE).parts
+        and re.search(r"formats\.peft|formats import .*\bpeft\b", path.read_text())
     ]
     assert importers == []

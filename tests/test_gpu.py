@@ -34,9 +34,9 @@ def test_prune_on_cuda_matches_cpu(tmp_path, run_cli, method):
 
 @pytest.mark.parametrize("kind", ["exact", "fisher"])
 def test_curvature_on_cuda_matches_cpu(kind):
-    from sublora_cli.adapters import read_adapter
-    from sublora_cli.calibrated import open_calibration
-    from sublora_cli.spectra import adapter_spectra
+    from sublora_cli.formats import read_adapter
+    from sublora_cli.model.calibrated import open_calibration
+    from sublora_cli.pipeline.spectra import adapter_spectra
 
     adapter = read_adapter(ADAPTER)
     spectra = adapter_spectra(adapter)

@@ -17,8 +17,8 @@ from conftest import ELLIPTIC, elliptic_script
 from test_output import leftovers as temporaries
 from test_output import tree_hashes as hashes
 
-import sublora_cli.output
-import sublora_cli.prune
+import sublora_cli.pipeline.output
+import sublora_cli.pipeline.write
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ELLIPTIC / "adapter_k2"
@@ -59,13 +59,13 @@ def test_a_signal_inside_the_script_leaves_the_previous_output(tmp_path, run_cli
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_while_writing_removes_the_temporary(tmp_path, run_cli, previous, monkeypatch, name):
-    write = sublora_cli.prune.write_reports
+    write = sublora_cli.pipeline.write.write_reports
 
     def write_then_signal(report, directory):
         write(report, directory)
         os.kill(os.getpid(), getattr(signal, name))
 
-    monkeypatch.setattr(sublora_cli.prune, "write_reports", write_then_signal)
+    monkeypatch.setattr(sublora_cli.pipeline.write, "write_reports", write_then_signal)
     out, before = previous
     result = run_cli("prune", ADAPTER, "-b", 50, "-o", out, "--overwrite")
     assert result.code == 128 + getattr(signal, name)
@@ -75,13 +75,13 @@ def test_a_signal_while_writing_removes_the_temporary(tmp_path, run_cli, previou
 
 def test_a_signal_between_the_renames_waits_until_the_output_is_whole(tmp_path, run_cli, previous, monkeypatch):
     """Issue 21: SIGTERM between the two renames left --out missing and the previous output in `.old-PID`."""
-    replace = sublora_cli.output._replace
+    replace = sublora_cli.pipeline.output._replace
 
     def signalled_replace(out_dir, tmp, old):
         os.kill(os.getpid(), signal.SIGTERM)
         replace(out_dir, tmp, old)
 
-    monkeypatch.setattr(sublora_cli.output, "_replace", signalled_replace)
+    monkeypatch.setattr(sublora_cli.pipeline.output, "_replace", signalled_replace)
     out, before = previous
     result = run_cli("prune", ADAPTER, "-b", 50, "-o", out, "--overwrite")
     assert result.code == 143

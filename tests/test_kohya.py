@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.adapters.kohya import KOHYA, resolve_model_module
+from sublora_cli.core.svd import factor_svd
 from sublora_cli.errors import SubloraError
-from sublora_cli.svd import factor_svd
+from sublora_cli.formats import read_adapter
+from sublora_cli.formats.kohya import KOHYA, resolve_model_module
 
 # name → (out, in, rank, kernel or None); kernel 3: a LoCon 3×3 conv, kernel 1: a 1×1 conv (SD-1.5 proj_in)
 SD15 = {
@@ -436,9 +436,9 @@ def test_calibration_with_an_unknown_module_lists_the_closest_names(tmp_path, ru
 
 
 def test_the_format_is_registered_after_peft():
-    from sublora_cli import adapters
+    from sublora_cli import formats
 
-    assert adapters.FORMATS.index(KOHYA) > [f.name for f in adapters.FORMATS].index("peft")
+    assert formats.FORMATS.index(KOHYA) > [f.name for f in formats.FORMATS].index("peft")
 
 
 def test_calibration_refuses_tensors_it_cannot_apply(tmp_path, run_cli):

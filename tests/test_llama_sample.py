@@ -162,9 +162,9 @@ def test_stock_bert_with_default_attention_gets_the_exact_hessian(dtype, tmp_pat
 
 
 def test_bfloat16_curvature_is_float64_and_close_to_float32(tmp_path):
-    from sublora_cli.adapters import read_adapter
-    from sublora_cli.calibrated import open_calibration
-    from sublora_cli.spectra import adapter_spectra
+    from sublora_cli.formats import read_adapter
+    from sublora_cli.model.calibrated import open_calibration
+    from sublora_cli.pipeline.spectra import adapter_spectra
 
     calib = tmp_path / "calib.py"
     calib.write_text(BERT_CALIB)

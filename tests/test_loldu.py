@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_tanh_mlp
 from safetensors.torch import save_file
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.svd import factor_svd
+from sublora_cli.core.svd import factor_svd
+from sublora_cli.formats import read_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_prune_calibrated import make_problem, read_report
 
-from sublora_cli.budget import Budget
-from sublora_cli.curvature import AUTO_MAX_HVPS, Curvature, choose_kind, resolve_kind
+from sublora_cli.commands.sweep import DEFAULT_METHODS
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.methods import METHODS, REGISTRY, lookup, most_demanding
+from sublora_cli.core.select import RankBounds, select
 from sublora_cli.errors import SubloraError
-from sublora_cli.methods import METHODS, REGISTRY, lookup, most_demanding
-from sublora_cli.prune import _check_curvature, _check_method
-from sublora_cli.select import RankBounds, select
-from sublora_cli.sweep import DEFAULT_METHODS
+from sublora_cli.model.curvature import AUTO_MAX_HVPS, Curvature, choose_kind, resolve_kind
+from sublora_cli.pipeline.curvature_choice import check_curvature, check_method
 
 AUTO_KIND = {"none": "none", "gradient": "fisher", "diagonal": "diag", "matrix": "exact"}  # within the HVP limit
 
@@ -50,17 +50,17 @@ def test_the_diag_reason_describes_the_diagonal():
 @pytest.mark.parametrize("name", METHODS)
 def test_flag_checks_follow_the_registry(name):
     entry = lookup(name)
-    _check_method(name, Path("calib.py"), "auto")  # every method accepts a calibration script
+    check_method(name, Path("calib.py"), "auto")  # every method accepts a calibration script
     if entry.needs_calibration:
         with pytest.raises(SubloraError, match="needs a calibration script"):
-            _check_method(name, None, "auto")
+            check_method(name, None, "auto")
     else:
-        _check_method(name, None, "auto")
+        check_method(name, None, "auto")
     if entry.needs == "matrix":
         with pytest.raises(SubloraError, match="needs the full Hessian"):
-            _check_curvature(name, "diag")
+            check_curvature(name, "diag")
     else:
-        _check_curvature(name, "diag")
+        check_curvature(name, "diag")
 
 
 def test_unknown_method_is_refused_with_the_choices():

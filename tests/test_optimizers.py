@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sublora_cli.errors import SubloraError
-from sublora_cli.optimizers import OPTIMIZERS, Gradient, LowRank, make_optimizer
+from sublora_cli.training.optimizers import OPTIMIZERS, Gradient, LowRank, make_optimizer
 
 torch.set_num_threads(1)  # tiny matrices: a second thread only spins against other work on a busy machine
 F64 = torch.float64

@@ -9,12 +9,12 @@ import pytest
 import typer
 from test_cli_errors import write_adapter
 
-from sublora_cli.cli import PRUNE_CONFIG, app
+from sublora_cli.cli.app import PRUNE_CONFIG, app
+from sublora_cli.commands.options import EvalOptions, echo, resolve, settings_of
+from sublora_cli.commands.prune import PruneOptions
+from sublora_cli.commands.sweep import SweepOptions
 from sublora_cli.errors import SubloraError
-from sublora_cli.options import EvalOptions, echo, resolve, settings_of
-from sublora_cli.prune import PruneOptions
-from sublora_cli.report import JSON_REPORT
-from sublora_cli.sweep import SweepOptions
+from sublora_cli.pipeline.report import JSON_REPORT
 
 COMMANDS = {"prune": PruneOptions, "sweep": SweepOptions, "eval": EvalOptions}
 # Non-default values for every prune setting, as a flag and as a --config value.

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sublora_cli.adapters.peft
-import sublora_cli.prune
-from sublora_cli.output import atomic_output_dir
+import sublora_cli.formats.peft
+import sublora_cli.pipeline.spectra
+import sublora_cli.pipeline.write
+from sublora_cli.pipeline.output import atomic_output_dir
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "elliptic" / "adapter_k2"
 PRUNE = ("prune", "--budget", "50")  # data-free: the refusals are what is tested, not the selection
@@ -66,7 +67,7 @@ def no_computation(monkeypatch):
     def computing(*_args, **_kwargs):
         raise AssertionError("the output check must come before any computation")
 
-    monkeypatch.setattr(sublora_cli.prune, "adapter_spectra", computing)
+    monkeypatch.setattr(sublora_cli.pipeline.spectra, "adapter_spectra", computing)
 
 
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
@@ -188,7 +189,7 @@ def test_input_and_everything_outside_out_survive_any_out(run_cli, monkeypatch, 
             "cwd": workdir,
             "root": Path("/"),
         }[location]
-        patch.setattr(sublora_cli.prune, "atomic_output_dir", sandboxed_writer(top))
+        patch.setattr(sublora_cli.pipeline.write, "atomic_output_dir", sandboxed_writer(top))
         before = tree_hashes(top)
         result = prune(run_cli, adapter, os.path.relpath(out) if relative else out, *(["--overwrite"] * overwrite))
         resolved = out.resolve()
@@ -250,7 +251,7 @@ def test_files_the_run_reads_survive_any_out(run_cli, monkeypatch, location, ove
             "link_to_other": top / "link_o",
             "sibling": top / "p" / "pruned",
         }[location]
-        patch.setattr(sublora_cli.prune, "atomic_output_dir", sandboxed_writer(top))
+        patch.setattr(sublora_cli.pipeline.write, "atomic_output_dir", sandboxed_writer(top))
         before = tree_hashes(top)
         spelled = os.path.relpath(out) if relative else out
         result = run_cli(
@@ -279,7 +280,7 @@ def test_a_symlinked_out_is_refused_and_names_its_target(tmp_path, adapter, run_
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_works(tmp_path, adapter, run_cli):
     """Issue 21: two runs into one new --out both said they wrote it; the later silently replaced the earlier."""
     out = tmp_path / "out"
-    hold = "import sys, time; from pathlib import Path; from sublora_cli.output import lock_output_dir\n" \
+    hold = "import sys, time; from pathlib import Path; from sublora_cli.pipeline.output import lock_output_dir\n" \
         "lock_output_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=env)
@@ -311,7 +312,7 @@ def test_a_full_disk_is_named_and_the_previous_output_is_intact(tmp_path, adapte
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
 
-    monkeypatch.setattr(sublora_cli.adapters.peft, "save_file", full_disk)
+    monkeypatch.setattr(sublora_cli.formats.peft, "save_file", full_disk)
     result = prune(run_cli, adapter, out, "--overwrite")
     assert_refused(result, f"Writing --out {out} failed")
     assert "No space left on device" in result.stderr and "The previous output" in result.stderr

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import BASE_MODELS, model_output, save_adapter
 
-from sublora_cli.adapters import read_adapter
-from sublora_cli.svd import factor_svd
+from sublora_cli.core.svd import factor_svd
+from sublora_cli.formats import read_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -120,7 +120,7 @@ def per_sample_loss(model, batch):
 
 def peft_loss(path, calib) -> float:
     """The calibration loss of an adapter as peft itself loads it (modules_to_save, biases and all)."""
-    from sublora_cli.calibration import load_calibration
+    from sublora_cli.model.script import load_calibration
 
     script = load_calibration(calib)
     model = load_pruned("gpt2", path)

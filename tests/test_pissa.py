@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_tanh_mlp
 
-from sublora_cli.adapters import read_adapter
+from sublora_cli.formats import read_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_prune_calibrated import CALIB, make_problem
 
-from sublora_cli.adapters.base import LoraModule
-from sublora_cli.reparam import SigmaModel, placement
-from sublora_cli.svd import factor_svd
+from sublora_cli.core.svd import factor_svd
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model.reparam import SigmaModel, placement
 
 
 def lora(name: str, out_f: int, in_f: int, r: int) -> tuple[LoraModule, object]:

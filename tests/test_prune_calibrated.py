@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublora_cli.calibration import load_calibration
+from sublora_cli.model.script import load_calibration
 
 peft = pytest.importorskip("peft")
 
@@ -258,9 +258,9 @@ def test_fisher_without_per_sample_loss_warns_that_it_has_only_per_batch_gradien
 
 
 def test_auto_takes_the_fisher_past_its_limit(tmp_path, run_cli, monkeypatch):
-    import sublora_cli.curvature
+    import sublora_cli.model.curvature
 
-    monkeypatch.setattr(sublora_cli.curvature, "AUTO_MAX_HVPS", 10)  # R = 8 over 3 batches is 24 HVPs
+    monkeypatch.setattr(sublora_cli.model.curvature, "AUTO_MAX_HVPS", 10)  # R = 8 over 3 batches is 24 HVPs
     adapter, calib = make_problem(tmp_path / "p", PER_SAMPLE)
     result = run_cli("prune", adapter, "--calib", calib, "-b", 3, "-o", tmp_path / "out")
     assert result.code == 0, result.stderr

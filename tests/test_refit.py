@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sublora_cli.refit import DAMPINGS, MAX_EVALUATIONS, psd_part, refit, written_spectrum
-from sublora_cli.svd import Spectrum, balanced_factors
+from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS, psd_part, refit, written_spectrum
+from sublora_cli.core.svd import Spectrum, balanced_factors
 
 torch.set_num_threads(1)
 FEW = settings(max_examples=40, deadline=None)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_faithful import reloaded
 from test_prune_calibrated import CALIB, make_problem, read_report
 
-from sublora_cli.methods import lookup
-from sublora_cli.prune import PruneOptions, prune
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.core.methods import lookup
 
 peft = pytest.importorskip("peft")
 

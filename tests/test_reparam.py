@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 from conftest import TinyConvNet, tiny_gpt2
 
-from sublora_cli.adapters.base import LoraModule
+from sublora_cli.core.svd import factor_svd
 from sublora_cli.errors import SubloraError
-from sublora_cli.reparam import SigmaModel
-from sublora_cli.svd import factor_svd
+from sublora_cli.formats.base import LoraModule
+from sublora_cli.model.reparam import SigmaModel
 
 
 def lora(name: str, kind: str, out: int, inp: int, r: int, scale: float, a_shape=None, seed: int = 0):

@@ -12,9 +12,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sublora_cli.budget import Budget
-from sublora_cli.methods import METHODS, lookup
-from sublora_cli.select import (
+from sublora_cli.core.budget import Budget
+from sublora_cli.core.methods import METHODS, lookup
+from sublora_cli.core.select import (
     RankBounds,
     predicted_increase,
     project_submodular,

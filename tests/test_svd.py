@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sublora_cli.svd import balanced_factors, factor_svd, spectrum_stats
+from sublora_cli.core.svd import balanced_factors, factor_svd, spectrum_stats
 
 
 @st.composite

@@ -19,12 +19,11 @@ from test_faithful import reloaded
 from test_peft_interop import GPT2_CALIB, peft_loss
 from test_prune_calibrated import CALIB, make_problem
 
-from sublora_cli.adapters import PrunedModule, read_adapter
-from sublora_cli.calibrated import open_calibration
-from sublora_cli.optimizers import OPTIMIZERS
-from sublora_cli.prune import PruneOptions, prune
-from sublora_cli.spectra import adapter_spectra
-from sublora_cli.training import (
+from sublora_cli.commands.prune import PruneOptions, prune
+from sublora_cli.formats import PrunedModule, read_adapter
+from sublora_cli.model.calibrated import open_calibration
+from sublora_cli.pipeline.spectra import adapter_spectra
+from sublora_cli.training.loop import (
     SigmaState,
     StepGradient,
     TrainSettings,
@@ -34,6 +33,7 @@ from sublora_cli.training import (
     initial_state,
     train,
 )
+from sublora_cli.training.optimizers import OPTIMIZERS
 
 peft = pytest.importorskip("peft")
 from conftest import save_adapter  # noqa: E402

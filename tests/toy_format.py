@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sublora_cli.adapters import Adapter, LoraModule, PrunedModule
-from sublora_cli.svd import Spectrum
+from sublora_cli.core.svd import Spectrum
+from sublora_cli.formats import Adapter, LoraModule, PrunedModule
 
 SUFFIX = ".toy.safetensors"
 CARRIED = "carried."

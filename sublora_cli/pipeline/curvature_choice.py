@@ -1,0 +1,78 @@
+"""Stage 4, curvature: which kind the methods need (resolving `auto`), announced with its estimated cost before
+minutes of work start, then computed (model/curvature.py). The method × curvature rule is checked here once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sublora_cli.core.methods import Need, lookup
+from sublora_cli.errors import SubloraError
+from sublora_cli.model.calibrated import Calibrated
+from sublora_cli.model.curvature import AUTO, Curvature, estimate_cost
+from sublora_cli.pipeline.timings import Info, Progress, Timings, duration
+
+
+def check_method(method: str, calib: Path | None, curvature: str) -> None:
+    """A data-free method may be given --calib (the loss before and after is then measured); the others need it."""
+    if lookup(method).needs_calibration and calib is None:
+        raise SubloraError(f"--method {method} needs a calibration script (--calib calib.py); magnitude does not.")
+    check_curvature(method, curvature)
+
+
+def check_curvature(method: str, curvature: str) -> None:
+    if lookup(method).needs == "matrix" and curvature == "diag":
+        raise SubloraError(
+            f"--method {method} needs the full Hessian but --curvature diag computes only its diagonal; "
+            "use --curvature exact, or --method diag / linear."
+        )
+
+
+def announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None) -> None:
+    """Say up front which curvature is computed, why, and what it will cost, before minutes of work start."""
+    if info is None:
+        return
+    R, n = calibrated.sigma_model.size, len(calibrated.batches)
+    cost = estimate_cost(R, n, kind, calibrated.steady_loss_seconds(kind))
+    hvps, passes = cost["hvps"], cost["passes"]
+    work = f"{hvps:,} Hessian-vector products" if hvps else f"{passes:,} forward+backward passes"
+    info(
+        f"curvature {kind}: {work} (R = {R}, {n} batches), {cost['hessian_bytes'] / 2**20:.1f} MiB for the matrix, "
+        f"about {duration(cost['seconds'])} (estimated from the loss evaluation; typically within 2×)"
+    )
+    if requested == AUTO:
+        info(f"  chosen by --curvature auto: {reason}")
+
+
+def choose_and_compute(
+    calibrated: Calibrated,
+    requested: str,
+    methods: list[str],
+    max_hessian_gb: float,
+    info: Info | None,
+    progress: Progress | None,
+    at_least: Need = "none",
+) -> tuple[Curvature | None, str]:
+    """The curvature `methods` (and `at_least`: the refit's need) ask for, resolving `auto` (which never picks a
+    kind the model cannot run), with the reason for its kind; None when nothing asks (data-free, no refit)."""
+    kind, reason = calibrated.choose_curvature(requested, methods, at_least)
+    if kind == "none":
+        return None, reason
+    announce_curvature(calibrated, kind, requested, reason, info)
+    return calibrated.curvature(kind, max_hessian_gb, progress), reason
+
+
+def timed_curvature(
+    calibrated: Calibrated,
+    requested: str,
+    methods: list[str],
+    max_hessian_gb: float,
+    timings: Timings,
+    info: Info | None,
+    progress: Progress | None,
+    refit: bool = False,
+) -> tuple[Curvature, str]:
+    """`choose_and_compute`, timed; with `refit` at least the matrix under `auto` (the refit steps with it)."""
+    with timings.stage("curvature"):
+        at_least: Need = "matrix" if refit else "none"
+        return choose_and_compute(calibrated, requested, methods, max_hessian_gb, info, progress, at_least)
+
