@@ -14,8 +14,8 @@ from conftest import BASE_MODELS, elliptic_script, save_adapter
 from safetensors.torch import load_file, save_file
 from test_kohya import SD15, deltas, diffusers_file, kohya_file, relative_error
 
-from sublora_cli.formats import read_adapter
 from sublora_cli.core.svd import factor_svd
+from sublora_cli.formats import read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_checkpoints" / "elliptic"
