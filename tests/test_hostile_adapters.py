@@ -144,9 +144,9 @@ def test_an_adalora_rank_pattern_that_is_a_list_is_refused(tmp_path, run_cli):
         (["--budget", "50", "--max-rank", str(10**30)], "larger than any module's rank"),
         (["--budget", "50", "--max-rank", f"fc1={10**30}"], "larger than any module's rank"),
         (["--budget", "50", "--seed", str(10**23)], "outside the seeds torch accepts"),
-        (["--budget", "50", "--lr", "nan"], "nan is not a positive number"),
+        (["--budget", "50", "--lr", "nan"], "nan is not positive"),
         (["--budget", "50", "--lr", "inf"], "not a finite number"),
-        (["--budget", "50", "--max-hessian-gb", "nan"], "nan is not a positive number"),
+        (["--budget", "50", "--max-hessian-gb", "nan"], "nan is not positive"),
         (["--budget", "50", "--device", "meta"], "meta tensors hold shapes but no values"),
     ],
 )

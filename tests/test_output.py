@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sublora_cli.formats.peft
+import sublora_cli.pipeline.output
 import sublora_cli.pipeline.spectra
 import sublora_cli.pipeline.write
 from sublora_cli.pipeline.output import atomic_output_dir
@@ -292,7 +293,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_works(tmp_pat
         holder.kill()
         holder.wait()
     assert prune(run_cli, adapter, out).code == 0  # the kernel released the dead holder's lock
-    assert not list(Path(tempfile.gettempdir()).glob("sublora-*.lock"))
+    assert not sublora_cli.pipeline.output._lock_path(out.resolve()).exists()  # released and removed
 
 
 @pytest.mark.parametrize("failure", ["oserror", "safetensors"])

@@ -43,7 +43,7 @@ def one_of(choices: tuple[str, ...]) -> Check:
 def positive(value: float) -> None:
     """A size or count must be above 0 (NaN is not: `nan <= 0` is false, so the test is written the other way)."""
     if not value > 0:
-        raise SubloraError(f"{value:g} is not a positive number.")
+        raise SubloraError(f"{value:g} is not positive.")
 
 
 def positive_finite(value: float) -> None:
