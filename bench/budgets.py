@@ -29,7 +29,8 @@ from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run 
 
 from sublora_cli.commands.prune import PruneOptions, prune
 from sublora_cli.core import methods
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
 from sublora_cli.pipeline.budgeting import adapter_pricing
 from sublora_cli.pipeline.calibrate import calibration
 from sublora_cli.pipeline.curvature_choice import timed_curvature

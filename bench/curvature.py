@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_checkpoints"))
 
 from sublora_cli.core.budget import Budget  # noqa: E402
-from sublora_cli.core.select import RankBounds, select  # noqa: E402
+from sublora_cli.core.rank_bounds import RankBounds  # noqa: E402
+from sublora_cli.core.select import select  # noqa: E402
 from sublora_cli.core.svd import factor_svd  # noqa: E402
 from sublora_cli.formats import read_adapter  # noqa: E402
 from sublora_cli.formats.base import LoraModule  # noqa: E402

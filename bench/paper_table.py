@@ -38,7 +38,8 @@ import torch
 
 from sublora_cli.commands.sweep import run_sweep
 from sublora_cli.core.budget import Budget
-from sublora_cli.core.select import RankBounds, predicted_increase, project_submodular, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import predicted_increase, project_submodular, select
 from sublora_cli.formats import read_adapter
 from sublora_cli.model.calibrated import open_calibration
 from sublora_cli.pipeline.spectra import adapter_spectra

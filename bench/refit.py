@@ -31,8 +31,9 @@ from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run 
 from sublora_cli.core.budget import Budget
 from sublora_cli.core.obs import DAMPING as OBS_DAMPING
 from sublora_cli.core.obs import obs_select
+from sublora_cli.core.rank_bounds import RankBounds
 from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS, STEPS, psd_part, refit
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.select import select
 from sublora_cli.formats import read_adapter
 from sublora_cli.model.calibrated import open_calibration
 from sublora_cli.pipeline.spectra import adapter_spectra

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_cli_errors import PREFIX, assert_refused, assert_usage_error, write_adapter
 
-from sublora_cli.core.rank_patterns import per_module, read_rank_bound
+from sublora_cli.core.rank_bounds import per_module, read_rank_bound
 from sublora_cli.errors import SubloraError
 
 NAMES = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

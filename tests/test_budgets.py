@@ -18,7 +18,8 @@ from test_select import q
 
 from sublora_cli.core.autobudget import smallest_within
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, budget_unit, read_budget, resolve_budget
-from sublora_cli.core.select import RankBounds, Selection, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import Selection, select
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import read_adapter
 from sublora_cli.pipeline.budgeting import adapter_pricing

@@ -13,7 +13,8 @@ from test_prune_calibrated import make_problem, read_report
 from sublora_cli.commands.sweep import DEFAULT_METHODS
 from sublora_cli.core.budget import Budget
 from sublora_cli.core.methods import METHODS, REGISTRY, lookup, most_demanding
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import AUTO_MAX_HVPS, Curvature, choose_kind, resolve_kind
 from sublora_cli.pipeline.curvature_choice import check_curvature, check_method

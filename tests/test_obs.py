@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from sublora_cli.core.budget import Budget
 from sublora_cli.core.obs import DAMPING, compensated_increase, damped, downdate_, obs_select
+from sublora_cli.core.rank_bounds import RankBounds
 from sublora_cli.core.refit import psd_part
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.select import select
 
 torch.set_num_threads(1)
 FEW = settings(max_examples=40, deadline=None)

@@ -20,11 +20,18 @@ from typing import Annotated, Any, get_type_hints
 import torch
 import typer
 
-from sublora_cli.core.rank_patterns import read_rank_bound
+from sublora_cli.constants import (
+    AUTO,
+    AUTO_MAX_HVPS,
+    AUTO_PLACEMENT,
+    DEFAULT_MAX_BATCHES,
+    DEFAULT_MAX_HESSIAN_GB,
+    META_DEVICE,
+    MODEL_DTYPES,
+)
+from sublora_cli.core.methods import CURVATURES as KINDS
+from sublora_cli.core.rank_bounds import read_rank_bound
 from sublora_cli.errors import SubloraError
-from sublora_cli.model.calibrated import AUTO_PLACEMENT, DTYPES
-from sublora_cli.model.curvature import AUTO, AUTO_MAX_HVPS, KINDS
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES, META
 
 SCHEMA = "sublora_option"  # the metadata key of a field's Option
 Check = Callable[[Any], object]  # raises SubloraError on a malformed value
@@ -80,7 +87,7 @@ def device_syntax(value: str) -> None:
     except RuntimeError:
         raise SubloraError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
     if device.type == "meta":
-        raise SubloraError(f"{value!r}: {META}; use cpu or cuda.")
+        raise SubloraError(f"{value!r}: {META_DEVICE}; use cpu or cuda.")
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,9 @@ DEVICE = Option(
 )
 DTYPE = Option(
     ("--dtype",),
-    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(DTYPES)}. Curvature accumulates in "
+    f"Model dtype: {AUTO_PLACEMENT} (as load_model() returned it), {', '.join(MODEL_DTYPES)}. Curvature accumulates in "
     "float64.",
-    check=one_of((AUTO_PLACEMENT, *DTYPES)),
+    check=one_of((AUTO_PLACEMENT, *MODEL_DTYPES)),
 )
 
 REFIT = Option(
@@ -156,17 +163,35 @@ REFIT = Option(
     "PSD part of the curvature, kept only where the measured loss drops; docs/design.md).",
 )
 
-DEFAULT_CURVATURE, DEFAULT_MAX_HESSIAN_GB, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, 4.0, AUTO_PLACEMENT, AUTO_PLACEMENT
+DEFAULT_CURVATURE, DEFAULT_DEVICE, DEFAULT_DTYPE = AUTO, AUTO_PLACEMENT, AUTO_PLACEMENT
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    """What `sublora eval` can be told."""
+@dataclass(frozen=True, kw_only=True)
+class CalibrationOptions:
+    """How the calibration script's model is run: the group that eval, prune and sweep share."""
 
-    calib: Path = option(CALIB)
+    calib: Path | None = option(CALIB, None)
     device: str = option(DEVICE, DEFAULT_DEVICE)
     dtype: str = option(DTYPE, DEFAULT_DTYPE)
     max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionOptions(CalibrationOptions):
+    """How components are chosen and refit: the group that prune and sweep share."""
+
+    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
+    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (core/rank_bounds.py)
+    max_rank: str | None = option(MAX_RANK, None)
+    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
+    refit: bool = option(REFIT, True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions(CalibrationOptions):
+    """What `sublora eval` can be told: the calibration group, with the script required."""
+
+    calib: Path = option(CALIB)
 
 
 @dataclass(frozen=True)
@@ -199,12 +224,14 @@ class Setting:
 
 
 def settings_of(cls: type) -> list[Setting]:
-    """The schema of an options dataclass, in field order."""
+    """The schema of an options dataclass: the command's own settings first, then the shared groups it extends
+    (so `--help` leads with what the command is about), each in field order."""
     hints = get_type_hints(cls)
+    by_name = {f.name: f for f in fields(cls) if SCHEMA in f.metadata}
+    order = [n for klass in cls.__mro__ for n in vars(klass).get("__annotations__", {}) if n in by_name]
     return [
-        Setting(f.name, f.metadata[SCHEMA], _value_type(hints[f.name]), f.default)
-        for f in fields(cls)
-        if SCHEMA in f.metadata
+        Setting(name, by_name[name].metadata[SCHEMA], _value_type(hints[name]), by_name[name].default)
+        for name in dict.fromkeys(order)
     ]
 
 

@@ -16,20 +16,8 @@ from pathlib import Path
 import torch
 
 from sublora_cli.commands.options import (
-    CALIB,
-    CURVATURE,
-    DEFAULT_CURVATURE,
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_MAX_HESSIAN_GB,
-    DEVICE,
-    DTYPE,
-    MAX_BATCHES,
-    MAX_HESSIAN_GB,
-    MAX_RANK,
-    MIN_RANK,
-    REFIT,
     Option,
+    SelectionOptions,
     at_least,
     echo,
     one_of,
@@ -42,7 +30,6 @@ from sublora_cli.core.methods import METHODS
 from sublora_cli.errors import SubloraError
 from sublora_cli.model import distributed
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.budgeting import (
     adapter_pricing,
     budget_block,
@@ -70,9 +57,10 @@ from sublora_cli.training.rounds import alternate, plot_training
 TRAINING_PLOT = "training.png"
 
 
-@dataclass(frozen=True)
-class PruneOptions:
-    """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py)."""
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions(SelectionOptions):
+    """Everything `sublora prune` can be told, by flags or by --config (the schema: see options.py): the shared
+    calibration and selection groups, and the budget, method, output and training settings."""
 
     budget: str | None = option(  # None: auto when --max-loss-increase is given, else a usage error
         Option(
@@ -105,10 +93,6 @@ class PruneOptions:
         ),
         None,
     )
-    calib: Path | None = option(CALIB, None)
-    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
-    max_rank: str | None = option(MAX_RANK, None)
     seed: int = option(
         Option(("--seed",), "Seed of the randomized greedy (sublora-random) and of --rounds.", check=seed_range), 0
     )
@@ -124,11 +108,6 @@ class PruneOptions:
         ),
         None,
     )
-    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
-    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
-    device: str = option(DEVICE, DEFAULT_DEVICE)
-    dtype: str = option(DTYPE, DEFAULT_DTYPE)
-    refit: bool = option(REFIT, True)
     dtype_out: str = option(
         Option(
             ("--dtype-out",),

@@ -16,28 +16,17 @@ import torch
 
 from sublora_cli.commands.options import (
     CALIB,
-    CURVATURE,
-    DEFAULT_CURVATURE,
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_MAX_HESSIAN_GB,
-    DEVICE,
-    DTYPE,
-    MAX_BATCHES,
-    MAX_HESSIAN_GB,
-    MAX_RANK,
-    MIN_RANK,
-    REFIT,
     Option,
+    SelectionOptions,
     option,
     seed_range,
 )
 from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
 from sublora_cli.core.methods import METHODS, REGISTRY
-from sublora_cli.core.select import RankBounds, select
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES
 from sublora_cli.pipeline.budgeting import adapter_pricing
 from sublora_cli.pipeline.calibrate import calibration, measure_before
 from sublora_cli.pipeline.choose import rank_bounds
@@ -141,9 +130,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-@dataclass(frozen=True)
-class SweepOptions:
-    """Everything `sublora sweep` can be told (the schema: see options.py)."""
+@dataclass(frozen=True, kw_only=True)
+class SweepOptions(SelectionOptions):
+    """Everything `sublora sweep` can be told (the schema: see options.py): the shared calibration and selection
+    groups, with the script required, and the grid of budgets, methods and seeds."""
 
     calib: Path = option(CALIB)
     budgets: str = option(
@@ -166,17 +156,9 @@ class SweepOptions:
     seeds: tuple[int, ...] = option(
         Option(("--seeds",), "Seeds of sublora-random, comma-separated.", parse=parse_seeds), (0, 1, 2)
     )
-    curvature: str = option(CURVATURE, DEFAULT_CURVATURE)
-    min_rank: str = option(MIN_RANK, 0)  # an int for every module, or patterns (bounds.py)
-    max_rank: str | None = option(MAX_RANK, None)
-    max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
-    max_batches: int = option(MAX_BATCHES, DEFAULT_MAX_BATCHES)
-    device: str = option(DEVICE, DEFAULT_DEVICE)
-    dtype: str = option(DTYPE, DEFAULT_DTYPE)
     evaluate: bool = option(
         Option(("--evaluate/--no-evaluate",), "Run the script's evaluate() for every selection."), True
     )
-    refit: bool = option(REFIT, True)
 
 
 @dataclass
@@ -269,13 +251,9 @@ def run_sweep(
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
     """
-    if curvature is not None and curvature.hessian is None:
-        needing = [m for m in methods if REGISTRY[m].needs == "matrix"]
-        if needing:
-            raise SubloraError(
-                f"--curvature {curvature.kind} gives no full Hessian, which {', '.join(needing)} need; "
-                "use --curvature exact (or fisher) or drop those methods."
-            )
+    if curvature is not None:
+        for method in methods:
+            check_curvature(method, curvature.kind)
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]

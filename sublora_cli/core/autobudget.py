@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sublora_cli.core.budget import Budget
+from sublora_cli.core.budget import UNIT_TABLE, Budget
 from sublora_cli.core.select import Selection
 
 MAX_EVALUATIONS = 12
@@ -120,8 +120,8 @@ def smallest_within(
 
 
 def _snap(capacity: float, unit: str) -> float:
-    """Ranks are whole; other units are kept as they are."""
-    return float(math.floor(capacity)) if unit == "rank" else capacity
+    """Whole units (ranks) are snapped down; others are kept as they are."""
+    return float(math.floor(capacity)) if UNIT_TABLE[unit].whole else capacity
 
 
 def _model_answer(

@@ -4,19 +4,23 @@ parameter count (`2.5M`, `300k`), or `auto` (the smallest adapter that --max-los
 
 `read_*` check the syntax only (nothing depends on the adapter), so the CLI can report a malformed flag as a
 usage error; `resolve_budget` prices every component and turns the written budget into a `Budget`.
+
+The units a budget can count are one table, `UNIT_TABLE`: how an amount is written (its suffixes), what one
+component of each module costs, what is spent whatever is kept, whether capacities are whole, and the noun of a
+message. A new unit is one entry (design §5).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sublora_cli.errors import SubloraError
 
-UNITS = ("rank", "params", "bytes")
 BUDGET_FORMS = (
     "give a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter, a size in bytes "
     "(500KB, 12MiB, 1.5GB: SI units kB/KB, MB, GB, TB are powers of 1000, IEC units KiB, MiB, GiB, TiB powers of "
@@ -68,7 +72,7 @@ class Budget:
 
     def amount(self, value: float) -> str:
         """`value` in this budget's unit, as messages print it ("12 components", "1.5e+06 bytes")."""
-        return f"{value:g} components" if self.unit == "rank" else f"{value:g} {self.unit}"
+        return f"{value:g} {UNIT_TABLE[self.unit].noun}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class BudgetSpec:
     @property
     def unit(self) -> str | None:
         """The unit the budget states itself (a share or auto takes --budget-unit's)."""
-        return {"rank": "rank", "bytes": "bytes", "params": "params"}.get(self.reading)
+        return self.reading if self.reading in UNIT_TABLE else None
 
     @property
     def is_share(self) -> bool:
@@ -128,11 +132,11 @@ def read_budget(text: str | int | float) -> BudgetSpec:
     match = _WRITTEN.fullmatch(raw)
     suffix = match["suffix"] if match else ""
     if suffix:
-        scale = SIZE_UNITS.get(suffix) or COUNT_UNITS.get(suffix)
-        if scale is None:
+        unit = next((u for u in UNIT_TABLE.values() if suffix in u.suffixes), None)
+        if unit is None:
             raise SubloraError(f"{raw!r}: unknown or ambiguous unit {suffix!r}; {BUDGET_FORMS}.")
-        reading = "bytes" if suffix in SIZE_UNITS else "params"
-        return BudgetSpec(reading, math.floor(_below_largest(_number(match["number"], raw) * scale, raw)))
+        amount = _below_largest(_number(match["number"], raw) * unit.suffixes[suffix], raw)
+        return BudgetSpec(unit.name, math.floor(amount))
     value = _below_largest(_number(raw, raw), raw)
     if value < 1:
         return BudgetSpec("fraction", value)
@@ -166,11 +170,7 @@ class Pricing:
 
     def per_module(self, unit: str) -> list[float]:
         """What one component of each module costs."""
-        return {
-            "rank": [1.0] * len(self.ranks),
-            "params": [float(w) for w in self.widths],
-            "bytes": [float(w * e) for w, e in zip(self.widths, self.element_sizes, strict=True)],
-        }[unit]
+        return UNIT_TABLE[unit].per_component(self)
 
     def costs(self, unit: str) -> torch.Tensor:
         """One cost per component, in the order their σ are concatenated."""
@@ -180,8 +180,37 @@ class Pricing:
 
     def fixed(self, unit: str) -> int:
         """What is spent whatever is kept (the carried tensors, for bytes)."""
-        return self.carried_bytes if unit == "bytes" else 0
+        return UNIT_TABLE[unit].fixed(self)
 
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One way to count a budget. suffixes: the written forms and their scale (`12MiB`); per_component: what one
+    component of each module costs; fixed: what is spent whatever is kept; whole: capacities are whole numbers
+    (the search snaps to them, the report prints an int); noun: how messages name an amount."""
+
+    name: str
+    suffixes: dict[str, int]
+    per_component: Callable[[Pricing], list[float]]
+    fixed: Callable[[Pricing], int]
+    whole: bool
+    noun: str
+
+
+UNIT_TABLE: dict[str, Unit] = {
+    u.name: u
+    for u in (
+        Unit("rank", {}, lambda p: [1.0] * len(p.ranks), lambda p: 0, True, "components"),
+        Unit("params", COUNT_UNITS, lambda p: [float(w) for w in p.widths], lambda p: 0, False, "params"),
+        Unit(
+            "bytes", SIZE_UNITS,
+            lambda p: [float(w * e) for w, e in zip(p.widths, p.element_sizes, strict=True)],
+            lambda p: p.carried_bytes, False, "bytes",
+        ),
+    )
+}  # fmt: skip
+UNITS = tuple(UNIT_TABLE)
 
 def budget_unit(spec: BudgetSpec, unit: str | None) -> str:
     """The unit a budget is counted in: its own (12MiB: bytes), else --budget-unit's, else ranks."""

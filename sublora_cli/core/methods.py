@@ -1,4 +1,5 @@
-"""The selection methods: one entry each, declaring what the method needs and how it models the loss.
+"""The selection methods and the curvature kinds: one entry each, declaring what a method needs and how it models
+the loss, and what a curvature kind provides — with the one compatibility rule between the two (`check_pair`).
 
 Everything that depends on the method reads this table: the curvature `auto` computes (curvature.py), the
 flag checks (prune.py), which methods a sweep can run on a given curvature (sweep.py), the CLI's choices and
@@ -94,3 +95,49 @@ def lookup(name: str) -> Method:
 def most_demanding(names: list[str]) -> Need:
     """The largest need among the methods: what one curvature computation must provide for all of them."""
     return max((lookup(n).needs for n in names), key=NEEDS.index, default="none")
+
+
+@dataclass(frozen=True)
+class CurvatureKind:
+    """A curvature the pipeline can compute (model/curvature.py; docs/curvature.md).
+
+    provides: what it gives the selection — the Hessian's diagonal or a full R×R matrix.
+    second_order: whether it differentiates the loss twice (Hessian-vector products: R per batch, and a model that
+    supports double backward); the Fisher is built from first derivatives alone, one pass per batch.
+    drops_gradient: whether the methods that use it select with a zero gradient (the Fisher: next to F the true g
+    is on the wrong scale, so the stationarity the paper assumes is imposed; curvature.selection_inputs).
+    """
+
+    name: str
+    provides: Need
+    second_order: bool
+    drops_gradient: bool
+    summary: str
+
+    @property
+    def matrix(self) -> bool:
+        return self.provides == "matrix"
+
+
+CURVATURES: dict[str, CurvatureKind] = {
+    k.name: k
+    for k in (
+        CurvatureKind("exact", "matrix", True, False, "the exact Hessian, R Hessian-vector products per batch"),
+        CurvatureKind("diag", "diagonal", True, False, "the exact Hessian's diagonal, from the same products"),
+        CurvatureKind("fisher", "matrix", False, True, "the empirical Fisher, one forward+backward pass per batch"),
+    )
+}
+
+
+def check_pair(method: str, kind: str) -> None:
+    """The one method × curvature rule: the curvature must provide what the method selects with. ValueError with
+    the fix when it does not (prune, sweep and auto all ask here)."""
+    if kind not in CURVATURES:  # auto: resolved to a kind that fits (model/curvature.resolve_kind)
+        return
+    need, curvature = lookup(method).needs, CURVATURES[kind]
+    if NEEDS.index(curvature.provides) < NEEDS.index(need):
+        full = [k for k, c in CURVATURES.items() if NEEDS.index(c.provides) >= NEEDS.index(need)]
+        raise ValueError(
+            f"--method {method} needs the full Hessian but --curvature {kind} computes only its {curvature.provides}; "
+            f"use --curvature {' or '.join(full)}, or a method that needs less (diag, linear)"
+        )

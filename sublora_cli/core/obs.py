@@ -37,7 +37,7 @@ import torch
 from sublora_cli.core.refit import psd_part, relative_scale
 
 if TYPE_CHECKING:  # select.py runs obs as a search: a runtime import would be a cycle
-    from sublora_cli.core.select import RankBounds
+    from sublora_cli.core.rank_bounds import RankBounds
 
 DAMPING = 1e-4  # λ / mean diag(H̃); 1e-6 and 1e-2 did worse on the PINN samples (bench/refit.py)
 COMPACT_BELOW = 64  # do not shrink the working inverse below this size

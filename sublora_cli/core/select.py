@@ -27,29 +27,8 @@ from sublora_cli.core.budget import Budget
 from sublora_cli.core.methods import Method, lookup
 from sublora_cli.core.obs import DAMPING as OBS_DAMPING
 from sublora_cli.core.obs import compensated_increase, damped, obs_select
+from sublora_cli.core.rank_bounds import RankBounds
 from sublora_cli.core.refit import psd_part
-
-
-@dataclass(frozen=True)
-class RankBounds:
-    """Per-module limits on how many components are kept; group maps each component to its module."""
-
-    group: torch.Tensor  # long, length R
-    lower: torch.Tensor  # long, per module: minimum kept (already clipped to the module's rank)
-    upper: torch.Tensor  # long, per module: maximum kept
-
-    @staticmethod
-    def from_ranks(ranks: list[int], min_rank: int = 0, max_rank: int | None = None) -> RankBounds:
-        """Bounds for modules of the given ranks, in the order their σ are concatenated."""
-        if min_rank < 0:
-            raise ValueError(f"min_rank {min_rank}: must be 0 or more")
-        if max_rank is not None and max_rank < min_rank:
-            raise ValueError(f"max_rank {max_rank} is below min_rank {min_rank}")
-        sizes = torch.tensor(ranks, dtype=torch.long)
-        group = torch.repeat_interleave(torch.arange(len(ranks)), sizes)
-        lower = sizes.clamp(max=min_rank)
-        upper = sizes if max_rank is None else sizes.clamp(max=max_rank)
-        return RankBounds(group=group, lower=lower, upper=upper)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ in place, so the results are those of a plain sequential loop, bit for bit.
 Data-parallel (torchrun; distributed.py owns the process group) changes two things, both here:
 * sharding — `this_process` yields only this rank's batches (batch i on rank i mod world size); indices stay
   global, so error messages name the user's batch;
+* training (training/loop.py) steps through the same rule: step s takes position s·W + rank of the endless cycle
+  over the batches (`step_batches`), so across the ranks a step covers W consecutive positions, each on the
+  rank that `this_process` gives it, and `mean_across_processes` averages the step's loss and gradients;
 * the all-reduce — `across_processes` sums each total over the ranks (a Python number travels as a
   float64/int64 tensor). It is called for every quantity in the order the caller created them, the same on
   every rank, as collective calls must be.
@@ -20,7 +23,7 @@ instead of waiting in the all-reduce for a rank that will never arrive.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -39,6 +42,23 @@ def this_process(batches: Iterable) -> Iterator[tuple[int, object]]:
 def across_processes(name: str, total: Total) -> Total:
     """One quantity's total over all processes: the identity while there is one process."""
     return distributed.all_reduce_sum(total)
+
+
+def step_batches(batches: Sequence, steps: int) -> Iterator[tuple[int, int, object]]:
+    """(step, batch index, batch) of this process for `steps` training steps: position s·W + rank of the cycle
+    over the batches, the position that `this_process` would give this rank."""
+    world, rank = distributed.world_size(), distributed.rank()
+    for step in range(steps):
+        index = (step * world + rank) % len(batches)
+        yield step, index, batches[index]
+
+
+def mean_across_processes(value: float, tensors: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """A training step's loss and gradients averaged over the processes (one batch each): the identity alone."""
+    world = distributed.world_size()
+    if world == 1:
+        return value, tensors
+    return float(distributed.all_reduce_sum(value)) / world, [distributed.all_reduce_sum(t) / world for t in tensors]
 
 
 class Sums:
@@ -114,4 +134,12 @@ def over_batches(
     return {name: reduce(name, total) for name, total in sums.totals.items()}
 
 
-__all__ = ["Meter", "Sums", "across_processes", "over_batches", "this_process"]
+__all__ = [
+    "Meter",
+    "Sums",
+    "across_processes",
+    "mean_across_processes",
+    "over_batches",
+    "step_batches",
+    "this_process",
+]

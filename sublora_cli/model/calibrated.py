@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sublora_cli.core.methods import Need
+from sublora_cli.constants import AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, META_DEVICE, MODEL_DTYPES
+from sublora_cli.core.methods import CURVATURES, Need
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.formats import Adapter
@@ -28,17 +29,15 @@ from sublora_cli.model.curvature import (
     AUTO,
     Curvature,
     compute_curvature,
-    intra_op_thread_count,
-    intra_op_threads,
     resolve_kind,
 )
 from sublora_cli.model.reparam import SigmaModel
-from sublora_cli.model.script import DEFAULT_MAX_BATCHES, META, CalibrationScript, check_loss, load_calibration
+from sublora_cli.model.script import CalibrationScript, check_loss, load_calibration
+from sublora_cli.model.threads import intra_op_thread_count, intra_op_threads
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
-AUTO_PLACEMENT = "auto"  # --device/--dtype auto: keep the model where and as load_model() returned it
 
 
 def resolve_device(name: str) -> torch.device | None:
@@ -51,7 +50,7 @@ def resolve_device(name: str) -> torch.device | None:
     except RuntimeError as e:
         raise SubloraError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from e
     if device.type == "meta":
-        raise SubloraError(f"--device {name}: {META}; use --device cpu or cuda.")
+        raise SubloraError(f"--device {name}: {META_DEVICE}; use --device cpu or cuda.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SubloraError(f"--device {name}: this machine has no CUDA device; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -77,7 +76,7 @@ def attention_kernel_for(kind: str) -> AbstractContextManager:
     (attn_implementation="sdpa"). The math kernel computes the same attention from plain ops, so the model
     needs no change. The Fisher needs first derivatives only and keeps the fast kernels.
     """
-    return nullcontext() if kind == "fisher" else sdpa_kernel(SDPBackend.MATH)
+    return nullcontext() if kind in CURVATURES and not CURVATURES[kind].second_order else sdpa_kernel(SDPBackend.MATH)
 
 
 @dataclass
@@ -140,7 +139,7 @@ class Calibrated:
         `auto` never picks a second-order kind (exact, diag) this model cannot differentiate twice: one
         Hessian-vector product on the first batch is tried first, and on failure auto takes the Fisher."""
         kind, reason = resolve_kind(requested, self.sigma_model.size, len(self.batches), methods, at_least)
-        if requested != AUTO or kind not in ("exact", "diag"):
+        if requested != AUTO or kind not in CURVATURES or not CURVATURES[kind].second_order:
             return kind, reason
         failure = self.second_order_failure()
         if failure is None:

@@ -34,7 +34,6 @@ same tensors are launch-bound and bigger chunks pay, hence CHUNK_GPU. bench/curv
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,15 +43,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sublora_cli.core.methods import NEEDS, Need, lookup, most_demanding
+from sublora_cli.constants import AUTO, AUTO_MAX_HVPS
+from sublora_cli.core.methods import CURVATURES, NEEDS, Need, lookup, most_demanding
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.batchloop import Meter, Sums, over_batches
 from sublora_cli.model.fisher import per_sample_gradients
 from sublora_cli.model.reparam import SigmaModel
 from sublora_cli.model.script import check_loss
+from sublora_cli.model.threads import default_threads, intra_op_thread_count, intra_op_threads
 
-KINDS = ("exact", "diag", "fisher")
-AUTO = "auto"
+KINDS = tuple(CURVATURES)
 CHUNK = 4  # Hessian rows per batched backward pass on the CPU (see the module docstring for the measurements)
 CHUNK_GPU = 32  # on an accelerator the small ops are launch-bound: more rows per pass
 # Time of the curvature in units of one warm loss evaluation over all batches, timed under the curvature's own
@@ -61,7 +61,6 @@ CHUNK_GPU = 32  # on an accelerator the small ops are launch-bound: more rows pe
 # Timing the first, cold evaluation with torch's own thread pool instead made the estimate 20–75× too high.
 SECONDS_PER_HVP_ROW = 1.5
 SECONDS_FISHER = 3.0
-AUTO_MAX_HVPS = 2048  # `auto` computes the exact Hessian up to this many HVPs (R × batches), else the Fisher
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class Curvature:
         (docs/curvature.md).
         """
         gradient = self.gradient
-        if self.kind == "fisher" and lookup(name).needs_at_least("diagonal"):
+        if CURVATURES[self.kind].drops_gradient and lookup(name).needs_at_least("diagonal"):
             gradient = torch.zeros_like(gradient)
         return {"gradient": gradient, "hessian": self.hessian, "hessian_diag": self.hessian_diag}
 
@@ -114,12 +113,12 @@ def estimate_cost(R: int, n_batches: int, kind: str, loss_seconds: float | None 
     if kind not in KINDS:
         raise ValueError(f"unknown curvature kind {kind!r}")
     cost = {
-        "hessian_bytes": 8 * R * R if kind in ("exact", "fisher") else 8 * R,
-        "hvps": R * n_batches if kind != "fisher" else 0,
+        "hessian_bytes": 8 * R * R if CURVATURES[kind].matrix else 8 * R,
+        "hvps": R * n_batches if CURVATURES[kind].second_order else 0,
         "passes": n_batches,
     }
     if loss_seconds is not None:
-        factor = SECONDS_FISHER if kind == "fisher" else SECONDS_PER_HVP_ROW * R
+        factor = SECONDS_PER_HVP_ROW * R if CURVATURES[kind].second_order else SECONDS_FISHER
         cost["seconds"] = factor * loss_seconds
     return cost
 
@@ -185,35 +184,6 @@ def _hessian_rows(g: torch.Tensor, s: torch.Tensor, start: int, stop: int, batch
         return rows
     rows = [torch.autograd.grad(g, s, e, retain_graph=True, allow_unused=True, materialize_grads=True)[0] for e in eye]
     return torch.stack(rows)
-
-
-def default_threads(device: torch.device) -> int:
-    """Worker threads for the HVPs: every core torch may use on the CPU, one on an accelerator."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-
-
-def intra_op_threads(kind: str, device: torch.device, threads: int | None = None) -> int:
-    """torch's intra-op thread count while `kind` is computed: 1 while worker threads share the cores (the
-    HVPs of exact and diag on the CPU), else torch's own (the Fisher)."""
-    if kind == "fisher":
-        return torch.get_num_threads()
-    threads = default_threads(device) if threads is None else threads
-    return 1 if threads > 1 else torch.get_num_threads()
-
-
-@contextmanager
-def intra_op_thread_count(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to n for the duration (the workers share the cores instead)."""
-    before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 class _RowEngine:
@@ -285,7 +255,7 @@ def compute_curvature(
         raise SubloraError("No calibration batches to compute the curvature on.")
     R = sigma_model.size
     cost = estimate_cost(R, len(batches), kind)
-    if kind in ("exact", "fisher") and cost["hessian_bytes"] > max_hessian_gb * 1e9:
+    if CURVATURES[kind].matrix and cost["hessian_bytes"] > max_hessian_gb * 1e9:
         raise SubloraError(
             f"The {'exact Hessian' if kind == 'exact' else 'Fisher matrix'} over the adapter's R = {R} singular "
             f"values would take {cost['hessian_bytes'] / 1e9:.1f} GB in float64, above the limit of "
@@ -484,7 +454,5 @@ __all__ = [
     "choose_kind",
     "compute_curvature",
     "estimate_cost",
-    "intra_op_thread_count",
-    "intra_op_threads",
     "resolve_kind",
 ]

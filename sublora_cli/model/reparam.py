@@ -22,7 +22,7 @@ from sublora_cli.model.batchloop import Sums, over_batches
 from sublora_cli.model.script import check_loss
 
 if TYPE_CHECKING:
-    from sublora_cli.model.fisher import Capture
+    from sublora_cli.model.capture import Capture
 
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

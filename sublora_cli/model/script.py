@@ -22,13 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sublora_cli.constants import DEFAULT_MAX_BATCHES, META_DEVICE
 from sublora_cli.errors import SubloraError
 
 REQUIRED = ("load_model", "batches", "loss")
 OPTIONAL = ("evaluate", "per_sample_loss", "train_batches")
-DEFAULT_MAX_BATCHES = 10_000  # --max-batches: a batches() that never ends stops here instead of filling the memory
-META = "meta tensors hold shapes but no values, so no loss can be computed on them"
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # sublora_cli/, every layer
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
 
@@ -216,8 +215,8 @@ class CalibrationScript:
             )
         if any(p.is_meta for p in model.parameters()):
             raise SubloraError(
-                f"load_model() in {self.path} returned a model with parameters on the meta device: {META}. Load the "
-                "weights (e.g. without init_empty_weights, or with device_map='cpu')."
+                f"load_model() in {self.path} returned a model with parameters on the meta device: {META_DEVICE}. "
+                "Load the weights (e.g. without init_empty_weights, or with device_map='cpu')."
             )
         return model
 

@@ -11,13 +11,15 @@ import torch
 
 from sublora_cli.core.autobudget import AutoBudget, smallest_within
 from sublora_cli.core.budget import (
+    UNIT_TABLE,
     Budget,
     BudgetSpec,
     Pricing,
     parse_tolerance,
     read_budget,
 )
-from sublora_cli.core.select import RankBounds, Selection
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import Selection
 from sublora_cli.errors import SubloraError, UsageError
 from sublora_cli.formats import Adapter
 from sublora_cli.model.curvature import Curvature
@@ -78,7 +80,7 @@ def out_suffix(spec: BudgetSpec, allowance: Budget | None) -> str:
 
 def resolved(allowance: Budget) -> int | float:
     """The report's `budget.resolved`: the kept count of a rank budget, else what the components may spend."""
-    return int(allowance.capacity) if allowance.unit == "rank" else allowance.capacity
+    return int(allowance.capacity) if UNIT_TABLE[allowance.unit].whole else allowance.capacity
 
 
 def budget_block(

@@ -11,8 +11,8 @@ from sublora_cli.core.budget import (
     Budget,
 )
 from sublora_cli.core.methods import lookup
-from sublora_cli.core.rank_patterns import per_module
-from sublora_cli.core.select import RankBounds, Selection, select
+from sublora_cli.core.rank_bounds import RankBounds, per_module
+from sublora_cli.core.select import Selection, select
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter, PrunedModule

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sublora_cli.core.methods import Need, lookup
+from sublora_cli.core.methods import Need, check_pair, lookup
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.calibrated import Calibrated
 from sublora_cli.model.curvature import AUTO, Curvature, estimate_cost
@@ -20,11 +20,11 @@ def check_method(method: str, calib: Path | None, curvature: str) -> None:
 
 
 def check_curvature(method: str, curvature: str) -> None:
-    if lookup(method).needs == "matrix" and curvature == "diag":
-        raise SubloraError(
-            f"--method {method} needs the full Hessian but --curvature diag computes only its diagonal; "
-            "use --curvature exact, or --method diag / linear."
-        )
+    """core/methods.check_pair as the user's error, before any work starts."""
+    try:
+        check_pair(method, curvature)
+    except ValueError as e:
+        raise SubloraError(f"{e}.") from None
 
 
 def announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None) -> None:

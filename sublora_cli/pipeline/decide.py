@@ -13,7 +13,8 @@ import torch
 
 from sublora_cli.core.autobudget import AutoBudget
 from sublora_cli.core.budget import Budget, Pricing
-from sublora_cli.core.select import RankBounds, Selection
+from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.select import Selection
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.formats import Adapter
 from sublora_cli.model.calibrated import Calibrated

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from sublora_cli.core.svd import Spectrum, factor_svd, spectrum_stats
 from sublora_cli.formats import Adapter, PrunedModule
-from sublora_cli.model.curvature import intra_op_thread_count
+from sublora_cli.model.threads import intra_op_thread_count
 from sublora_cli.pipeline.timings import Timings
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sublora_cli.core.methods import CURVATURES
 from sublora_cli.core.refit import RefitResult, psd_part, refit, written_spectrum
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.formats import Adapter, PrunedModule
@@ -62,7 +63,7 @@ def refit_inputs(curvature: Curvature) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient, PSD curvature) the refit steps with. The Fisher is PSD and, as in selection, comes without g
     (next to F the true g is on the wrong scale: curvature.selection_inputs); the exact Hessian (or its
     diagonal) is clipped to its PSD part once here, so a sweep's many refits share one eigendecomposition."""
-    if curvature.kind == "fisher":
+    if CURVATURES[curvature.kind].drops_gradient:
         return torch.zeros_like(curvature.gradient), curvature.hessian
     matrix = curvature.hessian if curvature.hessian is not None else torch.diag(curvature.hessian_diag)
     return curvature.gradient, psd_part(matrix)

@@ -12,9 +12,9 @@ The trained state becomes an adapter again (`Adapter` with new factors, rounded 
 rest of the pipeline (SVD form, curvature, selection, refit, writer) runs on it unchanged and what is measured
 is what is written. Master copies and optimizer state are float32 (float64 for a float64 model); the forward
 runs in the model's dtype. The model stays in eval mode (dropout off): the rounds fine-tune the adapter, not the
-model's stochastic regularisation. Under torchrun each process takes every N-th batch and the gradients are
-summed across processes (distributed.all_reduce_sum), so N processes take the steps one process would take on
-N times the batch.
+model's stochastic regularisation. Under torchrun the batches are sharded and the gradients averaged by the same
+rule as every other batch loop (model/batchloop.py: `step_batches`, `mean_across_processes`), so N processes take
+the steps one process would take on N times the batch.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from sublora_cli.core.refit import written_spectrum
 from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter, LoraModule, PrunedModule
-from sublora_cli.model import distributed
+from sublora_cli.model.batchloop import mean_across_processes, step_batches
 from sublora_cli.model.reparam import SigmaModel
 from sublora_cli.model.script import check_loss
-from sublora_cli.training.optimizers import OPTIMIZERS, LowRank, make_optimizer
+from sublora_cli.training.optimizers import OPTIMIZERS, LowRank, make_optimizer, make_sigma_optimizer
 
 TRAINS = ("factors", "sigma")
 Progress = Callable[[str, int, int | None], None]
@@ -231,7 +231,7 @@ class StepGradient:
         with torch.enable_grad(), self._model.using_factors(terms):  # the bases are built in the graph
             loss = _finite(self._model.loss(self._model.sigma, self._batch), self._index)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-        return _process_mean(float(loss.detach()), [g.detach() for g in grads])
+        return mean_across_processes(float(loss.detach()), [g.detach() for g in grads])
 
 
 def _finite(loss: object, batch_index: int) -> torch.Tensor:
@@ -245,14 +245,6 @@ def _finite(loss: object, batch_index: int) -> torch.Tensor:
 
 def _probe(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     return torch.zeros(rows, columns, dtype=like.dtype, device=like.device, requires_grad=True)
-
-
-def _process_mean(loss: float, grads: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
-    """Under torchrun: the mean over processes of the loss and of every gradient (one batch each)."""
-    world = distributed.world_size()
-    if world == 1:
-        return loss, grads
-    return distributed.all_reduce_sum(loss) / world, [distributed.all_reduce_sum(g) / world for g in grads]
 
 
 # -----------------------------------------------------------------------------
@@ -271,18 +263,16 @@ def train(
     """`settings.steps` steps from `state`; returns the trained state and the training loss of every step.
     `pace` gets the seconds per step once, early: timed over steps 2–4 (the first is a cold start) or, in a
     shorter round, over every step."""
-    world, rank = distributed.world_size(), distributed.rank()
     if isinstance(state, SigmaState):
         step_fn = _sigma_steps(sigma_model, state, settings)
     else:
         step_fn = _factor_steps(sigma_model, state, settings)
     losses: list[float] = []
     timed_from, timed_to = (1, 4) if settings.steps > 4 else (0, settings.steps)
-    for step in range(settings.steps):
+    for step, index, batch in step_batches(batches, settings.steps):
         if step == timed_from:
             started = time.perf_counter()
-        index = (step * world + rank) % len(batches)
-        loss = step_fn(batches[index], index, cosine_lr(settings.lr, step, settings.steps))
+        loss = step_fn(batch, index, cosine_lr(settings.lr, step, settings.steps))
         if not math.isfinite(loss):
             raise _diverged(f"{stage}, step {step + 1}: the loss is {loss:g}", settings)
         losses.append(loss)
@@ -321,13 +311,13 @@ def _factor_steps(sigma_model: SigmaModel, state: FactorState, settings: TrainSe
 def _sigma_steps(sigma_model: SigmaModel, state: SigmaState, settings: TrainSettings) -> Callable:
     sigma_model.rebase(state.spectra)
     leaf = state.sigma.requires_grad_(True)
-    optimizer = (torch.optim.Adam if settings.optimizer == "adam" else torch.optim.SGD)([leaf], lr=settings.lr)
+    optimizer = make_sigma_optimizer(settings.optimizer, leaf, settings.lr)
 
     def step(batch: object, index: int, lr: float) -> float:
         with torch.enable_grad():
             loss = _finite(sigma_model.loss(leaf.to(sigma_model.dtype), batch), index)
             (grad,) = torch.autograd.grad(loss, [leaf], allow_unused=True, materialize_grads=True)
-        value, (grad,) = _process_mean(float(loss.detach()), [grad])
+        value, (grad,) = mean_across_processes(float(loss.detach()), [grad])
         leaf.grad = grad.to(leaf)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -366,10 +366,15 @@ class OptimizerSpec:
 
     cls: type
     default_lr: float  # peak learning rate for the factors (measured on the shipped samples: bench/alternating.py)
-    trains: tuple[str, ...]  # which of "factors", "sigma" it applies to
     products: bool  # whether it calls gradient_times/times_gradient (extra passes per step)
     description: str
     sigma_lr: float | None = None  # peak learning rate for σ-only training, where it applies
+    sigma_cls: type[torch.optim.Optimizer] | None = None  # the torch optimizer of σ-only training (one vector)
+
+    @property
+    def trains(self) -> tuple[str, ...]:
+        """Which of "factors", "sigma" it applies to: σ alone only where the entry names a σ optimizer."""
+        return ("factors", "sigma") if self.sigma_cls is not None else ("factors",)
 
 
 # Defaults, measured in two rounds of 100 steps after a cut to 30 % of the rank of the shipped PINN adapters
@@ -378,16 +383,14 @@ class OptimizerSpec:
 # altlora+ 1e-4 (elliptic k2), altlora 0.1 and lorsum 0.03 (hyperbolic β=2), sgd 0.01 (hyperbolic β=2, β=4).
 # σ-only training: adam 1e-3 beat 1e-4 and 1e-5 on elliptic k2; sgd's is not tuned. Per run: --lr.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec(SGD, 3e-3, ("factors", "sigma"), False, "plain gradient descent", sigma_lr=1e-2),
-    "adam": OptimizerSpec(Adam, 1e-5, ("factors", "sigma"), False, "Adam (the SubLoRA paper's)", sigma_lr=1e-3),
+    "sgd": OptimizerSpec(SGD, 3e-3, False, "plain gradient descent", sigma_lr=1e-2, sigma_cls=torch.optim.SGD),
+    "adam": OptimizerSpec(Adam, 1e-5, False, "Adam (the SubLoRA paper's)", sigma_lr=1e-3, sigma_cls=torch.optim.Adam),
     "altlora": OptimizerSpec(
-        AltLoRA, 3e-2, ("factors",), False, "AltLoRA: alternating A/B scaled-gradient steps with transported momentum"
+        AltLoRA, 3e-2, False, "AltLoRA: alternating A/B scaled-gradient steps with transported momentum"
     ),
-    "altlora+": OptimizerSpec(
-        AltLoRAPlus, 1e-5, ("factors",), False, "AltLoRA+: AltLoRA with an Adam-style second moment"
-    ),
+    "altlora+": OptimizerSpec(AltLoRAPlus, 1e-5, False, "AltLoRA+: AltLoRA with an Adam-style second moment"),
     "lorsum": OptimizerSpec(
-        LoRSum, 1e-2, ("factors",), True, "LoRSum: full step on ΔW projected to rank r by ALS (2·sweeps−1 extra passes)"
+        LoRSum, 1e-2, True, "LoRSum: full step on ΔW projected to rank r by ALS (2·sweeps−1 extra passes)"
     ),
 }
 
@@ -406,3 +409,12 @@ def make_optimizer(name: str, modules: list[LowRank], **hyper: float) -> FactorO
             f"Optimizer {name!r} has no setting {', '.join(unknown)}; it takes: {', '.join(accepted) or 'none'}."
         )
     return spec.cls(modules, **hyper)
+
+
+def make_sigma_optimizer(name: str, leaf: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """The named optimizer over the σ vector of `--train sigma` (its registry entry's `sigma_cls`)."""
+    spec = OPTIMIZERS.get(name)
+    if spec is None or spec.sigma_cls is None:
+        usable = [n for n, s in OPTIMIZERS.items() if s.sigma_cls is not None]
+        raise SubloraError(f"--optimizer {name} does not train σ alone; use {' or '.join(usable)} with --train sigma.")
+    return spec.sigma_cls([leaf], lr=lr)

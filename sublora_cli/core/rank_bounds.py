@@ -1,4 +1,5 @@
-"""Per-module rank bounds as users write them: one number for every module (`4`), or patterns (`q_proj=4,*=0`,
+"""Per-module rank bounds: `RankBounds`, the lower/upper kept count of every module that the selection obeys, and
+the flags' syntax users write them in: one number for every module (`4`), or patterns (`q_proj=4,*=0`,
 `mlp.*=32`) matched as globs against module names, so a bound can single out a projection or a block.
 
 A pattern matches a module whose full name it matches (`model.layers.0.mlp.up_proj`) or any dotted tail of it
@@ -8,12 +9,37 @@ flag's default. A pattern that matches no module is an error that lists the modu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
+
+import torch
 
 from sublora_cli.errors import SubloraError
 
 LARGEST = 2**31 - 1  # above any module's rank (torch indexes ranks as int64; a bound this large is a typo)
 FORMS = "give a whole number for every module (4) or pattern=number pairs, comma-separated (q_proj=4,mlp.*=32,*=0)"
+
+
+@dataclass(frozen=True)
+class RankBounds:
+    """Per-module limits on how many components are kept; group maps each component to its module."""
+
+    group: torch.Tensor  # long, length R
+    lower: torch.Tensor  # long, per module: minimum kept (already clipped to the module's rank)
+    upper: torch.Tensor  # long, per module: maximum kept
+
+    @staticmethod
+    def from_ranks(ranks: list[int], min_rank: int = 0, max_rank: int | None = None) -> RankBounds:
+        """Bounds for modules of the given ranks, in the order their σ are concatenated."""
+        if min_rank < 0:
+            raise ValueError(f"min_rank {min_rank}: must be 0 or more")
+        if max_rank is not None and max_rank < min_rank:
+            raise ValueError(f"max_rank {max_rank} is below min_rank {min_rank}")
+        sizes = torch.tensor(ranks, dtype=torch.long)
+        group = torch.repeat_interleave(torch.arange(len(ranks)), sizes)
+        lower = sizes.clamp(max=min_rank)
+        upper = sizes if max_rank is None else sizes.clamp(max=max_rank)
+        return RankBounds(group=group, lower=lower, upper=upper)
 
 
 def read_rank_bound(value: str | int) -> int | str:
