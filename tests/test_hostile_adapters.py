@@ -81,9 +81,9 @@ def refused(result, needle: str, code: int = 1) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
-        ("unet.lora_alpha", "four", "unet.lora_alpha = 'four'"),
-        ("unet.lora_alpha", None, "unet.lora_alpha = None"),
-        ("unet.lora_alpha", 0, "non-zero number"),
+        ("unet.lora_alpha", "four", "lora_adapter_metadata (unet): lora_alpha = 'four'"),
+        ("unet.lora_alpha", None, "lora_alpha = None"),
+        ("unet.lora_alpha", 0, "lora_alpha = 0; lora_alpha must be a non-zero number"),
         ("unet.alpha_pattern", {"mid_block.attentions.0.proj_out": None}, "alpha_pattern['mid_block"),
         ("unet.alpha_pattern", ["x"], "alpha_pattern must be an object"),
     ],

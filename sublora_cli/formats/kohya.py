@@ -30,7 +30,7 @@ from safetensors.torch import save, save_file
 from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, check_factor, sha256_of
-from sublora_cli.formats.peft import PEFT_DEFAULTS, get_pattern_key, is_number
+from sublora_cli.formats.peft import PEFT_DEFAULTS, check_ranks_and_alphas, get_pattern_key
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -179,6 +179,7 @@ def diffusers_configs(metadata: dict[str, str]) -> dict[str, dict]:
         prefix, _, field = key.rpartition(".")
         groups.setdefault(prefix, {})[field] = value
     for prefix, group in groups.items():
+        check_ranks_and_alphas({**PEFT_DEFAULTS, **group}, f"The file's {DIFFUSERS_METADATA_KEY} ({prefix or 'all'})")
         if group.get("use_rslora"):
             raise SubloraError(
                 f"The file's {DIFFUSERS_METADATA_KEY} enables rsLoRA{' for ' + prefix if prefix else ''}; sublora "
@@ -210,19 +211,8 @@ def module_alpha(name: str, rank: int, alpha_tensor: torch.Tensor | None, config
         prefix, config = found
         relative = name.removeprefix(prefix + ".") if prefix else name
         pattern = config.get("alpha_pattern") or {}
-        component = f"{prefix}." if prefix else ""
-        if not isinstance(pattern, dict):
-            raise SubloraError(f"The file's {DIFFUSERS_METADATA_KEY}: {component}alpha_pattern must be an object.")
         key = get_pattern_key(list(pattern), relative)
-        if key is not None:
-            alpha, field = pattern[key], f"{component}alpha_pattern[{key!r}]"
-        else:
-            alpha, field = config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]), f"{component}lora_alpha"
-        if not is_number(alpha) or alpha == 0:
-            raise SubloraError(
-                f"The file's {DIFFUSERS_METADATA_KEY}: {field} = {alpha!r} for module {name}; an alpha must be a "
-                "non-zero number (the scale is alpha / rank). Fix or remove that entry of the metadata."
-            )
+        alpha = pattern[key] if key is not None else config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
         return float(alpha)
     return float(rank)
 
