@@ -23,6 +23,7 @@ demo: install
 	$(SUBLORA) inspect $(SAMPLE)/adapter_k2
 	$(SUBLORA) prune $(SAMPLE)/adapter_k2 --calib $(SAMPLE)/calib_k2.py --budget 50 --out $(DEMO_OUT) --overwrite
 	@echo "report: $(DEMO_OUT)/sublora_report.md"
+	@echo "sublora is installed in $(VENV): run $(SUBLORA) ..., or 'source $(VENV)/bin/activate' and then sublora ..."
 
 test: install
 	$(VENV)/bin/ruff check sublora_cli tests bench sample_checkpoints

@@ -148,7 +148,8 @@ def run_adapter(family: str, name: str, args) -> dict:
                 log(f"    sweep {done}/{total}")
 
         measure = written_outcome(cal, adapter, spectra, curv, refit_kept=False)  # the paper: no refit
-        rows = run_sweep(measure, sigma, curv, bounds, budgets, METHODS, args.seeds, loss_before, progress=progress)
+        axis = [(b, Budget.ranks(b, sigma.numel())) for b in budgets]
+        rows = run_sweep(measure, sigma, curv, bounds, axis, METHODS, args.seeds, loss_before, progress=progress)
         g, H = curv.gradient, curv.hessian
         projected, _, _ = project_submodular(H, sigma)
         none = torch.zeros(n, dtype=torch.bool)

@@ -36,6 +36,24 @@ def run_cli(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure the command saves, with the path it was saved to: a test reads the picture's labels,
+    lines and legend back from the figure object."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def savefig(self, path, *args, **kwargs):
+        saved.append((self, path))
+        return real_savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
 class TinyConvNet(torch.nn.Module):
     """A model with an nn.Conv2d (3×3, stride 2, padding 1) and an nn.Linear head."""
 

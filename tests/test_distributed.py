@@ -214,3 +214,26 @@ def test_a_malformed_timeout_is_one_message_from_rank_0(tmp_path):
     assert [r.returncode for r in ranks] == [1, 1]
     assert "SUBLORA_DIST_TIMEOUT='abc'" in ranks[0].stderr and "Traceback" not in ranks[0].stderr
     assert ranks[1].stderr == ""
+
+
+def sweep_args(out: Path) -> list[str]:
+    return ["-m", "sublora_cli", "sweep", str(ADAPTER), "--calib", str(CALIB), "--budgets", "20,40",
+            "--methods", "magnitude,diag", "--dtype", "float64", "--curvature", "fisher", "--no-evaluate",
+            "-o", str(out)]  # fmt: skip
+
+
+@pytest.mark.slow  # ~40 s on two busy cores
+def test_torchrun_sweep_writes_once_and_matches_one_process(tmp_path):
+    (single,) = launch(sweep_args(tmp_path / "one"), 1)
+    ranks = launch(sweep_args(tmp_path / "two"), 2)
+    assert single.returncode == 0, single.stderr
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    assert ranks[1].stdout == ""  # only rank 0 prints
+    one = json.loads((tmp_path / "one" / "sweep.json").read_text())
+    two = json.loads((tmp_path / "two" / "sweep.json").read_text())
+    assert [(r["budget"], r["method"], r["rank_after"]) for r in two["rows"]] == [
+        (r["budget"], r["method"], r["rank_after"]) for r in one["rows"]
+    ]
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        assert abs(a["loss_after"] - b["loss_after"]) < 1e-10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no scratch folder of rank 1 left beside

@@ -276,7 +276,7 @@ def test_the_default_output_directory_is_named_after_the_file(tmp_path, run_cli)
     path = kohya_file(tmp_path / "cats.safetensors", SD15)
     result = run_cli("prune", path, "--budget", 9)
     assert result.code == 0, result.stderr
-    assert (tmp_path / "cats-pruned-9" / "cats.safetensors").is_file()
+    assert (tmp_path / "cats-pruned-magnitude-9" / "cats.safetensors").is_file()
 
 
 # ---- refused variants ---------------------------------------------------------------------------------------------

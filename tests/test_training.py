@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,24 @@ def test_training_lowers_the_loss_the_prune_alone_reaches(problem, tmp_path):
     free = prune(adapter, PruneOptions(budget="2", calib=calib, dtype="float64"), out_dir=tmp_path / "free").report
     alternating = prune(adapter, rounds_options(calib, budget="2"), out_dir=tmp_path / "alt").report
     assert alternating["loss"]["after"] < free["loss"]["after"]
+
+
+def test_training_png_shows_the_budget_and_the_training_free_prune(problem, tmp_path, saved_figures):
+    """training.png answers "did the rounds beat a plain prune?": the training-free prune to the same budget is a
+    reference line (and in the report), and the title names the budget."""
+    adapter, calib = problem
+    options = rounds_options(calib, budget="2")
+    free = prune(adapter, replace(options, rounds=0), out_dir=tmp_path / "free").report
+    report = prune(adapter, options, out_dir=tmp_path / "alt").report
+    assert report["loss"]["training_free"] == pytest.approx(free["loss"]["after"], rel=1e-9)
+    ((figure, _),) = [(f, p) for f, p in saved_figures if str(p).endswith("training.png")]
+    (ax,) = figure.axes
+    assert "budget 2 (rank 2 kept)" in ax.get_title()
+    (reference,) = [line for line in ax.get_lines() if line.get_label() == "training-free prune, same budget"]
+    assert reference.get_ydata()[0] == pytest.approx(free["loss"]["after"], rel=1e-9)
+    assert ax.get_legend() is None and "training-free prune, same budget" in [
+        t.get_text() for t in figure.legends[0].get_texts()
+    ]  # the legend sits beside the axes
 
 
 def test_runs_repeat_and_the_seed_matters(problem, tmp_path):

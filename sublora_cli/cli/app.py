@@ -36,7 +36,7 @@ from sublora_cli.formats import read_adapter
 from sublora_cli.model import distributed
 from sublora_cli.pipeline.output import completed_writes, forget_writes, release_locks
 from sublora_cli.pipeline.report import strict_json
-from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter
+from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter, write_spectra_plot
 
 app = typer.Typer(
     name="sublora",
@@ -50,6 +50,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 state = {"debug": False}
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 bad input or failure (one paragraph; --debug shows the traceback); 2 command-line "
+    "usage, including a malformed flag value; 3 a quality guard (--max-loss-increase) failed, output still written."
+)
+ADAPTER_HELP = (
+    "The adapter: a PEFT LoRA or AdaLoRA directory (as save_pretrained writes it), a kohya-ss / diffusers / "
+    "ComfyUI LoRA .safetensors file (SD 1.x, SDXL, Flux; LoCon conv layers) or a LoLDU .safetensors file."
+)
 # --config keys of `prune`: its options plus where to read and write.
 PRUNE_CONFIG = {"adapter": (str,), "out": (str,), **config_types(PruneOptions)}
 PRUNE_PATHS = ("adapter", "out", *path_keys(PruneOptions))
@@ -59,6 +67,20 @@ def version_callback(value: bool) -> None:
     if value:
         render.out.print(f"sublora {__version__}")
         raise typer.Exit()
+
+
+def debug_callback(value: bool) -> None:
+    if value:
+        state["debug"] = True
+
+
+# `--debug` is accepted after the command too (`sublora sweep … --debug`), where users add it to a failed command.
+Debug = Annotated[
+    bool,
+    typer.Option(
+        "--debug", help="Show full tracebacks on errors.", callback=debug_callback, is_eager=True, expose_value=False
+    ),
+]
 
 
 @app.callback()
@@ -73,27 +95,41 @@ def common(
     state["debug"] = debug
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def inspect(
-    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
+    adapter: Annotated[Path, typer.Argument(help=ADAPTER_HELP, show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of tables.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Also draw every module's σ spectrum, one panel per module type, to this PNG.",
+            show_default=False,
+        ),
+    ] = None,
+    debug: Debug = False,
 ) -> None:
     """Show each adapted module's singular-value spectrum and summary figures, then adapter totals."""
     loaded = read_adapter(adapter)
     description = describe_adapter(loaded, adapter_spectra(loaded))
+    if plot is not None:
+        write_spectra_plot(description, plot, f"{adapter} ({loaded.format.name}): singular values of ΔW")
     if as_json:
         print(strict_json(description))
-        return
-    render.inspect_tables(description, adapter, loaded.format.name)
+    else:
+        render.inspect_tables(description, adapter, loaded.format.name)
+    if plot is not None:
+        render.info(f"wrote {plot}")
 
 
 def prune_command(
     adapter: Annotated[
-        Path | None, typer.Argument(help="PEFT LoRA adapter directory (or `adapter:` in --config).", show_default=False)
+        Path | None, typer.Argument(help=f"{ADAPTER_HELP} Or `adapter:` in --config.", show_default=False)
     ] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-pruned-<budget>"),
+        typer.Option(
+            "--out", "-o", help="Output directory.", show_default="a sibling <adapter>-pruned-<method>-<budget>"
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -101,6 +137,7 @@ def prune_command(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    debug: Debug = False,
     **flags: Any,
 ) -> None:
     """Prune ADAPTER to a rank budget and write the smaller adapter plus sublora_report.json/.md."""
@@ -134,7 +171,11 @@ def _path(value: str | None) -> Path | None:
 
 @contextmanager
 def live_progress(quiet: bool = False) -> Iterator[tuple]:
-    """Progress bars and news lines on stderr (stdout stays clean for --json)."""
+    """Progress bars and news lines on stderr (stdout stays clean for --json); where stderr is a log, not a
+    terminal, progress lines instead (render.LogProgress)."""
+    if not quiet and not render.err.is_terminal:
+        yield render.LogProgress(), render.info
+        return
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -162,8 +203,9 @@ def live_progress(quiet: bool = False) -> Iterator[tuple]:
 
 
 def eval_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
+    adapter: Annotated[Path, typer.Argument(help=ADAPTER_HELP, show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    debug: Debug = False,
     **flags: Any,
 ) -> None:
     """Print ADAPTER's calibration loss and the script's evaluate() metrics."""
@@ -176,12 +218,14 @@ def eval_command(
 
 
 def sweep_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", show_default=False)],
+    adapter: Annotated[Path, typer.Argument(help=ADAPTER_HELP, show_default=False)],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-sweep")
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory.", show_default="a sibling <adapter>-sweep-<budgets>"),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON on stdout.")] = False,
+    debug: Debug = False,
     **flags: Any,
 ) -> None:
     """Compute the curvature once and tabulate predicted and measured loss for every budget × method."""
@@ -195,9 +239,9 @@ def sweep_command(
         render.sweep_table(adapter, result.meta, result.rows, result.written)
 
 
-app.command(name="prune")(with_options(prune_command, PruneOptions, reads_config=True))
-app.command(name="eval")(with_options(eval_command, EvalOptions))
-app.command(name="sweep")(with_options(sweep_command, SweepOptions))
+app.command(name="prune", epilog=EXIT_CODES)(with_options(prune_command, PruneOptions, reads_config=True))
+app.command(name="eval", epilog=EXIT_CODES)(with_options(eval_command, EvalOptions))
+app.command(name="sweep", epilog=EXIT_CODES)(with_options(sweep_command, SweepOptions))
 
 
 def main() -> None:
@@ -251,10 +295,16 @@ def _outcome() -> tuple[int, str | None]:
     except Exception as e:
         if state["debug"]:
             raise
-        return 1, f"unexpected {type(e).__name__}: {e}. Run again with --debug for the traceback."
+        return 1, f"unexpected {type(e).__name__}: {e}. For the traceback, run it again with --debug: {_with_debug()}"
     finally:
         release_locks()
     return 0, None
+
+
+def _with_debug() -> str:
+    """The command that failed, shortened, with --debug added where every command accepts it (at the end)."""
+    command = sys.argv[1] if len(sys.argv) > 1 else "COMMAND"
+    return f"sublora {command} … --debug" if len(sys.argv) > 2 else f"sublora {command} --debug"
 
 
 def _interrupted(signal: interrupts.Interrupted) -> str:

@@ -28,7 +28,9 @@ from sublora_cli.constants import (
     DEFAULT_MAX_HESSIAN_GB,
     META_DEVICE,
     MODEL_DTYPES,
+    OUTPUT_DTYPES,
 )
+from sublora_cli.core.budget import UNITS
 from sublora_cli.core.methods import CURVATURES as KINDS
 from sublora_cli.core.rank_bounds import read_rank_bound
 from sublora_cli.errors import SubloraError
@@ -115,6 +117,12 @@ CALIB = Option(
     "Enables the calibrated methods and measured loss before/after.",
     show_default=False,
 )
+EVAL_CALIB = Option(
+    ("--calib", "-c"),
+    "Calibration script (load_model, batches, loss[, evaluate]); runs its code. eval prints the adapter's mean "
+    "loss over its batches and its evaluate() metrics, as the adapter is.",
+    show_default=False,
+)
 CURVATURES = (*KINDS, AUTO)
 CURVATURE = Option(
     ("--curvature",),
@@ -185,13 +193,32 @@ class SelectionOptions(CalibrationOptions):
     max_rank: str | None = option(MAX_RANK, None)
     max_hessian_gb: float = option(MAX_HESSIAN_GB, DEFAULT_MAX_HESSIAN_GB)
     refit: bool = option(REFIT, True)
+    budget_unit: str | None = option(  # None: the budget's own unit (12MiB: bytes), else rank
+        Option(
+            ("--budget-unit",),
+            f"What a percentage, a fraction or auto in --budget (--budgets) counts: {', '.join(UNITS)}.",
+            check=one_of(UNITS),
+            show_default="rank, or the unit --budget states",
+        ),
+        None,
+    )
+    dtype_out: str = option(
+        Option(
+            ("--dtype-out",),
+            f"Dtype of the written adapter (LoRA factors and carried tensors): {', '.join(OUTPUT_DTYPES)}; same keeps "
+            "the input's. Bytes budgets and the report's byte totals count it; the loss before is measured on the "
+            "adapter in this dtype, so the increase is what pruning adds.",
+            check=one_of(OUTPUT_DTYPES),
+        ),
+        "same",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(CalibrationOptions):
     """What `sublora eval` can be told: the calibration group, with the script required."""
 
-    calib: Path = option(CALIB)
+    calib: Path = option(EVAL_CALIB)
 
 
 @dataclass(frozen=True)

@@ -25,26 +25,26 @@ from sublora_cli.commands.options import (
     positive_finite,
     seed_range,
 )
-from sublora_cli.core.budget import UNITS, budget_unit, read_budget, read_tolerance, resolve_budget
+from sublora_cli.core.budget import budget_unit, read_budget, read_tolerance
 from sublora_cli.core.methods import METHODS
 from sublora_cli.errors import SubloraError
 from sublora_cli.model import distributed
 from sublora_cli.model.curvature import Curvature
 from sublora_cli.pipeline.budgeting import (
     adapter_pricing,
+    allowance_for,
     budget_block,
     budget_spec,
     nothing_to_prune,
     out_suffix,
     quality_threshold,
     resolved,
-    whole_adapter_cap,
 )
 from sublora_cli.pipeline.calibrate import calibration, measure_before, train_batches, without_adapter
-from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, select_kept, shortfall
+from sublora_cli.pipeline.choose import pruned_modules, rank_bounds, refuse_unselectable, select_kept, shortfall
 from sublora_cli.pipeline.curvature_choice import check_method
 from sublora_cli.pipeline.decide import Decision, Plan, Run, decide
-from sublora_cli.pipeline.read import DTYPES_OUT, in_dtype, load_adapter, output_dir
+from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import build_report, non_finite_metric_warnings
 from sublora_cli.pipeline.spectra import svd_form
 from sublora_cli.pipeline.timings import Info, Progress, Timings
@@ -66,21 +66,13 @@ class PruneOptions(SelectionOptions):
         Option(
             ("--budget", "-b"),
             "What to keep: a total rank (50), a percentage (25%) or a fraction below 1 (0.25) of the adapter (in "
-            "--budget-unit), a size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC "
-            "KiB/MiB/GiB powers of 1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within "
-            "--max-loss-increase. Required unless --max-loss-increase is given.",
+            "--budget-unit; a number of 1 or more is a rank even with a decimal point: 1.0 keeps one component), a "
+            "size in bytes of the written tensors (500KB, 12MiB, 1.5GB; SI powers of 1000, IEC KiB/MiB/GiB powers of "
+            "1024), a parameter count (300k, 2.5M), or auto: the smallest adapter within --max-loss-increase. "
+            "Required unless --max-loss-increase is given.",
             check=read_budget,
             config_types=(str, int, float),
             show_default=False,
-        ),
-        None,
-    )
-    budget_unit: str | None = option(  # None: the budget's own unit (12MiB: bytes), else rank
-        Option(
-            ("--budget-unit",),
-            f"What a percentage, a fraction or auto counts: {', '.join(UNITS)}.",
-            check=one_of(UNITS),
-            show_default="rank, or the unit --budget states",
         ),
         None,
     )
@@ -107,16 +99,6 @@ class PruneOptions(SelectionOptions):
             show_default=False,
         ),
         None,
-    )
-    dtype_out: str = option(
-        Option(
-            ("--dtype-out",),
-            f"Dtype of the written adapter (LoRA factors and carried tensors): {', '.join(DTYPES_OUT)}; same keeps "
-            "the input's. Bytes budgets and the report's byte totals count it; the loss before is measured on the "
-            "adapter in this dtype, so the increase is what pruning adds.",
-            check=one_of(tuple(DTYPES_OUT)),
-        ),
-        "same",
     )
 
     rounds: int = option(
@@ -206,12 +188,13 @@ def prune(
     unit = budget_unit(spec, options.budget_unit)
     pricing = adapter_pricing(adapter)
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    allowance = None if spec.reading == "auto" else resolve_budget(spec, unit, pricing)
-    reads = {"the calibration script": options.calib, "the --config file": config}
-    out_dir = output_dir(adapter_path, out_dir, f"pruned-{out_suffix(spec, allowance)}", overwrite, reads)
-    if allowance is not None:
-        allowance, unpruned = whole_adapter_cap(allowance)
+    allowance = None
+    if spec.reading != "auto":
+        allowance, unpruned = allowance_for(spec, unit, pricing)
         warnings.extend(nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
+        refuse_unselectable(method, allowance, bounds)
+    reads = {"the calibration script": options.calib, "the --config file": config}
+    out_dir = output_dir(adapter_path, out_dir, out_suffix(method, options.budget), overwrite, reads)
     spectra = svd_form(adapter, timings)
 
     loss = metrics = alternated = None
@@ -245,6 +228,8 @@ def prune(
         predicted = selection.predicted_increase if alternated is None else None  # a round's model is of its own start
         loss = loss_summary(loss_before, written.loss_after, predicted, decision.curvature)
         loss.update(after_selection=written.loss_after_selection, without_adapter=loss_without)
+        if alternated is not None:
+            loss["training_free"] = alternated.training_free  # a prune of the input adapter to the same budget
         warnings.extend(worse_than_nothing(loss))
         metrics = {"before": metrics_before, "after": metrics_after} if metrics_before is not None else None
         warnings.extend(non_finite_metric_warnings(metrics_before, "before pruning"))
@@ -280,7 +265,11 @@ def prune(
     report["distributed"] = distributed.describe()
     extras = []
     if alternated is not None:
-        title = f"{adapter_path.name}: {method}, --optimizer {options.optimizer}, --train {options.train}"
+        title = (
+            f"{adapter_path.name}: {method}, budget {options.budget} (rank {int(selection.kept.sum())} kept)\n"
+            f"--rounds {options.rounds} × {options.train_steps} steps, --optimizer {options.optimizer}, "
+            f"--train {options.train}"
+        )
         extras.append(lambda folder: plot_training(alternated, loss["before"], folder / TRAINING_PLOT, title))
     for drawn in write_outputs(out_dir, adapter, pruned, report, timings, extras):
         if not drawn:

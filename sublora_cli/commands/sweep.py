@@ -9,7 +9,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,21 +21,23 @@ from sublora_cli.commands.options import (
     option,
     seed_range,
 )
-from sublora_cli.core.budget import Budget, BudgetSpec, Pricing, parse_budget, read_budget, resolve_budget
+from sublora_cli.commands.sweep_plot import plot_sweep
+from sublora_cli.core.budget import UNIT_TABLE, Budget, Pricing, budget_unit, in_unit, read_budget_axis, stated_unit
 from sublora_cli.core.methods import METHODS, REGISTRY
 from sublora_cli.core.rank_bounds import RankBounds
+from sublora_cli.core.refit import DAMPINGS, MAX_EVALUATIONS
 from sublora_cli.core.select import select
 from sublora_cli.errors import SubloraError
 from sublora_cli.model.curvature import Curvature
-from sublora_cli.pipeline.budgeting import adapter_pricing
-from sublora_cli.pipeline.calibrate import calibration, measure_before
-from sublora_cli.pipeline.choose import rank_bounds
+from sublora_cli.pipeline.budgeting import adapter_pricing, allowance_for, in_folder_name
+from sublora_cli.pipeline.calibrate import calibration
+from sublora_cli.pipeline.choose import rank_bounds, refuse_unselectable
 from sublora_cli.pipeline.curvature_choice import check_curvature, timed_curvature
-from sublora_cli.pipeline.output import atomic_output_dir, pyplot
-from sublora_cli.pipeline.read import load_adapter, output_dir
+from sublora_cli.pipeline.output import atomic_output_dir
+from sublora_cli.pipeline.read import in_dtype, load_adapter, output_dir
 from sublora_cli.pipeline.report import non_finite_metric_warnings, strict_json
 from sublora_cli.pipeline.spectra import svd_form
-from sublora_cli.pipeline.timings import Info, Progress, Timings
+from sublora_cli.pipeline.timings import Info, Progress, Timings, duration
 from sublora_cli.pipeline.written import Finish, written_outcome
 
 SWEEP_CSV, SWEEP_JSON, SWEEP_PNG = "sweep.csv", "sweep.json", "sweep.png"
@@ -44,7 +46,7 @@ DEFAULT_METHODS = tuple(m.name for m in REGISTRY.values() if m.in_default_sweep)
 
 @dataclass(frozen=True)
 class SweepRow:
-    budget: int
+    budget: int | float  # the kept count (ranks), else the written adapter's size (carried tensors included)
     method: str
     seed: int | None  # sublora-random only
     rank_after: int
@@ -58,53 +60,6 @@ class SweepRow:
     unit: str = "rank"  # what `budget` counts: rank, or bytes / params of the written adapter (carried included)
 
 
-def parse_budgets(text: str, total_rank: int) -> list[int]:
-    """`10,20,40`, `25%,50%` or a range `start:stop:step` (stop included) → sorted distinct budgets."""
-    raw = str(text).strip()
-    if ":" in raw:
-        parts = raw.split(":")
-        try:
-            start, stop, step = (int(p) for p in parts) if len(parts) == 3 else (None, None, None)
-        except ValueError:
-            start = None
-        if start is None or step <= 0 or start <= 0 or stop < start:
-            raise SubloraError(
-                f"--budgets {raw!r}: a range is start:stop:step with positive whole numbers and stop ≥ start, "
-                "e.g. 10:100:10."
-            )
-        budgets = list(range(start, stop + 1, step))
-    else:
-        items = [item for item in raw.split(",") if item.strip()]
-        if not items:
-            raise SubloraError(f"--budgets {raw!r}: give a list (10,20,40) or a range (10:100:10).")
-        budgets = [parse_budget(item, total_rank) for item in items]
-    return sorted({min(b, total_rank) for b in budgets})
-
-
-def parse_sizes(text: str) -> tuple[str, list[int]] | None:
-    """A bytes or parameters axis, `100KB:1MB:100KB` or `200KB,1MiB` (one unit), as (unit, sorted amounts); None
-    for a rank axis (parse_budgets reads those)."""
-    raw = str(text).strip()
-    range_ = ":" in raw
-    items = [item.strip() for item in raw.split(":" if range_ else ",") if item.strip()]
-    if not any(item[-1:].isalpha() for item in items):
-        return None
-    specs = [read_budget(item) for item in items]
-    units = {spec.unit for spec in specs}
-    if len(units) != 1 or None in units or "rank" in units or (range_ and len(specs) != 3):
-        raise SubloraError(
-            f"--budgets {raw!r}: a size axis is a list (200KB,1MiB) or a range start:stop:step (100KB:1MB:100KB) "
-            "whose every entry is a size in bytes, or every one a parameter count (300k:3M:300k)."
-        )
-    amounts = [int(spec.value) for spec in specs]
-    if range_:
-        start, stop, step = amounts
-        if stop < start:
-            raise SubloraError(f"--budgets {raw!r}: a range needs stop ≥ start.")
-        amounts = list(range(start, stop + 1, step))
-    return units.pop(), sorted(set(amounts))
-
-
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in str(text).split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -114,9 +69,26 @@ def parse_methods(text: str) -> list[str]:
 
 
 def budgets_syntax(text: str) -> None:
-    """--budgets errors never depend on the adapter's total rank, so any rank checks the syntax."""
-    if parse_sizes(text) is None:
-        parse_budgets(text, total_rank=1)
+    """--budgets errors never depend on the adapter, so the syntax is checked with the flags."""
+    read_budget_axis(text)
+
+
+def budget_axis(text: str, unit_flag: str | None, pricing: Pricing) -> tuple[str, list[tuple[int | float, Budget]]]:
+    """The sweep's budgets, each resolved exactly as `prune --budget` resolves it (pipeline/budgeting.py), as
+    (unit, [(what the row reports, the Budget)]): the row's figure is the kept count for whole units (ranks), else
+    the size of the written adapter, carried tensors included, capped at the whole adapter; duplicates after the
+    cap are measured once."""
+    specs = read_budget_axis(text)
+    units = {budget_unit(spec, unit_flag) for spec in specs}
+    if len(units) != 1:
+        raise SubloraError(f"--budgets {text!r} mixes {' and '.join(sorted(units))}: a sweep's axis has one unit.")
+    unit = units.pop()
+    axis: dict[int | float, Budget] = {}
+    for spec in specs:
+        allowance, _ = allowance_for(spec, unit, pricing)
+        figure = int(allowance.capacity) if UNIT_TABLE[unit].whole else allowance.capacity + pricing.fixed(unit)
+        axis.setdefault(figure, allowance)
+    return unit, sorted(axis.items(), key=lambda item: item[0])
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -182,29 +154,42 @@ def sweep(
     for method in methods:
         check_curvature(method, options.curvature)
     timings = Timings()
-    adapter = load_adapter(adapter_path, timings)
+    adapter = in_dtype(load_adapter(adapter_path, timings), options.dtype_out)
     pricing = adapter_pricing(adapter)
-    unit, budgets = parse_sizes(options.budgets) or ("rank", parse_budgets(options.budgets, adapter.total_rank))
+    unit, axis = budget_axis(options.budgets, options.budget_unit, pricing)
+    first = options.budgets.replace(":", ",").split(",")[0]
+    shown_in = stated_unit(first) if unit != "rank" else None
     bounds = rank_bounds(adapter, options.min_rank, options.max_rank)
-    out_dir = output_dir(adapter_path, out_dir, "sweep", overwrite, {"the calibration script": options.calib})
+    for budget, allowance in axis:
+        for method in methods:
+            where = f"--methods {method} at budget {budget if shown_in is None else in_unit(budget, shown_in)}: "
+            refuse_unselectable(method, allowance, bounds, where)
+    reads = {"the calibration script": options.calib}
+    out_dir = output_dir(adapter_path, out_dir, f"sweep-{in_folder_name(options.budgets)}", overwrite, reads)
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
-        loss_before, metrics_before = measure_before(calibrated, timings, options.evaluate)
+        with timings.stage("eval"):
+            loss_seconds, loss_before = _timed(calibrated.loss)
+            metrics_seconds, metrics_before = _timed(calibrated.metrics) if options.evaluate else (0.0, None)
+        count = len(axis) * sum(len(options.seeds) if m == "sublora-random" else 1 for m in methods)
+        estimate = SweepEstimate(count, loss_seconds, metrics_seconds, options.refit, info)
         curvature, reason = timed_curvature(
-            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit
-        )
+            calibrated, options.curvature, methods, options.max_hessian_gb, timings, info, progress, options.refit,
+            estimated=estimate,
+        )  # fmt: skip
+        if not estimate.told:  # no curvature was computed: the selections are all there is
+            estimate(0.0)
         with timings.stage("sweep"):
             rows = run_sweep(
                 written_outcome(calibrated, adapter, spectra, curvature, options.refit, options.evaluate),
                 torch.cat([s.sigma for s in spectra]),
                 curvature,
                 bounds,
-                budgets,
+                axis,
                 methods,
                 list(options.seeds),
                 loss_before,
                 progress=progress,
-                pricing=pricing,
                 unit=unit,
             )
     meta = {
@@ -215,8 +200,9 @@ def sweep(
         "curvature_reason": reason,
         "curvature_notes": curvature.notes_for(methods) if curvature is not None else [],
         "total_rank": adapter.total_rank,
-        "budgets": budgets,
+        "budgets": [figure for figure, _ in axis],
         "budget_unit": unit,
+        "budget_shown_in": shown_in,  # the unit the user wrote the sizes in (KB, MiB, M), None for ranks
         "methods": methods,
         "seeds": list(options.seeds),
         "loss_before": loss_before,
@@ -230,7 +216,49 @@ def sweep(
     warnings = non_finite_metric_warnings(metrics_before, "before pruning") + non_finite_metric_warnings(
         diverged, "after pruning in some selections"
     )
+    warnings += _whole_adapter_budgets(rows, adapter.total_rank, shown_in)
     return SweepResult(rows=rows, meta=meta, written=written, warnings=meta["curvature_notes"] + warnings)
+
+
+@dataclass
+class SweepEstimate:
+    """Says up front how long the whole sweep takes: the curvature's estimate plus every selection measured as
+    written, each costing what measuring the adapter before took (its loss, its evaluate()) plus the refit's loss
+    evaluations (one per damping when its first step is accepted, at most refit.MAX_EVALUATIONS)."""
+
+    count: int  # selections: budgets × methods (× seeds of sublora-random)
+    loss_seconds: float  # one loss evaluation over the calibration batches (the adapter before pruning)
+    metrics_seconds: float  # its evaluate() (0 with --no-evaluate)
+    refit: bool
+    info: Info | None
+    told: bool = False
+
+    def __call__(self, curvature_seconds: float) -> None:
+        self.told = True
+        if self.info is None:
+            return
+        refits = (len(DAMPINGS), MAX_EVALUATIONS) if self.refit else (0, 0)
+        each = [self.metrics_seconds + self.loss_seconds * (1 + n) for n in refits]
+        low, high = (curvature_seconds + self.count * seconds for seconds in each)
+        what = "its loss" + (", the refit's losses" if self.refit else "")
+        what += ", evaluate()" if self.metrics_seconds else ""
+        span = duration(low) if low == high else f"{duration(low)} to {duration(high)}"
+        self.info(f"sweep: {self.count} selections, each measured as written ({what}): about {span} in all")
+
+
+def _timed(measure: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = measure()
+    return time.perf_counter() - start, value
+
+
+def _whole_adapter_budgets(rows: list[SweepRow], total_rank: int, shown_in: str | None) -> list[str]:
+    """Say which budgets reach the whole adapter (a rank above it is read as all of it): those rows prune nothing."""
+    whole = sorted({r.budget for r in rows if r.rank_after == total_rank})
+    if not whole:
+        return []
+    listed = ", ".join(str(b) if shown_in is None else in_unit(b, shown_in) for b in whole)
+    return [f"--budgets {listed}: at least the whole adapter (total rank {total_rank}), so nothing is pruned there."]
 
 
 def run_sweep(
@@ -238,15 +266,15 @@ def run_sweep(
     sigma: torch.Tensor,
     curvature: Curvature | None,
     bounds: RankBounds,
-    budgets: list[int],
+    axis: list[tuple[int | float, Budget]],
     methods: list[str],
     seeds: list[int],
     loss_before: float,
     progress: Callable[[str, int, int], None] | None = None,
-    pricing: Pricing | None = None,
     unit: str = "rank",
 ) -> list[SweepRow]:
     """Every budget × method (× seed for sublora-random), each kept set refit and measured by `finish` (as written).
+    `axis`: (the row's budget figure, the Budget it spends), as `budget_axis` resolves them.
 
     `sigma` is the float64 σ of the SVD form (as `prune` selects on), not the model-dtype copy; `curvature` is
     None when every method is data-free. The predicted increase is the selection's own, as in `prune`.
@@ -257,14 +285,13 @@ def run_sweep(
     runs = [
         (m, s if m == "sublora-random" else None) for m in methods for s in (seeds if m == "sublora-random" else [0])
     ]
-    total, done = len(budgets) * len(runs), 0
+    total, done = len(axis) * len(runs), 0
     rows = []
-    for budget in budgets:
+    for budget, allowance in axis:
         for method, seed in runs:
             start = time.perf_counter()
             try:
                 inputs = curvature.selection_inputs(method) if curvature is not None else {}
-                allowance = Budget.ranks(budget, sigma.numel()) if unit == "rank" else _sized(budget, unit, pricing)
                 selection = select(method, sigma, allowance, bounds, seed=seed or 0, **inputs)
             except ValueError as e:
                 raise SubloraError(f"{method} at budget {budget}: {e}") from e
@@ -290,12 +317,6 @@ def run_sweep(
             if progress:
                 progress("sweep", done, total)
     return rows
-
-
-def _sized(amount: int, unit: str, pricing: Pricing) -> Budget:
-    """A bytes or parameters budget for the whole written adapter, capped at all of it."""
-    budget = resolve_budget(BudgetSpec(unit, amount), unit, pricing)
-    return replace(budget, capacity=min(budget.capacity, float(budget.cost.sum())))
 
 
 def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
@@ -326,54 +347,3 @@ def write_sweep(rows: list[SweepRow], meta: dict, out_dir: Path) -> list[Path]:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _log_plottable(value: float | None) -> bool:
-    """A value a log axis can show (a metric that is NaN, Inf or ≤ 0 everywhere gets no panel)."""
-    return value is not None and math.isfinite(value) and value > 0
-
-
-def plot_sweep(rows: list[SweepRow], meta: dict, path: Path, metric_names: list[str]) -> bool:
-    """Measured loss (and the first evaluate() metric) vs budget, one line per method (dotted: the loss before the
-    refit); False without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    plottable = [m for m in metric_names if any(_log_plottable((r.metrics_after or {}).get(m)) for r in rows)]
-    panels = [("loss_after", "calibration loss after pruning")] + [(m, m) for m in plottable[:1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for method in dict.fromkeys(r.method for r in rows):
-            by_budget: dict[int, list[float]] = {}
-            for r in rows:
-                if r.method == method:
-                    value = r.loss_after if key == "loss_after" else (r.metrics_after or {}).get(key, math.nan)
-                    by_budget.setdefault(r.budget, []).append(value)
-            budgets = sorted(by_budget)
-            line = ax.plot(budgets, [_mean(by_budget[b]) for b in budgets], marker="o", label=method)[0]
-            selected = [r for r in rows if r.method == method and r.refit_accepted is not None]
-            if key == "loss_after" and selected:  # the same kept sets with the σ as trained: what the refit buys
-                trained = {b: _mean([r.loss_after_selection for r in selected if r.budget == b]) for b in budgets}
-                label = f"{method}, no refit"
-                ax.plot(budgets, [trained[b] for b in budgets], ls=":", color=line.get_color(), label=label)
-        ax.axhline(
-            meta["loss_before"] if key == "loss_after" else (meta.get("metrics_before") or {}).get(key, math.nan),
-            ls="--",
-            color="grey",
-            label="before pruning",
-        )
-        unit = rows[0].unit if rows else "rank"
-        ax.set_xlabel("budget (total rank kept)" if unit == "rank" else f"size of the written adapter ({unit})")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{Path(meta['adapter']).name}: curvature {meta['curvature']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

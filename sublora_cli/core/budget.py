@@ -145,6 +145,62 @@ def read_budget(text: str | int | float) -> BudgetSpec:
     return BudgetSpec("rank", value)
 
 
+
+AXIS_FORMS = (
+    "give a list of budgets (10,20,40 or 10%,25% or 200KB,1MiB) or a range start:stop:step of ranks, sizes or "
+    "parameter counts in one unit (10:100:10, 100KB:1MB:100KB, 300k:3M:300k)"
+)
+
+
+def read_budget_axis(text: str) -> list[BudgetSpec]:
+    """A sweep's --budgets: each entry read as --budget reads it (read_budget), a range expanded in its unit
+    (stop included). Syntax only; `auto` has no place on an axis."""
+    raw = str(text).strip()
+    if ":" not in raw:
+        try:
+            specs = [read_budget(item) for item in raw.split(",") if item.strip()]
+        except SubloraError as e:
+            raise SubloraError(f"--budgets {e}") from None
+    else:
+        parts = raw.split(":")
+        try:
+            start, stop, step = (read_budget(p) for p in parts) if len(parts) == 3 else (None, None, None)
+        except SubloraError:
+            start = None
+        if start is None or len({start.reading, stop.reading, step.reading}) != 1 or start.is_share:
+            raise SubloraError(f"--budgets {raw!r}: a range is start:stop:step in one unit; {AXIS_FORMS}.")
+        if stop.value < start.value:
+            raise SubloraError(f"--budgets {raw!r}: a range needs stop ≥ start.")
+        count = math.floor((stop.value - start.value) / step.value + 1e-9) + 1
+        specs = [BudgetSpec(start.reading, start.value + k * step.value) for k in range(count)]
+    if not specs or any(spec.reading == "auto" for spec in specs):
+        raise SubloraError(f"--budgets {raw!r}: {AXIS_FORMS}.")
+    stated = {spec.unit for spec in specs} - {None}
+    if len(stated) > 1:
+        raise SubloraError(f"--budgets {raw!r} mixes {' and '.join(sorted(stated))}: a sweep's axis has one unit.")
+    return specs
+
+
+def stated_unit(text: str | int | float) -> str | None:
+    """The unit a size or count is written in (`50KB` → "KB", `2.5M` → "M"), so that amounts are echoed in the
+    user's own unit; None for a rank, a share or auto."""
+    match = _WRITTEN.fullmatch(str(text).strip())
+    suffix = match["suffix"] if match else ""
+    return suffix if suffix in SIZE_UNITS or suffix in COUNT_UNITS else None
+
+
+def unit_scale(suffix: str) -> int:
+    """Bytes or parameters per one of a stated unit ("KB" → 1000, "MiB" → 2**20, "M" → 10**6)."""
+    return SIZE_UNITS.get(suffix) or COUNT_UNITS[suffix]
+
+
+def in_unit(amount: float, suffix: str) -> str:
+    """Bytes or parameters in a stated unit: (48900, "KB") → "48.9 KB", (2.5e6, "M") → "2.5M parameters"."""
+    value = amount / unit_scale(suffix)
+    number = f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+    return f"{number} {suffix}" if suffix in SIZE_UNITS else f"{number}{suffix} parameters"
+
+
 def parse_budget(text: str, total_rank: int) -> int:
     """Resolve a rank budget string to a number of kept components (may exceed total_rank; callers warn)."""
     try:

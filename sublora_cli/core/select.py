@@ -357,20 +357,14 @@ def _count_subsets(bounds: RankBounds, picks: int, limit: int) -> tuple[int, boo
     return sum(poly), True
 
 
-def _exhaustive(sigma, gradient, hessian, budget, bounds, max_exhaustive):
+def _exhaustive(sigma, gradient, hessian, budget, bounds):
     """Exact optimum of f over all affordable kept sets within bounds (costs honoured exactly: a set is a
     candidate iff its total cost fits). f need not be monotone, so smaller sets
     are candidates too; among equal values the set found first (larger sets first) wins. Uses
     f(S) − f(∅) = Σ_{i∈S} a_i − ½ Σ_{i,j∈S} Q_ij with a = −gσ + σ(Hσ) and Q = diag(σ) H diag(σ).
-    Returns the kept indices ascending and whether the set is maximal (nothing eligible was still affordable)."""
+    Returns the kept indices ascending and whether the set is maximal (nothing eligible was still affordable);
+    check_selectable has refused a search over more than the limit of subsets."""
     picks = _max_picks(budget)
-    count, exact = _count_subsets(bounds, picks, max_exhaustive)
-    if count > max_exhaustive:
-        raise ValueError(
-            f"exhaustive search would evaluate {'' if exact else 'more than '}{count:,} subsets "
-            f"(R={sigma.numel()}, budget={picks}), over the limit of {max_exhaustive:,}; "
-            "use --method sublora or hessian instead"
-        )
     n = sigma.numel()
     linear = -gradient * sigma + sigma * (hessian @ sigma)
     quad = sigma[:, None] * hessian * sigma[None, :]
@@ -501,6 +495,29 @@ SEARCHES: dict[str, Callable[[torch.Tensor, _Problem], tuple[list[int], list[flo
     "backward-elimination": lambda start, p: _backward_elimination(p),
 }
 ENUMERATING = frozenset({"random-greedy", "exhaustive"})  # searches that keep everything when everything is affordable
+EQUAL_COSTS = frozenset({"random-greedy", "backward-elimination"})  # searches defined by a number of picks
+MAX_EXHAUSTIVE = 2_000_000  # subsets the exhaustive search may evaluate
+
+
+def check_selectable(method: str, budget: Budget, bounds: RankBounds, max_exhaustive: int = MAX_EXHAUSTIVE) -> None:
+    """Refuse (ValueError) what `select` would refuse whatever the curvature: a search defined by a number of picks
+    under a budget of unequal costs, or an enumeration over `max_exhaustive` subsets. It needs only the budget and
+    the bounds, so the pipelines call it before the minutes of curvature."""
+    spec = lookup(method)
+    budget = _spendable(budget, bounds)
+    if spec.search in ENUMERATING and budget.capacity >= float(budget.cost.sum()):
+        return  # nothing to choose: everything is kept
+    if spec.search in EQUAL_COSTS:
+        _uniform_cost(budget, method)
+    if spec.search == "exhaustive":
+        picks = _max_picks(budget)
+        count, exact = _count_subsets(bounds, picks, max_exhaustive)
+        if count > max_exhaustive:
+            raise ValueError(
+                f"exhaustive search would evaluate {'' if exact else 'more than '}{count:,} subsets "
+                f"(R={budget.cost.numel()}, budget={picks}), over the limit of {max_exhaustive:,}; "
+                "use --method sublora or hessian instead"
+            )
 
 
 def _check_inputs(spec: Method, sigma, budget: Budget, bounds: RankBounds, gradient, hessian, hessian_diag) -> None:
@@ -546,7 +563,7 @@ def select(
     hessian: torch.Tensor | None = None,
     hessian_diag: torch.Tensor | None = None,
     seed: int = 0,
-    max_exhaustive: int = 2_000_000,
+    max_exhaustive: int = MAX_EXHAUSTIVE,
 ) -> Selection:
     """Choose which components to keep within the budget (for a rank budget: that many in total; fewer only where
     the upper bounds or, for sublora-random and exhaustive, the objective say so), every module within its bounds.
@@ -557,6 +574,7 @@ def select(
     """
     spec = lookup(method)
     _check_inputs(spec, sigma, budget, bounds, gradient, hessian, hessian_diag)
+    check_selectable(method, budget, bounds, max_exhaustive)
     budget = _spendable(budget, bounds)
     inputs = {"sigma": sigma, "gradient": gradient, "hessian": hessian, "hessian_diag": hessian_diag}
     inputs = {name: t if t is None else t.to(sigma) for name, t in inputs.items()}  # no copy if already alike
@@ -581,7 +599,7 @@ def select(
         if spec.search == "exhaustive":
             diagnostics["monotone"] = True
     elif spec.search == "exhaustive":
-        order, full = _exhaustive(sigma, problem.gradient, problem.hessian, budget, bounds, max_exhaustive)
+        order, full = _exhaustive(sigma, problem.gradient, problem.hessian, budget, bounds)
         order = _without_dead(order, sigma, bounds)
         diagnostics["monotone"] = full
     else:

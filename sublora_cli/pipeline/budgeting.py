@@ -3,6 +3,7 @@ whole adapter, the --max-loss-increase search for the smallest one, and the repo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from sublora_cli.core.budget import (
     Pricing,
     parse_tolerance,
     read_budget,
+    resolve_budget,
 )
 from sublora_cli.core.rank_bounds import RankBounds
 from sublora_cli.core.select import Selection
@@ -54,6 +56,12 @@ def adapter_pricing(adapter: Adapter) -> Pricing:
     )
 
 
+def allowance_for(spec: BudgetSpec, unit: str, pricing: Pricing) -> tuple[Budget, bool]:
+    """A written (non-auto) budget priced for this adapter and capped at the whole of it, and whether the cap was
+    reached (nothing to prune): what `prune` spends, and what every row of a `sweep` spends."""
+    return whole_adapter_cap(resolve_budget(spec, unit, pricing))
+
+
 def whole_adapter_cap(allowance: Budget) -> tuple[Budget, bool]:
     """The budget capped at the whole adapter, and whether it reached it (nothing to prune)."""
     whole = float(allowance.cost.sum())
@@ -71,11 +79,16 @@ def nothing_to_prune(requested: str | None, allowance: Budget, unpruned: bool, f
     return [f"--budget {requested} is at least the adapter's {whole}: nothing to prune, the adapter is written as is."]
 
 
-def out_suffix(spec: BudgetSpec, allowance: Budget | None) -> str:
-    """The default output directory's suffix: the kept count of a rank budget, else the budget as written."""
-    if allowance is not None and allowance.unit == "rank":
-        return str(int(allowance.capacity))
-    return "auto" if spec.reading == "auto" else f"{spec.value:g}".replace(".", "p") + spec.reading
+def out_suffix(method: str, budget: str | None) -> str:
+    """The default output directory's name after the adapter's: `pruned-<method>-<budget as written>`, so runs of
+    the README's examples with other methods or budgets never collide."""
+    return f"pruned-{method}-{in_folder_name(str(budget or 'auto'))}"
+
+
+def in_folder_name(written: str) -> str:
+    """A budget or a list of budgets as written, safe in a folder name: 25% → 25pct, 0.25 → 0p25, 12MiB,
+    10:90:10 → 10-90-10."""
+    return re.sub(r"[^A-Za-z0-9_]+", "-", written.replace("%", "pct").replace(".", "p")).strip("-")
 
 
 def resolved(allowance: Budget) -> int | float:

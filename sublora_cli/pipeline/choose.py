@@ -12,7 +12,7 @@ from sublora_cli.core.budget import (
 )
 from sublora_cli.core.methods import lookup
 from sublora_cli.core.rank_bounds import RankBounds, per_module
-from sublora_cli.core.select import Selection, select
+from sublora_cli.core.select import Selection, check_selectable, select
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter, PrunedModule
@@ -52,6 +52,15 @@ def pruned_modules(adapter: Adapter, spectra: list[Spectrum], kept_mask: torch.T
         offset += module.rank
         result.append(PrunedModule.keeping(module, spectrum, kept))
     return result
+
+
+def refuse_unselectable(method: str, budget: Budget, bounds: RankBounds, where: str = "") -> None:
+    """Refuse a method the budget rules out (exhaustive over too many subsets, a search by number of picks under
+    a bytes budget) before the calibration and curvature are computed."""
+    try:
+        check_selectable(method, budget, bounds)
+    except ValueError as e:
+        raise SubloraError(f"{where}{e}.") from e
 
 
 def select_kept(

@@ -3,6 +3,7 @@ minutes of work start, then computed (model/curvature.py). The method × curvatu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sublora_cli.core.methods import Need, check_pair, lookup
@@ -10,6 +11,8 @@ from sublora_cli.errors import SubloraError
 from sublora_cli.model.calibrated import Calibrated
 from sublora_cli.model.curvature import AUTO, Curvature, estimate_cost
 from sublora_cli.pipeline.timings import Info, Progress, Timings, duration
+
+Estimated = Callable[[float], None]  # told the curvature's estimated seconds before it is computed
 
 
 def check_method(method: str, calib: Path | None, curvature: str) -> None:
@@ -27,8 +30,11 @@ def check_curvature(method: str, curvature: str) -> None:
         raise SubloraError(f"{e}.") from None
 
 
-def announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None) -> None:
-    """Say up front which curvature is computed, why, and what it will cost, before minutes of work start."""
+def announce_curvature(
+    calibrated: Calibrated, kind: str, requested: str, reason: str, info: Info | None, estimated: Estimated | None
+) -> None:
+    """Say up front which curvature is computed, why, and what it will cost, before minutes of work start (and
+    pass the estimated seconds to `estimated`, for a total of the work that follows)."""
     if info is None:
         return
     R, n = calibrated.sigma_model.size, len(calibrated.batches)
@@ -41,6 +47,8 @@ def announce_curvature(calibrated: Calibrated, kind: str, requested: str, reason
     )
     if requested == AUTO:
         info(f"  chosen by --curvature auto: {reason}")
+    if estimated is not None:
+        estimated(cost["seconds"])
 
 
 def choose_and_compute(
@@ -51,13 +59,14 @@ def choose_and_compute(
     info: Info | None,
     progress: Progress | None,
     at_least: Need = "none",
+    estimated: Estimated | None = None,
 ) -> tuple[Curvature | None, str]:
     """The curvature `methods` (and `at_least`: the refit's need) ask for, resolving `auto` (which never picks a
     kind the model cannot run), with the reason for its kind; None when nothing asks (data-free, no refit)."""
     kind, reason = calibrated.choose_curvature(requested, methods, at_least)
     if kind == "none":
         return None, reason
-    announce_curvature(calibrated, kind, requested, reason, info)
+    announce_curvature(calibrated, kind, requested, reason, info, estimated)
     return calibrated.curvature(kind, max_hessian_gb, progress), reason
 
 
@@ -70,9 +79,10 @@ def timed_curvature(
     info: Info | None,
     progress: Progress | None,
     refit: bool = False,
+    estimated: Estimated | None = None,
 ) -> tuple[Curvature, str]:
     """`choose_and_compute`, timed; with `refit` at least the matrix under `auto` (the refit steps with it)."""
     with timings.stage("curvature"):
         at_least: Need = "matrix" if refit else "none"
-        return choose_and_compute(calibrated, requested, methods, max_hessian_gb, info, progress, at_least)
+        return choose_and_compute(calibrated, requested, methods, max_hessian_gb, info, progress, at_least, estimated)
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
+from sublora_cli.constants import OUTPUT_DTYPES
 from sublora_cli.formats import Adapter, read_adapter
 from sublora_cli.model import distributed
 from sublora_cli.pipeline.output import check_output_dir, lock_output_dir
 from sublora_cli.pipeline.timings import Timings
 
 # --dtype-out values; "same" keeps every tensor as the input stored it.
-DTYPES_OUT = {"same": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES_OUT = dict(zip(OUTPUT_DTYPES, (None, torch.float16, torch.bfloat16, torch.float32), strict=True))
 
 
 def default_out_dir(adapter_path: Path, suffix: str) -> Path:

@@ -153,6 +153,9 @@ def round_lines(report: dict) -> list[str]:
     options = report["options"]
     lines = [f"rounds: {len(rounds)} × {options['train_steps']} steps, --train {options['train']}, --optimizer "
              f"{options['optimizer']} (see training.png)"]  # fmt: skip
+    training_free = report["loss"].get("training_free")
+    if training_free is not None:
+        lines.append(f"  no rounds (a prune of the input adapter to the same budget): written {training_free:.4g}")
     for r in rounds:
         lines.append(
             f"  round {r['round']}: trained {r['loss_after_training']:.4g} → selected {r['loss_after_selection']:.4g} "
@@ -262,5 +265,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
 
 
 def reading_phrase(reading: str) -> str:
-    """How a budget was read, in a sentence: "a rank", "a percentage", "an auto search"."""
-    return "an auto search" if reading == "auto" else f"a {reading}"
+    """How a budget was read, in a sentence: "a rank", "a percentage", "a size in bytes", "an auto search"."""
+    return {"auto": "an auto search", "bytes": "a size in bytes", "params": "a parameter count"}.get(
+        reading, f"a {reading}"
+    )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
+from pathlib import Path
 
 from sublora_cli.core.svd import Spectrum, factor_svd, spectrum_stats
+from sublora_cli.errors import SubloraError
 from sublora_cli.formats import Adapter, PrunedModule
 from sublora_cli.model.threads import intra_op_thread_count
+from sublora_cli.pipeline.names import common_prefix, module_type, tail
+from sublora_cli.pipeline.output import pyplot
 from sublora_cli.pipeline.timings import Timings
 
 
@@ -79,3 +84,58 @@ def svd_form(adapter: Adapter, timings: Timings) -> list[Spectrum]:
     """Stage 2, SVD form: every module's ΔW as U diag(σ) Vᵀ, timed as the report's `svd`."""
     with timings.stage("svd"):
         return adapter_spectra(adapter)
+
+
+MAX_PANELS, MAX_LEGEND = 8, 6  # module types drawn in panels of their own; modules named in a panel's legend
+
+
+def write_spectra_plot(description: dict, path: Path, title: str) -> None:
+    """`inspect --plot`: each module's σ (scale included) against its index on a log axis, one panel per module
+    type (q_proj, attn1_to_q, fc1; past MAX_PANELS types the rarest share one), darker for earlier modules, so the
+    spectra that fall fast (cheap to prune) stand apart from flat ones. The user asked for it: no matplotlib or
+    no folder to write it in is an error."""
+    plt = pyplot()
+    if plt is None:
+        raise SubloraError("--plot needs matplotlib, which is not installed: pip install 'sublora[plots]'.")
+    if not path.parent.is_dir():
+        raise SubloraError(f"--plot {path}: the folder {path.parent} does not exist.")
+    modules = description["modules"]
+    prefix = common_prefix([m["name"] for m in modules])
+    groups: dict[str, list[dict]] = {}
+    for m in modules:
+        groups.setdefault(module_type(m["name"]), []).append(m)
+    if len(groups) > MAX_PANELS:
+        largest = sorted(groups, key=lambda kind: -len(groups[kind]))[: MAX_PANELS - 1]
+        rest = [m for kind, members in groups.items() if kind not in largest for m in members]
+        groups = {kind: groups[kind] for kind in groups if kind in largest} | {"other types": rest}
+    columns = min(4, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.6 * columns + 0.6, 3.0 * rows + 0.6), squeeze=False, sharey=True, layout="constrained"
+    )
+    from matplotlib.ticker import MaxNLocator  # matplotlib is optional: imported once pyplot() found it
+
+    colormap = plt.get_cmap("viridis")
+    for ax, (kind, members) in zip(axes.flat, groups.items(), strict=False):  # unused panels are hidden below
+        for i, m in enumerate(members):
+            positive = [(k + 1, s) for k, s in enumerate(m["sigma"]) if s > 0]  # a log axis cannot show σ = 0
+            color = colormap(0.9 * i / max(1, len(members) - 1))
+            label = tail(m["name"][len(prefix) :], 32)
+            ax.plot([k for k, _ in positive], [s for _, s in positive], color=color, lw=1.2, label=label)
+        count = f"{len(members)} module{'s' if len(members) > 1 else ''}"
+        if len(members) <= MAX_LEGEND:
+            ax.legend(fontsize=6)
+        else:
+            count += ", dark → light in name order"
+        ax.set_title(f"{kind} ({count})", fontsize=9)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("component k")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("σ_k of ΔW (scale included)")
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -57,6 +57,7 @@ class Alternated:
     rounds: list[RoundRecord]
     losses: list[float]  # the training loss of every step, all rounds in order
     batches: int  # how many training batches a pass over the data takes
+    training_free: float  # the loss, as written, of a prune of the input adapter to the same budget: the reference
 
     def report(self) -> list[dict]:
         return [asdict(r) for r in self.rounds]
@@ -81,6 +82,7 @@ def alternate(
     state = initial_state(adapter, spectra, settings.train, master_dtype(model), model.device)
     records: list[RoundRecord] = []
     losses: list[float] = []
+    plain = decide(plan, run, adapter, spectra, False).written  # what the rounds must beat
     for k in range(1, rounds + 1):
         start = time.perf_counter()
         with timings.stage("train"):
@@ -121,7 +123,7 @@ def alternate(
                  f"{duration(rounds * records[0].seconds)}")  # fmt: skip
         if k < rounds:
             state = after_prune(state, written.pruned, generator)
-    return Alternated(trained, trained_spectra, decision, records, losses, len(batches))
+    return Alternated(trained, trained_spectra, decision, records, losses, len(batches), plain.loss_after)
 
 
 def _announce_training(rounds: int, steps: int, info: Info | None) -> Callable[[float], None] | None:
@@ -167,11 +169,13 @@ def _running_mean(values: Sequence[float], window: int) -> list[float]:
 
 def plot_training(alternated: Alternated, loss_before: float, path: Path, title: str) -> bool:
     """training.png, the shape of the paper's Figure 4: the training loss of every step, a circle where each
-    round's training ends (measured calibration loss) and a cross after its prune; False without matplotlib."""
+    round's training ends (measured calibration loss) and a cross after its prune, against the input adapter's
+    loss and the training-free prune's to the same budget (did the rounds beat it?); `title` names the budget.
+    False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2), layout="constrained")
     steps = range(1, len(alternated.losses) + 1)
     ax.plot(steps, alternated.losses, lw=0.6, alpha=0.35, color="tab:blue", label="training loss (one batch)")
     window = max(1, min(alternated.batches, len(alternated.losses)))
@@ -183,15 +187,15 @@ def plot_training(alternated: Alternated, loss_before: float, path: Path, title:
         ax.plot(end, r.loss_after, "x", color="tab:red", ms=9, label="after pruning" if r.round == 1 else None)
         ax.axvline(end, color="grey", lw=0.5, alpha=0.5)
     ax.axhline(loss_before, ls="--", color="grey", label="input adapter")
-    positive = [v for v in [*alternated.losses, loss_before] if v > 0]
-    if positive and len(positive) == len(alternated.losses) + 1:
+    ax.axhline(alternated.training_free, ls=":", color="tab:red", label="training-free prune, same budget")
+    references = [*alternated.losses, loss_before, alternated.training_free]
+    if all(v > 0 for v in references):
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: it never hides a curve
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
