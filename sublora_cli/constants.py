@@ -16,3 +16,4 @@ MIN_BATCHES_TO_SPLIT = 4  # ... when there are at least this many, so the fit ke
 DEFAULT_MAX_BATCHES = 10_000  # --max-batches: a batches() that never ends stops here instead of filling the memory
 OUTPUT_DTYPES = ("same", "fp16", "bf16", "fp32")  # --dtype-out: same keeps every tensor as the input stored it
 DEFAULT_MAX_HESSIAN_GB = 4.0  # --max-hessian-gb: an R×R float64 matrix larger than this is refused before it starts
+META_DEVICE = "meta tensors hold shapes but no values, so no loss can be computed on them"  # why --device meta fails

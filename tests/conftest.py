@@ -178,3 +178,16 @@ def save_adapter(family: str, path: Path, shrink: dict[str, float] | None = None
 @pytest.fixture(params=sorted(BASE_MODELS))
 def family(request) -> str:
     return request.param
+
+
+ELLIPTIC = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "elliptic"
+
+
+def elliptic_script(path: Path, body: str = "") -> Path:
+    """A calibration script at `path` that takes the elliptic k2 sample's functions, then runs `body` (which may
+    redefine some of them): the hostile scripts of the tests."""
+    path.write_text(
+        f"import os, sys\nsys.path.insert(0, {str(ELLIPTIC)!r})\n"
+        "from calib_k2 import load_model, batches, loss, evaluate\n" + body
+    )
+    return path

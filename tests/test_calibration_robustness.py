@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ELLIPTIC, elliptic_script
 from test_prune_calibrated import CALIB, make_problem
 
 from sublora_cli.cli.app import live_progress
@@ -20,7 +24,8 @@ from sublora_cli.model.curvature import estimate_cost
 from sublora_cli.model.script import load_calibration
 from sublora_cli.pipeline.spectra import adapter_spectra
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_checkpoints"
 ENDLESS = """
 import itertools
 import torch
@@ -182,3 +187,66 @@ def test_curvature_time_estimate_is_within_3x_on_the_samples(adapter, calib):
     finally:
         calibrated.close()
     assert actual / 3 <= estimate <= 3 * actual, f"estimated {estimate:.2f} s, took {actual:.2f} s"
+
+
+def run_sublora(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m sublora_cli ARGS` in a fresh process: real file descriptors, a real exit code."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sublora_cli", *map(str, args)]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("where", "code"),
+    [("import", 0), ("load_model", 3), ("batches", 0), ("loss", 3), ("evaluate", 0)],
+)
+def test_os_exit_in_the_script_is_exit_1_with_a_message(tmp_path, where, code):
+    """Issue 21: os._exit(0) made sublora exit 0 with no output, os._exit(3) looked like a failed quality gate."""
+    call = f"os._exit({code})"
+    body = {
+        "import": call + "\n",
+        "load_model": f"def load_model():\n    {call}\n",
+        "batches": f"def batches():\n    {call}\n",
+        "loss": f"def loss(model, batch):\n    {call}\n",
+        "evaluate": f"def evaluate(model):\n    {call}\n",
+    }[where]
+    script = elliptic_script(tmp_path / "calib.py", body)
+    result = run_sublora("prune", ELLIPTIC / "adapter_k2", "--calib", script, "-b", 50, "-o", tmp_path / "out")
+    assert result.returncode == 1, result.stderr
+    assert f"called os._exit({code})" in result.stderr and "Return a value or raise" in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_fork_inside_the_script_still_ends_its_child_with_os_exit(tmp_path, run_cli):
+    """multiprocessing ends a forked worker with os._exit: the guard must let the child go."""
+    body = (
+        "import multiprocessing\n_batches = batches\n"
+        "def batches():\n"
+        "    with multiprocessing.get_context('fork').Pool(1) as pool:\n"
+        "        assert pool.map(abs, [-1, -2]) == [1, 2]\n"
+        "    return _batches()\n"
+    )
+    script = elliptic_script(tmp_path / "calib.py", body)
+    result = run_cli("eval", ELLIPTIC / "adapter_k2", "--calib", script, "--json")
+    assert result.code == 0, result.stderr
+    assert strict_loads(result.stdout)["batches"] == 4
+
+
+def test_child_processes_and_fd_1_writes_leave_json_stdout_parseable(tmp_path):
+    """Issue 21: a script's child processes, os.write(1, …) and print(file=sys.__stdout__) corrupted --json."""
+    chatter = (
+        "    os.write(1, b'raw fd write\\n')\n"
+        "    print('dunder stdout', file=sys.__stdout__)\n"
+        "    import subprocess; subprocess.run(['echo', 'child process'])\n"
+    )
+    body = (
+        chatter.replace("    ", "", 1).replace("\n    ", "\n")
+        + "_load = load_model\ndef load_model():\n" + chatter + "    return _load()\n"
+        + "_evaluate = evaluate\ndef evaluate(model):\n" + chatter + "    return _evaluate(model)\n"
+    )  # fmt: skip
+    script = elliptic_script(tmp_path / "calib.py", body)
+    result = run_sublora("prune", ELLIPTIC / "adapter_k2", "--calib", script, "-b", 50, "-o", tmp_path / "o", "--json")
+    assert result.returncode == 0, result.stderr
+    assert strict_loads(result.stdout)["method"] == "sublora"
+    for line in ("raw fd write", "dunder stdout", "child process"):
+        assert line in result.stderr and line not in result.stdout

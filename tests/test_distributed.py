@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], world_size: int) -> list[subprocess.CompletedProcess]:
+def launch(args: list[str], world_size: int, **extra_env: str) -> list[subprocess.CompletedProcess]:
     """Run `python ARGS` as `world_size` ranks of one job, as torchrun sets them up; their results by rank."""
     port = free_port()
     processes = []
@@ -65,6 +66,7 @@ def launch(args: list[str], world_size: int) -> list[subprocess.CompletedProcess
             "OMP_NUM_THREADS": "1",
             "SUBLORA_DIST_TIMEOUT": "60",
             "CUDA_VISIBLE_DEVICES": "",
+            **extra_env,
         }
         processes.append(
             subprocess.Popen(
@@ -150,6 +152,68 @@ def test_a_bad_timeout_is_refused(monkeypatch):
     monkeypatch.setenv("SUBLORA_DIST_TIMEOUT", "soon")
     with pytest.raises(distributed.SubloraError, match="SUBLORA_DIST_TIMEOUT"):
         distributed.timeout_seconds()
+
+
+def failing_script(tmp_path: Path, body: str) -> Path:
+    """The elliptic sample's calibration script with `body` appended (it may read RANK, as a script could)."""
+    script = tmp_path / "calib_rank.py"
+    script.write_text(
+        f"import os, sys\nsys.path.insert(0, {str(SAMPLE)!r})\n"
+        "from calib_k2 import load_model, batches, loss, evaluate\nRANK = int(os.environ.get('RANK', '0'))\n" + body
+    )
+    return script
+
+
+def assert_every_rank_fails_with(ranks, needle: str, out: Path) -> None:
+    assert [r.returncode for r in ranks] == [1, 1], ranks[0].stderr + ranks[1].stderr
+    assert needle in " ".join(ranks[0].stderr.split()), ranks[0].stderr
+    assert "unexpected" not in ranks[0].stderr and "Traceback (most recent call last)" not in ranks[1].stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["load_model", "train_batches"])
+def test_a_rank_failing_outside_the_batch_loop_ends_every_rank_with_its_message(tmp_path, stage):
+    """Issue 21: a failure in load_model() or train_batches() on rank 1 left rank 0 waiting for the timeout."""
+    body = {
+        "load_model": "_load = load_model\ndef load_model():\n"
+        "    if RANK == 1:\n        raise RuntimeError('no weights on rank 1')\n    return _load()\n",
+        "train_batches": "def train_batches():\n"
+        "    if RANK == 1:\n        raise RuntimeError('no weights on rank 1')\n    return batches()\n",
+    }[stage]
+    args = prune_args(tmp_path / "out", failing_script(tmp_path, body))
+    if stage == "train_batches":
+        args += ["--rounds", "1", "--train-steps", "1"]
+    started = time.monotonic()
+    ranks = launch(args, 2)
+    assert_every_rank_fails_with(ranks, "no weights on rank 1", tmp_path / "out")
+    assert time.monotonic() - started < 50  # the launch's SUBLORA_DIST_TIMEOUT is 60 s: nobody waited for it
+
+
+def test_batches_that_differ_between_ranks_are_refused(tmp_path):
+    """Issue 21: a batches() sharding by rank itself gave rank 0 four batches and rank 1 three, and exit 0."""
+    body = "_batches = batches\ndef batches():\n    return _batches()[: 4 - RANK]\n"
+    ranks = launch(prune_args(tmp_path / "out", failing_script(tmp_path, body)), 2)
+    assert_every_rank_fails_with(ranks, "disagree on what batches() yields (rank 0: 4 batches", tmp_path / "out")
+    assert "must not split the data by rank" in ranks[0].stderr
+
+
+def test_a_peer_that_dies_is_named_as_such(tmp_path):
+    """Issue 21: rank 1 killed mid-run left rank 0 printing gloo's "Connection closed by peer" as unexpected."""
+    body = "import signal\n_loss = loss\ndef loss(model, batch):\n" \
+        "    if RANK == 1:\n        os.kill(os.getpid(), signal.SIGKILL)\n    return _loss(model, batch)\n"  # fmt: skip
+    ranks = launch(prune_args(tmp_path / "out", failing_script(tmp_path, body)), 2)
+    assert ranks[1].returncode == -9
+    assert ranks[0].returncode == 1, ranks[0].stderr
+    assert "Another process of the torchrun job" in ranks[0].stderr and "unexpected" not in ranks[0].stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_timeout_is_one_message_from_rank_0(tmp_path):
+    args = ["-m", "sublora_cli", "prune", str(ADAPTER), "-b", "50", "-o", str(tmp_path / "out")]
+    ranks = launch(args, 2, SUBLORA_DIST_TIMEOUT="abc")
+    assert [r.returncode for r in ranks] == [1, 1]
+    assert "SUBLORA_DIST_TIMEOUT='abc'" in ranks[0].stderr and "Traceback" not in ranks[0].stderr
+    assert ranks[1].stderr == ""
 
 
 def sweep_args(out: Path) -> list[str]:

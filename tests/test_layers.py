@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sublora_cli"
-RANK = {"errors": 0, "constants": 0, "core": 1, "formats": 2, "model": 3, "pipeline": 4, "training": 5, "commands": 6,
-        "cli": 7, "__init__": 0, "__main__": 8}  # fmt: skip
+RANK = {"errors": 0, "constants": 0, "interrupts": 0, "core": 1, "formats": 2, "model": 3, "pipeline": 4,
+        "training": 5, "commands": 6, "cli": 7, "__init__": 0, "__main__": 8}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

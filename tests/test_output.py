@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sublora_cli.formats.peft
+import sublora_cli.pipeline.output
 import sublora_cli.pipeline.spectra
 import sublora_cli.pipeline.write
 from sublora_cli.pipeline.output import atomic_output_dir
@@ -208,3 +210,115 @@ def sandboxed_writer(top: Path):
         return atomic_output_dir(out_dir)
 
     return writer
+
+
+READ_LOCATIONS = [
+    "calib_dir", "calib_file", "link_to_calib", "link_to_calib_dir", "config_dir", "config_file",
+    "beside_calib", "below_calib_dir", "loop", "below_loop", "link_to_other", "sibling",
+]  # fmt: skip
+REACHED = "the calibration script was reached"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(location=st.sampled_from(READ_LOCATIONS), overwrite=st.booleans(), relative=st.booleans())
+def test_files_the_run_reads_survive_any_out(run_cli, monkeypatch, location, overwrite, relative):
+    """Issue 21 property: `--out dir --overwrite` deleted the calibration script in dir (and the --config file's
+    folder). Whatever --out is — those files, their folders, symlinks to them, symlink loops — every file outside
+    --out is byte-identical after, and no temporaries are left. The script stops the run as soon as it is imported,
+    so a run that gets past the output check says so (REACHED) and writes nothing."""
+    with tempfile.TemporaryDirectory() as sandbox, monkeypatch.context() as patch:
+        top = Path(sandbox).resolve() / "top"
+        adapter = make_tree(top)
+        (top / "s").mkdir()
+        (top / "s" / "calib.py").write_text(f"raise RuntimeError({REACHED!r})\n")
+        (top / "c").mkdir()
+        (top / "c" / "sublora.yaml").write_text("calib: ../s/calib.py\nmethod: magnitude\n")
+        (top / "other").mkdir()
+        (top / "other" / "keep.txt").write_text("keep")
+        for link, target in [("link_calib", "s/calib.py"), ("link_s", "s"), ("loop", "loop"), ("link_o", "other")]:
+            (top / link).symlink_to(top / target)
+        patch.chdir(top / "p")
+        out = {
+            "calib_dir": top / "s",
+            "calib_file": top / "s" / "calib.py",
+            "link_to_calib": top / "link_calib",
+            "link_to_calib_dir": top / "link_s",
+            "config_dir": top / "c",
+            "config_file": top / "c" / "sublora.yaml",
+            "beside_calib": top / "s" / "out",
+            "below_calib_dir": top / "link_s" / "sub" / "out",
+            "loop": top / "loop",
+            "below_loop": top / "loop" / "out",
+            "link_to_other": top / "link_o",
+            "sibling": top / "p" / "pruned",
+        }[location]
+        patch.setattr(sublora_cli.pipeline.write, "atomic_output_dir", sandboxed_writer(top))
+        before = tree_hashes(top)
+        spelled = os.path.relpath(out) if relative else out
+        result = run_cli(
+            "prune", adapter, "--config", top / "c" / "sublora.yaml", "--budget", "50", "--out", spelled,
+            *(["--overwrite"] * overwrite),
+        )  # fmt: skip
+        assert tree_hashes(top) == before and not leftovers(top), (location, result.stderr)
+        assert all((top / link).is_symlink() for link in ("link_calib", "link_s", "loop", "link_o"))
+        reached = location in ("beside_calib", "below_calib_dir", "sibling")
+        assert result.code == 1 and (REACHED in result.stderr) == reached, (location, result.stderr)
+        assert "unexpected" not in result.stderr and (reached or "Traceback" not in result.stderr)
+
+
+def test_a_symlinked_out_is_refused_and_names_its_target(tmp_path, adapter, run_cli, no_computation):
+    """Issue 21: `--out LINK --overwrite` replaced the contents of the unrelated directory LINK points to."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "other")
+    before = tree_hashes(tmp_path)
+    result = prune(run_cli, adapter, tmp_path / "link", "--overwrite")
+    assert_refused(result, "is a symbolic link")
+    assert f"--out {tmp_path / 'other'}" in result.stderr  # the fix: give the target itself
+    assert tree_hashes(tmp_path) == before
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_works(tmp_path, adapter, run_cli):
+    """Issue 21: two runs into one new --out both said they wrote it; the later silently replaced the earlier."""
+    out = tmp_path / "out"
+    hold = "import sys, time; from pathlib import Path; from sublora_cli.pipeline.output import lock_output_dir\n" \
+        "lock_output_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_refused(prune(run_cli, adapter, out), f"is being written by another sublora run (process {holder.pid})")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prune(run_cli, adapter, out).code == 0  # the kernel released the dead holder's lock
+    assert not sublora_cli.pipeline.output._lock_path(out.resolve()).exists()  # released and removed
+
+
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_a_full_disk_is_named_and_the_previous_output_is_intact(tmp_path, adapter, run_cli, monkeypatch, failure):
+    """Issue 21: ENOSPC while writing was an "unexpected" SafetensorError / OSError."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    out = tmp_path / "out"
+    assert prune(run_cli, adapter, out).code == 0
+    previous = tree_hashes(out)
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(sublora_cli.formats.peft, "save_file", full_disk)
+    result = prune(run_cli, adapter, out, "--overwrite")
+    assert_refused(result, f"Writing --out {out} failed")
+    assert "No space left on device" in result.stderr and "The previous output" in result.stderr
+    assert "is intact" in " ".join(result.stderr.split())
+    assert tree_hashes(out) == previous and not leftovers(tmp_path)
+    result = prune(run_cli, adapter, tmp_path / "new")
+    assert_refused(result, "Nothing was written")
+    assert not (tmp_path / "new").exists() and not leftovers(tmp_path)

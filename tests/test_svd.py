@@ -24,7 +24,7 @@ def factors(draw):
         A[1] = A[0]
     elif defect == "zero_row":
         A[-1] = 0
-    scale = draw(st.floats(0.01, 8.0))
+    scale = draw(st.floats(0.01, 8.0)) * draw(st.sampled_from([1.0, -1.0]))  # a negative alpha is a valid update
     return B, A, scale
 
 

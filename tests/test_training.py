@@ -421,3 +421,15 @@ def test_a_kohya_file_with_a_conv_layer_is_trained_and_written_in_its_format(opt
     assert all(key.startswith("lora_unet_") for key in load_file(str(written)))
     measured = run_cli("eval", written, "--calib", calib, "--json")
     assert json.loads(measured.stdout)["loss"] == pytest.approx(report["loss"]["after"], rel=1e-6)
+
+
+def test_the_training_time_is_estimated_up_front_and_after_the_first_round(problem, tmp_path, run_cli):
+    """Issue 21: `--rounds 1000000000` ran with no estimate until killed; the total is said at once."""
+    adapter, calib = problem
+    out = tmp_path / "o"
+    result = run_cli("prune", adapter, "--calib", calib, "-b", 3, "--rounds", 2, "--train-steps", 6, "-o", out)
+    assert result.code == 0, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "training: 2 round(s) × 6 steps, about" in text and "ms a step), plus a prune after each round" in text
+    assert text.index("training: 2 round(s)") < text.index("round 1 took")  # said during round 1, not after
+    assert "round 1 took" in text and "all 2 rounds about" in text

@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sublora_cli import __version__
+from sublora_cli import __version__, interrupts
 from sublora_cli.cli import render
 from sublora_cli.cli.config import load_config
 from sublora_cli.commands.evaluate import evaluate_adapter
@@ -34,6 +34,7 @@ from sublora_cli.commands.sweep import SweepOptions, sweep
 from sublora_cli.errors import QualityGateFailed, SubloraError
 from sublora_cli.formats import read_adapter
 from sublora_cli.model import distributed
+from sublora_cli.pipeline.output import completed_writes, forget_writes, release_locks
 from sublora_cli.pipeline.report import strict_json
 from sublora_cli.pipeline.spectra import adapter_spectra, describe_adapter, write_spectra_plot
 
@@ -153,6 +154,7 @@ def prune_command(
             overwrite=overwrite,
             progress=progress,
             info=info,
+            config=config,
         )
     render.warnings(result.warnings)
     if as_json:
@@ -243,11 +245,28 @@ app.command(name="sweep", epilog=EXIT_CODES)(with_options(sweep_command, SweepOp
 
 
 def main() -> None:
-    """Entry point: maps errors onto the exit codes (1 input/failure, 2 usage, 3 quality guard).
+    """Entry point: maps errors onto the exit codes (1 input/failure, 2 usage, 3 quality guard, 128 + the signal's
+    number when interrupted: 130 for Ctrl-C).
 
     Typer itself handles usage errors (exit 2) and --help; our own errors carry their exit code. Under torchrun
     every rank runs this; only rank 0 prints, and all ranks exit with the code they agreed on (distributed.py).
     """
+    with interrupts.handled():
+        try:
+            code = _main()
+        except interrupts.Interrupted as e:  # after the command: while the ranks agree or the error prints
+            code = e.exit_code
+            render.error(_interrupted(e))
+    sys.exit(code)
+
+
+def _main() -> int:
+    try:
+        distributed.check_environment()
+    except SubloraError as e:  # e.g. a malformed SUBLORA_DIST_TIMEOUT: said once, by the first rank
+        if distributed.launched_rank() == 0:
+            render.error(str(e))
+        return e.exit_code
     with distributed.process_group():
         if not distributed.is_main():
             _quiet()
@@ -255,15 +274,20 @@ def main() -> None:
         if message is not None:
             render.error(message)
         distributed.finish()
-    sys.exit(code)
+    return code
 
 
 def _outcome() -> tuple[int, str | None]:
     """Run the command: its exit code and the error message to print (None when it printed what it had to)."""
+    forget_writes()
     try:
         app()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1), None
+    except interrupts.Interrupted as e:
+        if state["debug"]:
+            raise
+        return e.exit_code, _interrupted(e)
     except SubloraError as e:
         if state["debug"]:
             raise
@@ -272,6 +296,8 @@ def _outcome() -> tuple[int, str | None]:
         if state["debug"]:
             raise
         return 1, f"unexpected {type(e).__name__}: {e}. For the traceback, run it again with --debug: {_with_debug()}"
+    finally:
+        release_locks()
     return 0, None
 
 
@@ -279,6 +305,14 @@ def _with_debug() -> str:
     """The command that failed, shortened, with --debug added where every command accepts it (at the end)."""
     command = sys.argv[1] if len(sys.argv) > 1 else "COMMAND"
     return f"sublora {command} … --debug" if len(sys.argv) > 2 else f"sublora {command} --debug"
+
+
+def _interrupted(signal: interrupts.Interrupted) -> str:
+    """What an interrupted run left: the --out it completed, or nothing (a previous output stays as it was)."""
+    written = completed_writes()
+    if written:
+        return f"interrupted ({signal}) after writing {', '.join(map(str, written))}."
+    return f"interrupted ({signal}); nothing was written (a previous output in --out is intact)."
 
 
 def _quiet() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
@@ -27,6 +28,7 @@ from sublora_cli.constants import (
     DEFAULT_MAX_BATCHES,
     DEFAULT_MAX_HESSIAN_GB,
     HOLDOUT_AUTO,
+    META_DEVICE,
     MIN_BATCHES_TO_SPLIT,
     MODEL_DTYPES,
     OUTPUT_DTYPES,
@@ -52,9 +54,24 @@ def one_of(choices: tuple[str, ...]) -> Check:
 
 
 def positive(value: float) -> None:
-    """A size or count must be above 0."""
-    if value <= 0:
+    """A size or count must be above 0 (NaN is not: `nan <= 0` is false, so the test is written the other way)."""
+    if not value > 0:
         raise SubloraError(f"{value:g} is not positive.")
+
+
+def positive_finite(value: float) -> None:
+    """A rate must be a positive, finite number."""
+    positive(value)
+    if math.isinf(value):
+        raise SubloraError(f"{value:g} is not a finite number.")
+
+
+SEEDS = (-(2**63), 2**64 - 1)  # what torch's generators accept
+
+
+def seed_range(value: int) -> None:
+    if not SEEDS[0] <= value <= SEEDS[1]:
+        raise SubloraError(f"{value} is outside the seeds torch accepts ({SEEDS[0]} to {SEEDS[1]}).")
 
 
 def at_least(minimum: int) -> Check:
@@ -72,9 +89,11 @@ def device_syntax(value: str) -> None:
     if value == AUTO_PLACEMENT:
         return
     try:
-        torch.device(value)
+        device = torch.device(value)
     except RuntimeError:
         raise SubloraError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
+    if device.type == "meta":
+        raise SubloraError(f"{value!r}: {META_DEVICE}; use cpu or cuda.")
 
 
 @dataclass(frozen=True)

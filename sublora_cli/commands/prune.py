@@ -22,7 +22,8 @@ from sublora_cli.commands.options import (
     echo,
     one_of,
     option,
-    positive,
+    positive_finite,
+    seed_range,
 )
 from sublora_cli.core.budget import budget_unit, read_budget, read_tolerance
 from sublora_cli.core.methods import METHODS
@@ -92,7 +93,9 @@ class PruneOptions(SelectionOptions):
         ),
         None,
     )
-    seed: int = option(Option(("--seed",), "Seed of the randomized greedy (sublora-random)."), 0)
+    seed: int = option(
+        Option(("--seed",), "Seed of the randomized greedy (sublora-random) and of --rounds.", check=seed_range), 0
+    )
     max_loss_increase: str | None = option(  # "0.05" or "5%", relative to the loss before pruning
         Option(
             ("--max-loss-increase",),
@@ -134,7 +137,7 @@ class PruneOptions(SelectionOptions):
         Option(
             ("--lr",),
             "Peak learning rate of each round (linear warm-up over its first tenth, then cosine decay to 0).",
-            check=positive,
+            check=positive_finite,
             show_default="per optimizer: "
             + ", ".join(f"{name} {spec.default_lr:g}" for name, spec in OPTIMIZERS.items())
             + "; with --train sigma: "
@@ -179,6 +182,7 @@ def prune(
     overwrite: bool = False,
     progress: Progress | None = None,
     info: Info | None = None,
+    config: Path | None = None,
 ) -> PruneResult:
     method = options.resolved_method()
     check_method(method, options.calib, options.curvature)
@@ -197,7 +201,8 @@ def prune(
         allowance, unpruned = allowance_for(spec, unit, pricing)
         warnings.extend(nothing_to_prune(options.budget, allowance, unpruned, pricing.fixed(unit)))
         refuse_unselectable(method, allowance, bounds)
-    out_dir = output_dir(adapter_path, out_dir, out_suffix(method, options.budget), overwrite)
+    reads = {"the calibration script": options.calib, "the --config file": config}
+    out_dir = output_dir(adapter_path, out_dir, out_suffix(method, options.budget), overwrite, reads)
     spectra = svd_form(adapter, timings)
 
     loss = metrics = alternated = None

@@ -19,6 +19,7 @@ from sublora_cli.commands.options import (
     Option,
     SelectionOptions,
     option,
+    seed_range,
 )
 from sublora_cli.commands.sweep_plot import plot_sweep
 from sublora_cli.core.budget import UNIT_TABLE, Budget, Pricing, budget_unit, in_unit, read_budget_axis, stated_unit
@@ -94,9 +95,12 @@ def budget_axis(text: str, unit_flag: str | None, pricing: Pricing) -> tuple[str
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`0,1,2` → (0, 1, 2); nothing given means seed 0."""
     try:
-        return tuple(int(s) for s in str(text).split(",") if s.strip()) or (0,)
+        seeds = tuple(int(s) for s in str(text).split(",") if s.strip()) or (0,)
     except ValueError:
         raise SubloraError(f"{text!r} is not a comma-separated list of integers.") from None
+    for seed in seeds:
+        seed_range(seed)
+    return seeds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +165,8 @@ def sweep(
         for method in methods:
             where = f"--methods {method} at budget {budget if shown_in is None else in_unit(budget, shown_in)}: "
             refuse_unselectable(method, allowance, bounds, where)
-    out_dir = output_dir(adapter_path, out_dir, f"sweep-{in_folder_name(options.budgets)}", overwrite)
+    reads = {"the calibration script": options.calib}
+    out_dir = output_dir(adapter_path, out_dir, f"sweep-{in_folder_name(options.budgets)}", overwrite, reads)
     spectra = svd_form(adapter, timings)
     with calibration(options, adapter, spectra, timings, progress) as calibrated:
         with timings.stage("eval"):

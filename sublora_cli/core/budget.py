@@ -33,6 +33,7 @@ SIZE_UNITS = {
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
 }  # fmt: skip
 COUNT_UNITS = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+LARGEST = 2**63  # no adapter holds more ranks, parameters or bytes; a larger budget is a typo, not a no-op
 _WRITTEN = re.compile(r"(?P<number>[0-9.eE+-]+?)\s*(?P<suffix>[A-Za-z]*)")
 
 
@@ -107,6 +108,15 @@ def _number(number: str, raw: str) -> float:
     return value
 
 
+def _below_largest(value: float, raw: str) -> float:
+    """A budget past 2⁶³ of anything (1e300TB) is larger than any adapter can be: refused, naming the forms."""
+    if value >= LARGEST:
+        raise SubloraError(
+            f"{raw!r} is larger than any adapter can be (2^63 ranks, parameters or bytes); {BUDGET_FORMS}."
+        )
+    return value
+
+
 def read_budget(text: str | int | float) -> BudgetSpec:
     """Read a budget's syntax. A plain number of 1 or more is a rank even when written with a decimal point
     (`50.0`), so it must be whole; only numbers below 1 are fractions. Units are case-sensitive, so `12mb`
@@ -125,8 +135,9 @@ def read_budget(text: str | int | float) -> BudgetSpec:
         unit = next((u for u in UNIT_TABLE.values() if suffix in u.suffixes), None)
         if unit is None:
             raise SubloraError(f"{raw!r}: unknown or ambiguous unit {suffix!r}; {BUDGET_FORMS}.")
-        return BudgetSpec(unit.name, math.floor(_number(match["number"], raw) * unit.suffixes[suffix]))
-    value = _number(raw, raw)
+        amount = _below_largest(_number(match["number"], raw) * unit.suffixes[suffix], raw)
+        return BudgetSpec(unit.name, math.floor(amount))
+    value = _below_largest(_number(raw, raw), raw)
     if value < 1:
         return BudgetSpec("fraction", value)
     if not value.is_integer():

@@ -16,6 +16,7 @@ import torch
 
 from sublora_cli.errors import SubloraError
 
+LARGEST = 2**31 - 1  # above any module's rank (torch indexes ranks as int64; a bound this large is a typo)
 FORMS = "give a whole number for every module (4) or pattern=number pairs, comma-separated (q_proj=4,mlp.*=32,*=0)"
 
 
@@ -59,6 +60,11 @@ def _count(number: str, raw: str) -> int:
         raise SubloraError(f"{raw!r} is not a rank bound: {FORMS}.") from None
     if count < 0:
         raise SubloraError(f"{raw}: must be 0 or more.")
+    if count > LARGEST:
+        raise SubloraError(
+            f"{raw}: larger than any module's rank can be (at most {LARGEST}); for no upper bound "
+            "leave --max-rank out."
+        )
     return count
 
 

@@ -61,12 +61,13 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor, scale: float) -> Spectrum:
 def balanced_factors(spectrum: Spectrum, kept: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors B', A' of rank len(kept) with scale·B'·A' = U_S diag(sigma_S) V_Sᵀ, both of equal norm.
 
-    Balanced factors (each sqrt(sigma/scale) per component) keep the two sides on the same scale,
-    which is what training would converge to and what keeps half precision from under/overflowing.
+    Balanced factors (each sqrt(sigma/|scale|) per component) keep the two sides on the same scale,
+    which is what training would converge to and what keeps half precision from under/overflowing. A negative
+    scale (a negative lora_alpha or kohya `.alpha`: a valid update) is kept, its sign carried by B'.
     """
     idx = torch.as_tensor(kept, dtype=torch.long)
-    root = torch.sqrt(spectrum.sigma[idx] / scale)
-    B = spectrum.U[:, idx] * root
+    root = torch.sqrt(spectrum.sigma[idx] / abs(scale))
+    B = spectrum.U[:, idx] * (root * math.copysign(1.0, scale))
     A = (spectrum.V[:, idx] * root).T
     return B, A
 

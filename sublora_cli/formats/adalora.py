@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sublora_cli.errors import SubloraError
-from sublora_cli.formats.base import Adapter, LoraModule, sha256_of
+from sublora_cli.formats.base import Adapter, LoraModule, check_factor, sha256_of
 from sublora_cli.formats.peft import (
     CONFIG_FILE,
     PREFIX,
@@ -106,6 +106,11 @@ def _scaling(config: dict, rank: int) -> float:
 def _rank_masks(config: dict, init_r: int, path: Path) -> dict[str, list[bool]]:
     """{module name: kept-rows mask} from rank_pattern (keys `<module>.lora_E`, as peft saves them)."""
     pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise SubloraError(
+            f"{path / CONFIG_FILE}: rank_pattern must be an object of `<module>.lora_E` → a list of init_r={init_r} "
+            f"booleans, as peft saves it; got a {type(pattern).__name__}."
+        )
     masks = {}
     for key, mask in pattern.items():
         if not (isinstance(mask, list) and len(mask) == init_r and all(isinstance(b, bool) for b in mask)):
@@ -129,8 +134,7 @@ def _triple(tensors: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, 
             f"{tuple(A.shape)}, {tuple(E.shape)} and {tuple(B.shape)}."
         )
     for key, t in zip(keys, (A, E, B), strict=True):
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise SubloraError(f"{key} must hold finite floating-point values; refusing to prune this adapter.")
+        check_factor(key, t, rank_zero_ok=True)  # AdaLoRA keeps a module it trimmed to rank 0 as 0-row tensors
     return A, E, B
 
 

@@ -11,8 +11,36 @@ from typing import Any, Literal, Protocol
 import torch
 
 from sublora_cli.core.svd import Spectrum
+from sublora_cli.errors import SubloraError
 
 LayerKind = Literal["linear", "embedding", "conv"]
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the SVD and writers compute in
+
+
+def check_factor(what: str, tensor: torch.Tensor, rank_zero_ok: bool = False) -> None:
+    """A stored factor sublora can compute with: a dtype of FACTOR_DTYPES, at least one entry (or, where the format
+    saves modules trimmed to rank 0, `rank_zero_ok`: none), every entry finite. Every format reads its factors
+    through this check, so a damaged file is refused by name in each."""
+    if tensor.dtype not in FACTOR_DTYPES:
+        hint = (
+            " Convert the file first, e.g. with safetensors.torch: save_file({k: t.to(torch.float16) for k, t in "
+            "load_file(path).items()}, new_path)."
+            if tensor.is_floating_point()
+            else " LoRA factors must be floating point."
+        )
+        raise SubloraError(
+            f"{what} has dtype {str(tensor.dtype).removeprefix('torch.')}; sublora reads factors stored as "
+            f"float16, bfloat16, float32 or float64.{hint}"
+        )
+    if tensor.numel() == 0 and not rank_zero_ok:
+        raise SubloraError(
+            f"{what} has shape {tuple(tensor.shape)}: no entries (rank 0 or an empty dimension). The adapter is "
+            "damaged or holds an empty module; remove that module's tensors or save the adapter again."
+        )
+    if not torch.isfinite(tensor).all():
+        raise SubloraError(
+            f"{what} contains NaN or Inf values (entries must be finite); the adapter is damaged, refusing it."
+        )
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from safetensors.torch import save, save_file
 
 from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
-from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, sha256_of
-from sublora_cli.formats.peft import PEFT_DEFAULTS, get_pattern_key
+from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, check_factor, sha256_of
+from sublora_cli.formats.peft import PEFT_DEFAULTS, check_ranks_and_alphas, get_pattern_key
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -136,12 +136,7 @@ def split_pairs(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, ModuleKeys]
 def as_matrices(name: str, down: torch.Tensor, up: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(kind, A r×in, B out×r) from the stored factors; LoCon: down (r, in, k, k), up (out, r, 1, 1)."""
     for key, t in (("down", down), ("up", up)):
-        if not t.is_floating_point():
-            raise SubloraError(
-                f"Module {name}: its {key} factor has dtype {t.dtype}; LoRA factors must be floating point."
-            )
-        if not torch.isfinite(t).all():
-            raise SubloraError(f"Module {name}: its {key} factor contains NaN or Inf values; refusing to prune it.")
+        check_factor(f"Module {name}: its {key} factor", t)
     kind = "linear"
     if down.dim() > 2:
         kind = "conv"
@@ -184,6 +179,7 @@ def diffusers_configs(metadata: dict[str, str]) -> dict[str, dict]:
         prefix, _, field = key.rpartition(".")
         groups.setdefault(prefix, {})[field] = value
     for prefix, group in groups.items():
+        check_ranks_and_alphas({**PEFT_DEFAULTS, **group}, f"The file's {DIFFUSERS_METADATA_KEY} ({prefix or 'all'})")
         if group.get("use_rslora"):
             raise SubloraError(
                 f"The file's {DIFFUSERS_METADATA_KEY} enables rsLoRA{' for ' + prefix if prefix else ''}; sublora "

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from sublora_cli.errors import SubloraError
-from sublora_cli.formats.base import Adapter, LoraModule, sha256_of
+from sublora_cli.formats.base import Adapter, LoraModule, check_factor, sha256_of
 from sublora_cli.formats.kohya import CONVERT_HINT
 from sublora_cli.formats.peft import PeftFormat, PeftState
 
@@ -133,8 +133,7 @@ def _module(name: str, tensors: dict[str, torch.Tensor]) -> LoraModule:
             f"P {tuple(P.shape)}, L {tuple(L.shape)}, U {tuple(U.shape)}, z {tuple(z.shape)}, z0 {tuple(z0.shape)}."
         )
     for factor, t in zip(FACTORS, (P, L, U, z, z0, s, s0), strict=True):
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise SubloraError(f"{name}.loldu_{factor} must hold finite floating-point values; refusing.")
+        check_factor(f"{name}.loldu_{factor}", t)
     diagonal = float(s) * z.double() - float(s0) * z0.double()
     B = (P.double() @ L.double()).to(L.dtype)
     A = (diagonal[:, None] * U.double()).to(L.dtype)

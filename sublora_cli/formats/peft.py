@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from sublora_cli.core.svd import Spectrum, balanced_factors
 from sublora_cli.errors import SubloraError
-from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, sha256_of
+from sublora_cli.formats.base import Adapter, LoraModule, PrunedModule, check_factor, sha256_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -131,7 +131,7 @@ def _load_config(path: Path) -> dict:
     for key, default in PEFT_DEFAULTS.items():
         if config.get(key) is None:
             config[key] = default
-    _check_ranks_and_alphas(config, config_path)
+    check_ranks_and_alphas(config, str(config_path))
     return config
 
 
@@ -139,21 +139,25 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_ranks_and_alphas(config: dict, config_path: Path) -> None:
-    """Ranks are positive whole numbers and alphas finite numbers, globally and in the patterns."""
+def check_ranks_and_alphas(config: dict, source: str) -> None:
+    """Ranks are positive whole numbers and alphas finite, non-zero numbers, globally and in the patterns, in a
+    LoRA config read from `source` (adapter_config.json, or a component of diffusers' metadata)."""
     ranks = {"r": config["r"]}
     alphas = {"lora_alpha": config["lora_alpha"]}
     for key, into in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
-            raise SubloraError(f"{config_path}: {key} must be an object of module pattern → value, got {pattern!r}.")
+            raise SubloraError(f"{source}: {key} must be an object of module pattern → value, got {pattern!r}.")
         into.update({f"{key}[{name!r}]": value for name, value in pattern.items()})
     for where, value in ranks.items():
         if not (is_number(value) and float(value).is_integer() and value > 0):
-            raise SubloraError(f"{config_path}: {where} = {value!r}; a LoRA rank must be a positive whole number.")
+            raise SubloraError(f"{source}: {where} = {value!r}; a LoRA rank must be a positive whole number.")
     for where, value in alphas.items():
-        if not is_number(value):
-            raise SubloraError(f"{config_path}: {where} = {value!r}; lora_alpha must be a number.")
+        if not is_number(value) or value == 0:
+            raise SubloraError(
+                f"{source}: {where} = {value!r}; lora_alpha must be a non-zero number (the scale is "
+                "lora_alpha / r: 0 makes every update zero, a negative one flips its sign)."
+            )
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -230,12 +234,9 @@ def _lora_modules(state: PeftState, tensors: dict[str, torch.Tensor], factors: d
     for name in sorted(factors):
         a_key, b_key, kind = factors[name]
         A, B = tensors[a_key], tensors[b_key]
-        kind, A_mat, B_mat = _as_matrices(name, kind, A, B)
         for key, t in ((a_key, A), (b_key, B)):
-            if not t.is_floating_point():
-                raise SubloraError(f"{key} has dtype {t.dtype}; LoRA factors must be floating point.")
-            if not torch.isfinite(t).all():
-                raise SubloraError(f"{key} contains NaN or Inf values; the adapter is damaged, refusing to prune it.")
+            check_factor(key, t)
+        kind, A_mat, B_mat = _as_matrices(name, kind, A, B)
         rank_key = get_pattern_key(list(rank_pattern), name)
         r = int(rank_pattern[rank_key]) if rank_key is not None else default_r
         if A_mat.shape[0] != r:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from sublora_cli.errors import SubloraError
 from sublora_cli.model import distributed
 
 Total = torch.Tensor | float | int
@@ -128,16 +127,10 @@ def over_batches(
     mine = list(this_process(batches))
     meter = Meter(progress, stage, len(mine) * work_per_batch)
     meter.report()
-    try:
+    with distributed.agreeing():
         for position, (index, batch) in enumerate(mine):
             step(index, batch, sums, meter)
             meter.reach((position + 1) * work_per_batch)
-    except Exception as error:
-        distributed.first_failure(str(error) or type(error).__name__)
-        raise
-    failure = distributed.first_failure(None)
-    if failure is not None:
-        raise SubloraError(failure)
     return {name: reduce(name, total) for name, total in sums.totals.items()}
 
 

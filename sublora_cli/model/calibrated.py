@@ -9,6 +9,7 @@ they are written (tests check that it equals the loss of the written adapter rel
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -18,11 +19,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sublora_cli.constants import AUTO_MAX_EXACT_SECONDS, AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, MODEL_DTYPES
+from sublora_cli.constants import AUTO_MAX_EXACT_SECONDS, AUTO_PLACEMENT, DEFAULT_MAX_BATCHES, META_DEVICE, MODEL_DTYPES
 from sublora_cli.core.methods import CURVATURES, Need
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.errors import SubloraError, closest_names
 from sublora_cli.formats import Adapter
+from sublora_cli.model import distributed
 from sublora_cli.model.curvature import (
     AUTO,
     Curvature,
@@ -38,8 +40,6 @@ from sublora_cli.model.threads import intra_op_thread_count, intra_op_threads
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
-
-
 def resolve_device(name: str) -> torch.device | None:
     """A torch device the machine actually has, or a clear error (not a CUDA traceback later on); None for
     auto."""
@@ -49,6 +49,8 @@ def resolve_device(name: str) -> torch.device | None:
         device = torch.device(name)
     except RuntimeError as e:
         raise SubloraError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from e
+    if device.type == "meta":
+        raise SubloraError(f"--device {name}: {META_DEVICE}; use --device cpu or cuda.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SubloraError(f"--device {name}: this machine has no CUDA device; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -259,24 +261,61 @@ def open_calibration(
     (`holdout`: holdout.split_batches; the commands default to auto, a library caller gets none unless it asks)
     and hook the adapter's modules into the model."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    script = load_calibration(calib)
-    model = script.call_load_model()
-    load_carried_tensors(model, adapter)
-    batches = script.call_batches(max_batches, progress)
-    defined = script.heldout_batches is not None
-    split = split_batches(
-        batches, holdout, (lambda: script.call_heldout_batches(max_batches, progress)) if defined else None
-    )
-    sigma_model = SigmaModel(
-        model,
-        adapter.modules,
-        spectra,
-        script.call_loss,
-        device=torch_device,
-        dtype=torch_dtype,
-        per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
-        paths=module_paths(model, adapter),
-    )
+    with distributed.agreeing():  # under torchrun: load_model() failing on one process fails them all, at once
+        script = load_calibration(calib)
+        model = script.call_load_model()
+        load_carried_tensors(model, adapter)
+        batches = script.call_batches(max_batches, progress)
+        defined = script.heldout_batches is not None
+        split = split_batches(
+            batches, holdout, (lambda: script.call_heldout_batches(max_batches, progress)) if defined else None
+        )
+        sigma_model = SigmaModel(
+            model,
+            adapter.modules,
+            spectra,
+            script.call_loss,
+            device=torch_device,
+            dtype=torch_dtype,
+            per_sample_loss_fn=script.call_per_sample_loss if script.per_sample_loss is not None else None,
+            paths=module_paths(model, adapter),
+        )
+    check_batches_alike("batches", batches)
     return Calibrated(
         script=script, sigma_model=sigma_model, batches=split.fit, heldout=split.heldout, holdout_note=split.note
     )
+
+
+def check_batches_alike(name: str, batches: list) -> None:
+    """Under torchrun every process must hold the same batches (each computes its share, batch i on process
+    i mod N); a script that shards by rank itself would silently give each process a different loss."""
+    distributed.check_same(
+        f"what {name}() yields",
+        batches_summary(batches),
+        f"Every process must load the same batches in the same order: sublora shards them itself, so {name}() "
+        "must not split the data by rank (no DistributedSampler, no RANK-dependent slicing).",
+    )
+
+
+def batches_summary(batches: list) -> str:
+    """The count and a digest of the batches' shapes and (rounded) sums: equal wherever the same data was loaded."""
+    digest = hashlib.sha256()
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            total = float(value.detach().double().sum()) if value.numel() else 0.0
+            digest.update(f"T{tuple(value.shape)}{value.dtype}{total:.6g};".encode())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key!r}".encode())
+                visit(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f"V{value!r};".encode() if isinstance(value, int | float | str | bool) else b"?")
+
+    for batch in batches:
+        visit(batch)
+    return f"{len(batches)} batches, digest {digest.hexdigest()[:12]}"

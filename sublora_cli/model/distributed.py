@@ -7,13 +7,17 @@ rank i mod N) and the batch loop adds the shares with one all-reduce per quantit
 then holds the same totals, so the (deterministic) selection gives the same kept set everywhere and the loss
 after pruning is again a sharded loop; only rank 0 prints and writes.
 
-A collective waits for every rank, so a rank that fails alone would leave the others waiting. Two guards:
-* at the end of each batch loop, before its reduce, the ranks exchange their outcome (`first_failure`): if any
-  rank's batches failed, every rank raises that rank's message (a bad batch on one shard is reported once, by
-  rank 0, and all ranks exit 1);
-* at exit the ranks exchange their exit codes and messages the same way (`agreed_exit`), so a failure outside
-  the batch loop (rank 0's write, a quality gate) also ends every rank with the same code; and every collective
-  times out after SUBLORA_DIST_TIMEOUT seconds (default 600), so a rank that died never leaves the others hung.
+A collective waits for every rank, so a rank that fails alone would leave the others waiting. The guards:
+* every stage that may fail on one rank alone runs `agreeing`: at its end the ranks exchange their outcome
+  (`first_failure`) and if any failed every rank raises that rank's message (reported once, by rank 0; all exit
+  1). The batch loop, opening the calibration (the script's import, load_model(), batches()) and train_batches()
+  do; the batches each rank loaded are then compared (`check_same`), since a script that shards by rank itself
+  would give every rank a different loss;
+* at exit the ranks exchange their exit codes and messages the same way (`agreed_exit`), so a failure elsewhere
+  (rank 0's write, a quality gate) also ends every rank with the same code; a rank that learnt of a failure from
+  a stage's exchange skips this one (the failed rank is already past it);
+* every collective times out after SUBLORA_DIST_TIMEOUT seconds (default 600), and a peer that died or timed out
+  is reported as such (`_collective`), not as the backend's bare error.
 
 The process group starts only when torchrun set WORLD_SIZE > 1; a plain `sublora` run never imports a backend.
 Backends: gloo for tensors on the CPU and, when CUDA is available, nccl for tensors on the GPU (one group serves
@@ -22,8 +26,9 @@ both, "cpu:gloo,cuda:nccl"), each rank on cuda:LOCAL_RANK.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -37,7 +42,10 @@ DEFAULT_TIMEOUT_S = 600.0
 
 def launched() -> bool:
     """True when torchrun (or any launcher setting WORLD_SIZE) started more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise SubloraError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes.") from None
 
 
 def active() -> bool:
@@ -57,14 +65,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 without one), known before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def check_environment() -> None:
+    """Check what the launcher's environment configures before the process group is created (every rank checks;
+    the caller lets rank 0 say it)."""
+    if launched():
+        timeout_seconds()
+
+
 def timeout_seconds() -> float:
     value = os.environ.get("SUBLORA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:
         seconds = float(value)
     except ValueError:
         raise SubloraError(f"SUBLORA_DIST_TIMEOUT={value!r}: must be a number of seconds.") from None
-    if seconds <= 0:
-        raise SubloraError(f"SUBLORA_DIST_TIMEOUT={value!r}: must be positive.")
+    if not 0 < seconds < math.inf:
+        raise SubloraError(f"SUBLORA_DIST_TIMEOUT={value!r}: must be a positive, finite number of seconds.")
     return seconds
 
 
@@ -105,17 +128,37 @@ def all_reduce_sum(total: torch.Tensor | float | int) -> torch.Tensor | float | 
     if not active():
         return total
     if isinstance(total, torch.Tensor):
-        dist.all_reduce(total)
+        _collective(dist.all_reduce, total)
         return total
     dtype = torch.float64 if isinstance(total, float) else torch.int64
     carrier = torch.tensor(total, dtype=dtype, device=_number_device())
-    dist.all_reduce(carrier)
+    _collective(dist.all_reduce, carrier)
     return carrier.item()
+
+
+def _collective(operation: Callable, *args: object) -> None:
+    """Run one collective; a peer that died or stopped answering becomes an input-level error that says so (the
+    backend's own words, "Connection closed by peer" or a timeout, kept at the end)."""
+    try:
+        operation(*args)
+    except RuntimeError as e:
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            what = f"did not answer within SUBLORA_DIST_TIMEOUT ({timeout_seconds():g} s)"
+        else:
+            what = "died or closed its connection"
+        raise SubloraError(
+            f"Another process of the torchrun job {what}, so this one stops too (exit 1); that process's own output "
+            f"says why (killed, out of memory). Backend: {e}"
+        ) from e
 
 
 def _number_device() -> torch.device:
     """Where a Python number travels: the CPU unless the only backend is nccl (GPU tensors only)."""
     return torch.device("cpu") if "gloo" in dist.get_backend() else torch.device("cuda")
+
+
+class _Exchange:
+    peer_exited = False  # a rank sent its exit to a stage's exchange: it takes no part in `agreed_exit`
 
 
 def first_failure(message: str | None) -> str | None:
@@ -124,8 +167,36 @@ def first_failure(message: str | None) -> str | None:
     if not active():
         return message
     outcomes: list[object] = [None] * world_size()
-    dist.all_gather_object(outcomes, message)
+    _collective(dist.all_gather_object, outcomes, message)
+    _Exchange.peer_exited = _Exchange.peer_exited or any(isinstance(o, tuple) for o in outcomes)
     return next((m for m in map(_failure_message, outcomes) if m is not None), None)
+
+
+@contextmanager
+def agreeing() -> Iterator[None]:
+    """Run a stage that may fail on one rank alone (a batch, load_model(), train_batches()): at its end the ranks
+    exchange their outcome, and if any failed every rank raises that rank's message, instead of the others
+    waiting in their next collective for a rank that left. Every rank must enter it at the same point."""
+    try:
+        yield
+    except Exception as error:
+        first_failure(str(error) or type(error).__name__)
+        raise
+    failure = first_failure(None)
+    if failure is not None:
+        raise SubloraError(failure)
+
+
+def check_same(what: str, summary: object, advice: str) -> None:
+    """Refuse to go on unless every rank computed the same `summary` of something they must share (the batches
+    each rank loaded); the error lists what each rank had. Every rank must call it at the same point."""
+    if not active():
+        return
+    summaries: list[object] = [None] * world_size()
+    _collective(dist.all_gather_object, summaries, summary)
+    if any(other != summaries[0] for other in summaries):
+        each = "; ".join(f"rank {r}: {s}" for r, s in enumerate(summaries))
+        raise SubloraError(f"The torchrun processes disagree on {what} ({each}). {advice}")
 
 
 def agreed_exit(code: int, message: str | None) -> tuple[int, str | None]:
@@ -136,6 +207,8 @@ def agreed_exit(code: int, message: str | None) -> tuple[int, str | None]:
     """
     if not active():
         return code, message
+    if _Exchange.peer_exited:  # that rank is past this exchange, waiting in `finish`
+        return code or 1, message
     outcomes: list[object] = [None] * world_size()
     try:
         dist.all_gather_object(outcomes, (code, message))
@@ -169,6 +242,8 @@ def finish() -> None:
 
 __all__ = [
     "agreed_exit",
+    "agreeing",
+    "check_same",
     "all_reduce_sum",
     "describe",
     "finish",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import numbers
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sublora_cli.constants import DEFAULT_MAX_BATCHES
+from sublora_cli.constants import DEFAULT_MAX_BATCHES, META_DEVICE
 from sublora_cli.errors import SubloraError
 
 REQUIRED = ("load_model", "batches", "loss")
@@ -44,6 +45,8 @@ def user_traceback(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     first = next((i for i, f in enumerate(frames) if not _ours(f.filename)), len(frames))
     frames = frames[first:]
+    if len(frames) > 1 and _ours(frames[-1].filename):  # raised by our guard (os._exit): the script's call is last
+        frames = frames[:-1]
     if frames:
         frames = [f for f in frames[:-1] if not _ours(f.filename) and not f.filename.startswith(TORCH_DIR)] + [
             frames[-1]
@@ -57,15 +60,73 @@ def _ours(filename: str) -> bool:
 
 
 def run_user(fn: Callable, *args, what: str, script: Path) -> Any:
-    """Call one of the script's functions, its prints sent to stderr; anything it raises becomes a
-    UserCodeError with its traceback."""
+    """Call one of the script's functions under `user_code`; anything it raises becomes a UserCodeError with its
+    traceback. `what` names the call ("in loss(model, batch)", "while being imported")."""
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with user_code():
             return fn(*args)
     except SubloraError:
         raise
+    except ExitCalled as e:
+        raise UserCodeError(
+            f"The calibration script {script} called os._exit({e.code}) {what}, which would end sublora without a "
+            "result and with an exit code that means something else. Return a value or raise an exception "
+            f"instead.\n{user_traceback(e)}"
+        ) from e
     except (Exception, SystemExit) as e:  # sys.exit() in a script is a script error too; Ctrl-C is not
-        raise UserCodeError(f"The calibration script {script} raised in {what}:\n{user_traceback(e)}") from e
+        raise UserCodeError(f"The calibration script {script} raised {what}:\n{user_traceback(e)}") from e
+
+
+class ExitCalled(BaseException):
+    """The script called os._exit(code) while `user_code` watched it."""
+
+    def __init__(self, code: int):
+        super().__init__(f"os._exit({code})")
+        self.code = code
+
+
+@contextlib.contextmanager
+def user_code() -> Iterator[None]:
+    """While the script runs: everything it writes to stdout goes to stderr — Python's `print` and, at the level of
+    the process, file descriptor 1 (child processes, os.write(1, …), sys.__stdout__) — so `--json` stays
+    parseable; and os._exit raises ExitCalled instead of ending the process with no message (a forked child's
+    os._exit still exits: multiprocessing ends its workers that way)."""
+    for stream in (sys.stdout, sys.__stdout__):
+        if stream is not None:
+            stream.flush()
+    saved_fd = _redirect_fd(1, to=2)
+    real_exit, owner = os._exit, os.getpid()
+
+    def exit_called(code: int) -> None:
+        if os.getpid() != owner:
+            real_exit(code)
+        raise ExitCalled(code)
+
+    os._exit = exit_called
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        os._exit = real_exit
+        if sys.__stdout__ is not None:
+            sys.__stdout__.flush()  # what the script buffered for fd 1 goes where fd 1 pointed while it ran
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def _redirect_fd(fd: int, to: int) -> int | None:
+    """Point `fd` at `to`; a copy of the old `fd` to restore, or None when either is closed (nothing to protect)."""
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        os.dup2(to, fd)
+    except OSError:
+        os.close(saved)
+        return None
+    return saved
 
 
 def _check_losses(value: Any, what: str, where: str, type_hint: str, shape_ok: bool, shape_hint: str) -> torch.Tensor:
@@ -148,10 +209,15 @@ class CalibrationScript:
     heldout_batches: Callable[[], Iterable] | None = None  # optional: measured, never fitted (holdout.py)
 
     def call_load_model(self) -> nn.Module:
-        model = run_user(self.load_model, what="load_model()", script=self.path)
+        model = run_user(self.load_model, what="in load_model()", script=self.path)
         if not isinstance(model, nn.Module):
             raise SubloraError(
                 f"load_model() in {self.path} returned a {type(model).__name__}; it must return a torch.nn.Module."
+            )
+        if any(p.is_meta for p in model.parameters()):
+            raise SubloraError(
+                f"load_model() in {self.path} returned a model with parameters on the meta device: {META_DEVICE}. "
+                "Load the weights (e.g. without init_empty_weights, or with device_map='cpu')."
             )
         return model
 
@@ -188,7 +254,7 @@ class CalibrationScript:
     ) -> list:
         if max_batches < 1:
             raise SubloraError(f"--max-batches {max_batches}: must be 1 or more.")
-        returned = run_user(function, what=f"{name}()", script=self.path)
+        returned = run_user(function, what=f"in {name}()", script=self.path)
         try:
             iterator = iter(returned)
         except TypeError:
@@ -198,7 +264,7 @@ class CalibrationScript:
                 "loss(model, batch) takes, e.g. [tensor_1, tensor_2] or `yield batch` in a loop."
             ) from None
         batches = run_user(
-            lambda: self._collect(iterator, name, max_batches, progress), what=f"{name}()", script=self.path
+            lambda: self._collect(iterator, name, max_batches, progress), what=f"in {name}()", script=self.path
         )
         if not batches:
             raise SubloraError(f"{name}() in {self.path} yielded no batches; the set must not be empty.")
@@ -228,18 +294,18 @@ class CalibrationScript:
 
     def call_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The user's loss with exceptions converted; check_loss checks the value where the batch is known."""
-        return run_user(self.loss, model, batch, what="loss(model, batch)", script=self.path)
+        return run_user(self.loss, model, batch, what="in loss(model, batch)", script=self.path)
 
     def call_per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The user's per-sample losses with exceptions converted; check_per_sample_loss checks the value."""
         if self.per_sample_loss is None:
             raise SubloraError(f"The calibration script {self.path} defines no per_sample_loss(model, batch).")
-        return run_user(self.per_sample_loss, model, batch, what="per_sample_loss(model, batch)", script=self.path)
+        return run_user(self.per_sample_loss, model, batch, what="in per_sample_loss(model, batch)", script=self.path)
 
     def call_evaluate(self, model: nn.Module) -> dict[str, float] | None:
         if self.evaluate is None:
             return None
-        return check_metrics(run_user(self.evaluate, model, what="evaluate(model)", script=self.path))
+        return check_metrics(run_user(self.evaluate, model, what="in evaluate(model)", script=self.path))
 
 
 def load_calibration(path: str | Path) -> CalibrationScript:
@@ -263,11 +329,10 @@ def load_calibration(path: str | Path) -> CalibrationScript:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling inside the script look their module up here
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            spec.loader.exec_module(module)
-    except (Exception, SystemExit) as e:
+        run_user(spec.loader.exec_module, module, what="while being imported", script=path)
+    except UserCodeError:
         sys.modules.pop(name, None)
-        raise UserCodeError(f"The calibration script {path} raised while being imported:\n{user_traceback(e)}") from e
+        raise
 
     defined = sorted(
         k for k, v in vars(module).items() if callable(v) and not isinstance(v, type) and not k.startswith("_")

@@ -12,7 +12,8 @@ import torch
 
 from sublora_cli.core.svd import Spectrum
 from sublora_cli.formats import Adapter
-from sublora_cli.model.calibrated import Calibrated, open_calibration
+from sublora_cli.model import distributed
+from sublora_cli.model.calibrated import Calibrated, check_batches_alike, open_calibration
 from sublora_cli.pipeline.timings import Progress, Timings
 
 
@@ -65,5 +66,10 @@ def without_adapter(calibrated: Calibrated, timings: Timings) -> float:
 
 def train_batches(calibrated: Calibrated, max_batches: int, progress: Progress | None) -> list:
     """What the rounds train on: train_batches() when the script defines it, else the calibration batches."""
-    batches = calibrated.script.call_train_batches(max_batches, progress)
-    return batches if batches is not None else calibrated.batches
+    with distributed.agreeing():  # under torchrun: a failure on one process fails them all, at once
+        batches = calibrated.script.call_train_batches(max_batches, progress)
+    if batches is None:
+        return calibrated.batches
+    check_batches_alike("train_batches", batches)
+    return batches
+

@@ -10,7 +10,8 @@ import torch
 
 from sublora_cli.constants import OUTPUT_DTYPES
 from sublora_cli.formats import Adapter, read_adapter
-from sublora_cli.pipeline.output import check_output_dir
+from sublora_cli.model import distributed
+from sublora_cli.pipeline.output import check_output_dir, lock_output_dir
 from sublora_cli.pipeline.timings import Timings
 
 # --dtype-out values; "same" keeps every tensor as the input stored it.
@@ -40,9 +41,14 @@ def in_dtype(adapter: Adapter, dtype_out: str) -> Adapter:
     return replace(adapter, modules=modules, carried=carried)
 
 
-def output_dir(adapter_path: Path, out_dir: Path | None, suffix: str, overwrite: bool) -> Path:
-    """The output directory (default: a sibling named with `suffix`), checked before any computation starts."""
+def output_dir(
+    adapter_path: Path, out_dir: Path | None, suffix: str, overwrite: bool, reads: dict[str, Path | None]
+) -> Path:
+    """The output directory (default: a sibling named with `suffix`), checked — against the adapter and the other
+    files the run `reads` too — and claimed against concurrent runs before any computation starts."""
     out_dir = out_dir if out_dir is not None else default_out_dir(adapter_path, suffix)
-    check_output_dir(out_dir, adapter_path, overwrite)
+    check_output_dir(out_dir, adapter_path, overwrite, reads)
+    if distributed.is_main():  # the rank that writes
+        lock_output_dir(out_dir)
     return out_dir
 

@@ -24,7 +24,10 @@ class Timings(dict):
 
 
 def duration(seconds: float) -> str:
+    """A time estimate as a person reads it: 4.2 s, 12 min, 3.5 h, 2.1e+04 days."""
     if seconds < 60:
         return f"{max(seconds, 0.1):.1f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 86400 else f"{seconds / 86400:.3g} days"
 

@@ -20,6 +20,7 @@ the steps one process would take on N times the batch.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -257,18 +258,26 @@ def train(
     settings: TrainSettings,
     stage: str,
     progress: Progress | None = None,
+    pace: Callable[[float], None] | None = None,
 ) -> tuple[State, list[float]]:
-    """`settings.steps` steps from `state`; returns the trained state and the training loss of every step."""
+    """`settings.steps` steps from `state`; returns the trained state and the training loss of every step.
+    `pace` gets the seconds per step once, early: timed over steps 2–4 (the first is a cold start) or, in a
+    shorter round, over every step."""
     if isinstance(state, SigmaState):
         step_fn = _sigma_steps(sigma_model, state, settings)
     else:
         step_fn = _factor_steps(sigma_model, state, settings)
     losses: list[float] = []
+    timed_from, timed_to = (1, 4) if settings.steps > 4 else (0, settings.steps)
     for step, index, batch in step_batches(batches, settings.steps):
+        if step == timed_from:
+            started = time.perf_counter()
         loss = step_fn(batch, index, cosine_lr(settings.lr, step, settings.steps))
         if not math.isfinite(loss):
             raise _diverged(f"{stage}, step {step + 1}: the loss is {loss:g}", settings)
         losses.append(loss)
+        if pace is not None and step + 1 == timed_to:
+            pace((time.perf_counter() - started) / (timed_to - timed_from))
         if progress is not None:
             progress(stage, step + 1, settings.steps)
     if not _finite_state(state):  # once per round: a non-finite factor makes the next step's loss non-finite

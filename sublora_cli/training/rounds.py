@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from sublora_cli.pipeline.decide import Decision, Plan, Run, decide, with_metric
 from sublora_cli.pipeline.heldout import lowest_heldout
 from sublora_cli.pipeline.output import pyplot
 from sublora_cli.pipeline.spectra import adapter_spectra
+from sublora_cli.pipeline.timings import Info, duration
 from sublora_cli.training.loop import TrainSettings, after_prune, as_adapter, initial_state, master_dtype, train
 
 
@@ -76,8 +77,10 @@ def alternate(
     batches: Sequence,
 ) -> Alternated:
     """`rounds` rounds of train → SVD form → decide (prune to the budget as `plan` says); the pruned components of
-    a round are re-initialised for the next one (seeded by `settings.seed`, so runs repeat)."""
-    calibrated, timings, progress = run.calibrated, run.timings, run.progress
+    a round are re-initialised for the next one (seeded by `settings.seed`, so runs repeat). `run.info` is told,
+    early, how long the training will take (a huge --rounds or --train-steps typed by mistake shows at once) and,
+    after the first round, how long all rounds will."""
+    calibrated, timings, progress, info = run.calibrated, run.timings, run.progress, run.info
     model = calibrated.sigma_model
     generator = torch.Generator().manual_seed(settings.seed)
     state = initial_state(adapter, spectra, settings.train, master_dtype(model), model.device)
@@ -88,7 +91,10 @@ def alternate(
     for k in range(1, rounds + 1):
         start = time.perf_counter()
         with timings.stage("train"):
-            state, round_losses = train(model, state, batches, settings, f"round {k}/{rounds}: training", progress)
+            pace = _announce_training(rounds, settings.steps, info) if k == 1 else None
+            state, round_losses = train(
+                model, state, batches, settings, f"round {k}/{rounds}: training", progress, pace
+            )
             trained = as_adapter(adapter, state)
             trained_spectra = adapter_spectra(trained)
             _check_representable(trained_spectra, model.dtype, k, settings)
@@ -120,6 +126,9 @@ def alternate(
             )
         )
         losses.extend(round_losses)
+        if k == 1 and rounds > 1 and info is not None:
+            info(f"round 1 took {duration(records[0].seconds)}: all {rounds:,} rounds about "
+                 f"{duration(rounds * records[0].seconds)}")  # fmt: skip
         if k < rounds:
             state = after_prune(state, written.pruned, generator)
     chosen = lowest_heldout([r.heldout_after for r in records]) if calibrated.heldout else rounds - 1
@@ -127,6 +136,20 @@ def alternate(
     trained, trained_spectra, decision = outcomes[chosen]
     decision = replace(decision, written=with_metrics(run, trained, decision.written))
     return Alternated(trained, trained_spectra, decision, records, losses, len(batches), plain.loss_after)
+
+
+def _announce_training(rounds: int, steps: int, info: Info | None) -> Callable[[float], None] | None:
+    """What `train` calls with its pace: the training time of all rounds, said before it is spent."""
+    if info is None:
+        return None
+
+    def pace(seconds_per_step: float) -> None:
+        info(
+            f"training: {rounds:,} round(s) × {steps:,} steps, about {duration(rounds * steps * seconds_per_step)} "
+            f"({seconds_per_step * 1000:.3g} ms a step), plus a prune after each round"
+        )
+
+    return pace
 
 
 def _check_representable(spectra: list[Spectrum], dtype: torch.dtype, k: int, settings: TrainSettings) -> None:
