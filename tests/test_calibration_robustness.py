@@ -227,7 +227,7 @@ def test_a_fork_inside_the_script_still_ends_its_child_with_os_exit(tmp_path, ru
         "    return _batches()\n"
     )
     script = elliptic_script(tmp_path / "calib.py", body)
-    result = run_cli("eval", ELLIPTIC / "adapter_k2", "--calib", script, "--json")
+    result = run_cli("eval", ELLIPTIC / "adapter_k2", "--calib", script, "--holdout", "0", "--json")
     assert result.code == 0, result.stderr
     assert strict_loads(result.stdout)["batches"] == 4
 
