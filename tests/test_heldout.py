@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_mlp import MODEL_SOURCE
 
 from sublora_cli.model.holdout import HOLDOUT_AUTO, held_out_indices, read_holdout, split_batches
 from sublora_cli.model.script import load_calibration
@@ -18,27 +19,8 @@ peft = pytest.importorskip("peft")
 # A tiny MLP whose adapter was trained on plenty of clean data; the calibration set is 2 batches of 4 noisy samples,
 # so the gradient at the adapter is mostly noise and a refit or a gradient term can fit it. heldout_batches() draws
 # fresh noisy samples (the same task); HELDOUT marks them so the tests can see where they go.
-OVERFIT = """
-import torch
-from pathlib import Path
-from safetensors.torch import load_file
-
+OVERFIT = MODEL_SOURCE + """
 NOISE = 0.3
-
-class TinyMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(3, 12)
-        self.fc2 = torch.nn.Linear(12, 12)
-        self.out = torch.nn.Linear(12, 1)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-
-def load_model():
-    model = TinyMLP()
-    model.load_state_dict(load_file(str(Path(__file__).parent / "base.safetensors")))
-    return model
 
 def target(x):
     return torch.sin(2 * x.sum(-1, keepdim=True))

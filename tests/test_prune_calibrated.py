@@ -8,31 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_mlp import MODEL_SOURCE
 
 from sublora_cli.model.script import load_calibration
 
 peft = pytest.importorskip("peft")
 
-CALIB = """
-import torch
-from pathlib import Path
-from safetensors.torch import load_file
-
-class TinyMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(3, 12)
-        self.fc2 = torch.nn.Linear(12, 12)
-        self.out = torch.nn.Linear(12, 1)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-
-def load_model():
-    model = TinyMLP()
-    model.load_state_dict(load_file(str(Path(__file__).parent / "base.safetensors")))
-    return model
-
+CALIB = MODEL_SOURCE + """
 def batches():
     g = torch.Generator().manual_seed(0)
     return [torch.randn(16, 3, generator=g) for _ in range(3)]
