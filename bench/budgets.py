@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from paper_table import FAMILIES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+from sublora_cli.commands.options import CalibrationOptions
 from sublora_cli.commands.prune import PruneOptions, prune
 from sublora_cli.core import methods
 from sublora_cli.core.rank_bounds import RankBounds
@@ -75,16 +76,6 @@ def loss(model, batch):
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What calibration() needs (prune's CalibrationSettings)."""
-
-    calib: Path
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batches: int = 100
-    holdout: float = 0
 
 
 def build_llama(
@@ -179,7 +170,8 @@ def run_llama(args) -> dict:
         whole = float(costs.sum())
         log(f"adapter: {len(adapter.modules)} modules, R = {sigma.numel()}, {whole:,.0f} bytes")
         rows = []
-        with calibration(Settings(root / "calib.py"), adapter, spectra, timings, None) as calibrated:
+        settings = CalibrationOptions(calib=root / "calib.py", max_batches=100, holdout=0.0)  # parsed, as the CLI does
+        with calibration(settings, adapter, spectra, timings, None) as calibrated:
             before = calibrated.loss()
             curvature, reason = timed_curvature(
                 calibrated, args.curvature, ["sublora"], 8.0, timings, log, None

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sublora_cli.commands.options import CalibrationOptions
 from sublora_cli.constants import AUTO, AUTO_MAX_HVPS
 from sublora_cli.core.budget import Budget
 from sublora_cli.core.rank_bounds import RankBounds
@@ -48,16 +49,6 @@ SAMPLES = ROOT / "sample_checkpoints"
 BUDGETS = (5, 12, 25, 50, 75)  # % of the total rank
 PIPELINES = ("magnitude", "old default", "new default")
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What calibration() needs; the script's heldout_batches() are the held-out data."""
-
-    calib: Path
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batches: int = 100
-    holdout: str = AUTO
 
 
 def log(message: str) -> None:
@@ -128,7 +119,7 @@ def run_case(name: str, adapter_path: Path, calib: Path, budgets: list[int]) -> 
     adapter = read_adapter(adapter_path)
     spectra = adapter_spectra(adapter)
     R = adapter.total_rank
-    with calibration(Settings(calib), adapter, spectra, Timings(), None) as judged:
+    with calibration(CalibrationOptions(calib=calib, max_batches=100), adapter, spectra, Timings(), None) as judged:
         blind = dataclasses.replace(judged, heldout=[], holdout_note="--holdout 0")
         seconds: dict = {}
         share_curvatures(judged, blind, seconds)
@@ -172,7 +163,8 @@ def wall_time(adapter_path: Path, calib: Path, percent: int) -> dict:
     times = {}
     for label, curvature in (("default", AUTO), ("fisher", "fisher")):
         start = time.perf_counter()
-        with calibration(Settings(calib), adapter, spectra, Timings(), None) as calibrated:
+        settings = CalibrationOptions(calib=calib, max_batches=100)
+        with calibration(settings, adapter, spectra, Timings(), None) as calibrated:
             before, heldout = calibrated.loss(), calibrated.heldout_loss()
             decide(plan("sublora", curvature, True, count, adapter), Run(calibrated, before, Timings(),
                    heldout_before=heldout), adapter, spectra, evaluate=True)  # fmt: skip
